@@ -1,0 +1,113 @@
+"""Hessian math shared by every solver: streaming XᵀX, damping, dead columns, inverse Cholesky."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Streaming `H = 2/N · Σ xᵀx` over N input rows, kept as a running mean (no growing sums).
+
+    x: [..., in] activations of one linear layer; H: [in, in] float32 (float64 accumulation is not
+    needed: each update is rescaled so H stays O(|x|²)).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise NumericalError(
+                "non-finite activations reached a linear layer; the model produces NaN/Inf on the "
+                "calibration text (try float32 weights, or check the checkpoint)"
+            )
+        n_new = x.shape[0]
+        total = self.rows + n_new
+        self.hessian.mul_(self.rows / total)
+        x = x * (2.0 / total) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+        self.rows = total
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ); weight, approx: [out, in]."""
+    w = weight.to(torch.float32)
+    delta = approx.to(torch.float32) - w
+    num = ((delta @ hessian) * delta).sum()
+    den = ((w @ hessian) * w).sum()
+    return float(num / den) if den > 0 else float(num)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): proportional to the layer's summed squared output error on the calibration data."""
+    delta = approx.to(torch.float32) - weight.to(torch.float32)
+    return float(((delta @ hessian) * delta).sum())
+
+
+@dataclass
+class PreparedHessian:
+    """What a GPTQ-style sweep needs: the upper Cholesky factor of H⁻¹ and bookkeeping."""
+
+    inverse_cholesky: torch.Tensor  # [in, in] upper-triangular U with H⁻¹ = Uᵀ U
+    dead: torch.Tensor  # bool [in]: columns that never saw a non-zero input
+    damping: float  # fraction of mean(diag H) finally added to the diagonal
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_hessian(
+    hessian: torch.Tensor,
+    damp: float = 0.01,
+    max_damp: float = 10.0,
+    perm: torch.Tensor | None = None,
+) -> PreparedHessian:
+    """Dead columns get H_ii = 1, damping `damp · mean(diag H)` is added, and H⁻¹ is factored.
+
+    A failed Cholesky retries with ten times the damping, up to `max_damp`; each retry is noted.
+    `perm` (optional) reorders the columns first (act-order). The input is not modified.
+    """
+    if not torch.isfinite(hessian).all():
+        raise NumericalError(
+            "the Hessian holds NaN/Inf: the calibration activations overflowed; run in float32 "
+            "(--dtype float32) or check the model's weights"
+        )
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    if perm is not None:
+        H = H[perm][:, perm]
+        dead = dead[perm]
+    mean_diag = torch.mean(torch.diag(H)).item()
+    notes: list[str] = []
+    fraction = damp
+    eye = torch.arange(H.shape[0], device=H.device)
+    while True:
+        Hd = H.clone()
+        Hd[eye, eye] += fraction * mean_diag
+        try:
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if info.item() != 0:
+                raise RuntimeError("not positive definite")
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() != 0 or not torch.isfinite(U).all():
+                raise RuntimeError("inverse not positive definite")
+            return PreparedHessian(U, dead, fraction, notes)
+        except RuntimeError:
+            if fraction * 10 > max_damp:
+                raise NumericalError(
+                    f"Cholesky of the Hessian failed even at damping {fraction:g}; the layer's "
+                    "inputs are degenerate (use more or more varied calibration text)"
+                ) from None
+            note = f"Cholesky failed at damping {fraction:g}, retried at {fraction * 10:g}"
+            log.warning(note)
+            notes.append(note)
+            fraction *= 10
