@@ -5,12 +5,20 @@
 
 from .base import MethodConfig, Solution
 from .gptq import gptq
+from .magnitude import magnitude
 from .quant_config import GPTQConfig, RTNConfig
 from .rtn import rtn
+from .sparse_config import MagnitudeConfig, SparseGPTConfig
+from .sparsegpt import sparsegpt
 
 METHODS: dict[str, tuple[type[MethodConfig], object]] = {
     "gptq": (GPTQConfig, gptq),
     "rtn": (RTNConfig, rtn),
+    "sparsegpt": (SparseGPTConfig, sparsegpt),
+    "magnitude": (MagnitudeConfig, magnitude),
 }
 
-__all__ = ["METHODS", "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "gptq", "rtn"]
+__all__ = [
+    "METHODS", "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "SparseGPTConfig", "MagnitudeConfig",
+    "gptq", "rtn", "sparsegpt", "magnitude",
+]

@@ -1,0 +1,161 @@
+"""`layerwise compress | ppl | decompress | inspect | export | bench`.
+
+A user mistake (a LayerwiseError) prints one line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import LayerwiseError, RecipeError
+
+log = logging.getLogger("layerwise")
+
+METHOD_CHOICES = ("gptq", "rtn", "sparsegpt", "magnitude", "skm", "kmeans")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from layerwise.calib_data import BUNDLED_CALIBRATION
+
+    p = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="compress a model into a checkpoint directory")
+    c.add_argument("model", help="HF model directory or Hub id")
+    c.add_argument("--out", required=True, help="checkpoint directory to create")
+    c.add_argument("--method", choices=METHOD_CHOICES, help="method for every block linear (or use --recipe)")
+    c.add_argument("--bits", type=int, help="bits per weight (quantization, LUT indices, or joint with sparsity)")
+    c.add_argument("--block-size", type=int, help="input columns per scale (omit: per-channel)")
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    c.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing H_ii (static groups)")
+    c.add_argument("--mse-clip", action="store_true", default=None, help="MSE-optimal range clipping of the grid")
+    c.add_argument("--damp", type=float, help="damping as a fraction of mean(diag H) (default 0.01)")
+    c.add_argument("--sparsity", type=float, help="fraction of zeros (sparsegpt / magnitude / joint skm)")
+    c.add_argument("--nm", help="n:m pattern, n kept of every m inputs, e.g. 2:4")
+    c.add_argument("--group-size", type=int, help="palettization: output channels sharing one LUT (omit: per-tensor)")
+    c.add_argument("--no-error-feedback", action="store_true", help="skm: fit the palette without GPTQ-style feedback")
+    c.add_argument("--lut-dtype", choices=("float16", "int8", "uint8"), help="palettization: LUT entry type")
+    c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect); overrides --method")
+    c.add_argument("--calib", default=BUNDLED_CALIBRATION, help="wikitext2 | c4 | PATH (default: bundled excerpt)")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=256)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    c.add_argument("--no-staged", dest="staged", action="store_false", help="collect all Hessians of a block in one pass")
+    c.add_argument("--overwrite", action="store_true")
+
+    q = sub.add_parser("ppl", help="perplexity of a model or checkpoint")
+    q.add_argument("model")
+    q.add_argument("--data", default="wikitext2", help="wikitext2 | c4 | PATH")
+    q.add_argument("--seqlen", type=int, default=256)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    q.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    d = sub.add_parser("decompress", help="write a plain float16 HF checkpoint with the dequantized values")
+    d.add_argument("checkpoint")
+    d.add_argument("--out", required=True)
+    d.add_argument("--overwrite", action="store_true")
+
+    i = sub.add_parser("inspect", help="per-layer report of a checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except LayerwiseError as e:
+        print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerwise: interrupted", file=sys.stderr)
+        return 130
+
+
+def method_config_from_flags(args) -> dict:
+    """The --method flags as one recipe config dict (only flags the user gave)."""
+    if args.method is None:
+        raise RecipeError("give --method (gptq, rtn, sparsegpt, magnitude, skm, kmeans) or --recipe FILE")
+    cfg: dict = {"method": args.method}
+    palettize = args.method in ("skm", "kmeans")
+    flags = {
+        "bits": "n_bits" if palettize else "bits",
+        "block_size": "block_size", "sym": "sym", "act_order": "act_order", "mse_clip": "mse_clip",
+        "damp": "damp", "sparsity": "sparsity", "nm": "nm", "group_size": "group_size", "lut_dtype": "lut_dtype",
+    }
+    for flag, key in flags.items():
+        value = getattr(args, flag)
+        if value is not None:
+            cfg[key] = value
+    if palettize:
+        cfg["granularity"] = "per_grouped_channel" if args.group_size else "per_tensor"
+    if args.no_error_feedback:
+        cfg["error_feedback"] = False
+    return cfg
+
+
+def cmd_compress(args) -> int:
+    from .pipeline import compress_to_checkpoint
+    from .recipe import Recipe, load_recipe, method_config
+
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe.single(
+        method_config(method_config_from_flags(args), "command line")
+    )
+    path, result = compress_to_checkpoint(
+        args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
+        device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+    )
+    from .inspect import summary
+
+    print(summary(path))
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .pipeline import evaluate_perplexity
+
+    res = evaluate_perplexity(args.model, args.data, args.seqlen, args.batch_size, args.device, args.dtype)
+    print(f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens in {res['windows']} windows of {res['seqlen']}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from .checkpoint import decompress
+
+    path = decompress(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import report_json, report_table
+
+    print(json.dumps(report_json(args.checkpoint), indent=2) if args.json else report_table(args.checkpoint))
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "ppl": cmd_ppl, "decompress": cmd_decompress, "inspect": cmd_inspect}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Core ML export: a stateful iOS18 mlpackage whose constexpr ops hold the compressed weights exactly.
+
+`export_mlpackage` is the entry point; `compress_program` / `constexpr_weight` turn CompressedWeights
+into iOS18 constexpr ops. coremltools is imported lazily (only when exporting).
+"""
+
+from .convert import export_mlpackage, package_bytes
+
+__all__ = ["export_mlpackage", "package_bytes"]

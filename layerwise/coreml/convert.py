@@ -1,0 +1,242 @@
+"""export_mlpackage: HF causal LM → stateful iOS18 mlpackage, compressed weights carried bit for bit.
+
+Steps: wrap the model in `StatefulCausalLM` (KV cache in float16 buffers, fused SDPA), hold each
+compressed module's weight at ``cw.dequantize()`` while tracing and converting (restored after),
+convert to a pymil program with ``k_cache``/``v_cache`` states, swap the dense weight consts for
+constexpr ops built from the CompressedWeights (`weights.compress_program`), save to a temporary
+package next to `out_path` and rename it into place.
+
+Program interface (every function):
+    inputs   input_ids   [1, q_len] int32
+             causal_mask [1, 1, q_len, past + q_len] float16, additive (0 / -inf)
+    states   k_cache, v_cache [layers, 1, kv_heads, context, head_dim] float16
+    outputs  logits [1, q_len, vocab] float16 ([1, 1, vocab] with last_logits_only)
+Single function ``main`` takes any q_len in [1, context]; multifunction packages hold ``prefill``
+(q_len = prefill_length) and ``decode`` (q_len = 1) sharing one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from ..formats import CompressedWeight
+
+log = logging.getLogger(__name__)
+
+STATE_NAMES = ("k_cache", "v_cache")
+INPUT_NAMES = ("input_ids", "causal_mask")
+REQUIRED_OPS = ("read_state", "coreml_update_state", "scaled_dot_product_attention")
+
+
+def export_mlpackage(
+    model: torch.nn.Module,
+    out_path: str | os.PathLike,
+    context: int = 512,
+    compressed: dict[str, CompressedWeight] | None = None,
+    multifunction: bool = False,
+    last_logits_only: bool = False,
+    metadata: dict | None = None,
+    prefill_length: int = 64,
+) -> dict:
+    """Export `model` to `out_path` (.mlpackage); returns a report.
+
+    compressed: HF module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → CompressedWeight;
+        these weights are stored as constexpr ops decoding to exactly ``cw.dequantize()``.
+    metadata: extra user-defined metadata (e.g. ``{"recipe": {...}}``); non-string values are JSON.
+    Report: path, seconds, size_bytes, functions, ops (MIL op types), compressed (op type counts).
+    """
+    import coremltools as ct
+
+    from ..models.stateful import StatefulCausalLM
+    from .weights import compress_program
+
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    if out_path.suffix != ".mlpackage":
+        raise ModelError(f"{out_path} must end in .mlpackage")
+    if multifunction and not 1 <= prefill_length <= context:
+        raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
+    compressed = dict(compressed or {})
+    model = _float32(model)
+    wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
+    shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
+
+    programs = {}
+    with _holding(model, compressed), torch.no_grad():
+        traced = _trace(wrapper)
+        for fn, (ids_shape, mask_shape) in shapes.items():
+            programs[fn] = _convert(ct, traced, wrapper, ids_shape, mask_shape)
+    del traced
+    kinds: dict[str, int] = {}
+    for prog in programs.values():
+        for op_type in compress_program(prog, compressed).values():
+            kinds[op_type] = kinds.get(op_type, 0) + 1
+    ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
+    missing = [op for op in REQUIRED_OPS if op not in ops]
+    if missing:
+        raise ModelError(f"the converted program lacks {missing}; the export would not be stateful/fused")
+
+    info = {
+        "layerwise.context": str(context),
+        "layerwise.state_names": ",".join(STATE_NAMES),
+        "layerwise.state_shape": json.dumps(list(wrapper.state_shape)),
+        "layerwise.input_names": ",".join(INPUT_NAMES),
+        "layerwise.functions": ",".join(programs),
+        "layerwise.last_logits_only": str(last_logits_only).lower(),
+        "layerwise.compressed_layers": str(len(compressed)),
+    }
+    if multifunction:
+        info["layerwise.prefill_length"] = str(prefill_length)
+    for key, value in (metadata or {}).items():
+        info[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+    tmp = out_path.with_name(f".{out_path.stem}.partial-{os.getpid()}.mlpackage")
+    _remove(tmp)
+    try:
+        _save(ct, programs, info, tmp)
+        _replace(tmp, out_path)
+    finally:
+        _remove(tmp)
+    report = {
+        "path": str(out_path),
+        "seconds": round(time.perf_counter() - start, 3),
+        "size_bytes": package_bytes(out_path),
+        "functions": list(programs),
+        "ops": ops,
+        "compressed": kinds,
+    }
+    log.info("exported %s: %d bytes in %.1f s", out_path, report["size_bytes"], report["seconds"])
+    return report
+
+
+def package_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files in a package directory (apparent bytes, like `du -b`)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _function_shapes(ct, context: int, prefill_length: int | None) -> dict:
+    """function name → (input_ids shape, causal_mask shape) as coremltools shapes."""
+    if prefill_length is None:
+        q = ct.RangeDim(1, context)
+        return {"main": ((1, q), (1, 1, q, ct.RangeDim(1, context)))}
+    return {
+        "prefill": ((1, prefill_length), (1, 1, prefill_length, ct.RangeDim(prefill_length, context))),
+        "decode": ((1, 1), (1, 1, 1, ct.RangeDim(1, context))),
+    }
+
+
+def _trace(wrapper) -> torch.jit.ScriptModule:
+    """Trace with q_len 2 after a 1-token past: a 1-token example would bake in q_len == 1."""
+    ids = torch.zeros(1, 2, dtype=torch.int32)
+    mask = torch.zeros(1, 1, 2, 3, dtype=torch.float32)
+    traced = torch.jit.trace(wrapper, (ids, mask), check_trace=False)
+    wrapper.reset_cache()  # tracing ran one forward: leave no keys/values behind
+    return traced
+
+
+def _convert(ct, traced, wrapper, ids_shape, mask_shape):
+    """Traced wrapper → pymil Program (float16, iOS18, two states) for one input geometry."""
+    state = ct.TensorType(shape=wrapper.state_shape, dtype=np.float16)
+    return ct.convert(
+        traced,
+        inputs=[
+            ct.TensorType(INPUT_NAMES[0], shape=ids_shape, dtype=np.int32),
+            ct.TensorType(INPUT_NAMES[1], shape=mask_shape, dtype=np.float16),
+        ],
+        outputs=[ct.TensorType("logits", dtype=np.float16)],
+        states=[ct.StateType(wrapped_type=state, name=name) for name in STATE_NAMES],
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        convert_to="milinternal",
+    )
+
+
+def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
+    """Write the program(s) as one package at `path`; several functions share one weight file."""
+    def finish(prog):
+        return ct.convert(
+            prog,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            pass_pipeline=ct.PassPipeline.EMPTY,
+            skip_model_load=True,
+        )
+
+    if list(programs) == ["main"]:
+        mlmodel = finish(programs["main"])
+        mlmodel.user_defined_metadata.update(info)
+        mlmodel.save(str(path))
+        return
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".layerwise-mf-") as scratch:
+        desc = ct.utils.MultiFunctionDescriptor()
+        for fn, prog in programs.items():
+            part = os.path.join(scratch, f"{fn}.mlpackage")
+            finish(prog).save(part)
+            desc.add_function(part, "main", fn)
+        desc.default_function_name = "decode"
+        merged = os.path.join(scratch, "merged.mlpackage")
+        ct.utils.save_multifunction(desc, merged)  # deduplicates the weights across functions
+        mlmodel = ct.models.MLModel(merged, skip_model_load=True)
+        mlmodel.user_defined_metadata.update(info)
+        mlmodel.save(str(path))
+
+
+@contextlib.contextmanager
+def _holding(model: torch.nn.Module, compressed: dict[str, CompressedWeight]):
+    """Temporarily set each compressed module's weight to ``cw.dequantize()`` (float32 copy)."""
+    saved = []
+    try:
+        for name, cw in compressed.items():
+            try:
+                weight = model.get_submodule(name).weight
+            except AttributeError:
+                raise ModelError(f"compressed weight {name!r} names no module with a weight") from None
+            if tuple(weight.shape) != cw.shape:
+                raise ModelError(f"{name}: compressed shape {cw.shape} != weight {tuple(weight.shape)}")
+            saved.append((weight, weight.data))
+            weight.data = cw.dequantize().to(weight.dtype)
+        yield
+    finally:
+        for weight, data in reversed(saved):
+            weight.data = data
+
+
+def _float32(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself when all floats are float32, else a float32 copy (the user's stays as is)."""
+    if all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return model
+    log.info("tracing a float32 copy of the %s model", next(model.parameters()).dtype)
+    return copy.deepcopy(model).float()
+
+
+def _all_ops(prog):
+    for fn in prog.functions.values():
+        yield from fn.operations
+
+
+def _replace(tmp: Path, out_path: Path) -> None:
+    """Move the finished package into place (an older package at out_path is replaced)."""
+    old = out_path.with_name(f".{out_path.stem}.old-{os.getpid()}.mlpackage")
+    if out_path.exists():
+        os.replace(out_path, old)
+    os.replace(tmp, out_path)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,246 @@
+"""LayerwiseCompressor: stream calibration batches through the model one block at a time.
+
+For each block: onload it, collect one Hessian per group of linears sharing an input (stage by
+stage by default, so later stages see the earlier stages' error), solve each linear, forward again
+with the compressed weights to produce the next block's inputs, hand the block to the writer, offload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from layerwise.models.families import Family, get_module, resolve_family
+
+from .capture import BlockInput, capture_block_inputs, run_block
+from .errors import RecipeError
+from .formats import CompressedWeight
+from .hessian import HessianAccumulator, relative_error
+from .recipe import Recipe
+from .solvers import METHODS, MethodConfig
+
+log = logging.getLogger(__name__)
+
+
+class BlockWriter(Protocol):
+    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    rel_error: float  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs this layer saw
+    seconds: float  # solver time
+    bits_per_weight: float  # packed payload bits / weights (codes, scales, LUTs, mask)
+    damping: float | None
+    sparsity: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressionResult:
+    layers: list[LayerReport]
+    compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
+    seconds: float  # capture + all blocks (no model load, no evaluation)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise RecipeError(f"--device {device!r} is unknown; use cpu, cuda, mps or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+class LayerwiseCompressor:
+    """Compress `model` in place, block by block, with the methods `recipe` assigns."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True):
+        self.model = model
+        self.recipe = recipe
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.staged = staged
+        self.family: Family = resolve_family(model)
+        self.blocks: nn.ModuleList = get_module(model, self.family.blocks)
+        self.plan = self._plan()
+
+    def _plan(self) -> dict[str, MethodConfig]:
+        """Every layer's config, validated against its shape before any work starts."""
+        plan = {}
+        for i, block in enumerate(self.blocks):
+            for rel, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    name = f"{self.family.blocks}.{i}.{rel}"
+                    self._add(plan, name, module)
+        if self.recipe.names_lm_head():
+            head = get_module(self.model, self.family.lm_head)
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                raise RecipeError("lm_head is tied to the input embeddings; it cannot be compressed on its own (remove the lm_head rule)")
+            self._add(plan, self.family.lm_head, head)
+        if not plan:
+            log.warning("the recipe selects no layer: the checkpoint will be uncompressed")
+        return plan
+
+    def _add(self, plan, name, module):
+        config = self.recipe.config_for(name)
+        if config is not None:
+            config.check_shape(module.out_features, module.in_features, name)
+            plan[name] = config
+
+    @torch.no_grad()
+    def compress(
+        self,
+        windows: torch.Tensor,
+        writer: BlockWriter | None = None,
+        on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
+    ) -> CompressionResult:
+        """windows: [N, L] token ids. Returns the per-layer report (and the weights, without a writer)."""
+        start = time.perf_counter()
+        self.model.eval()
+        prefix = self.family.blocks + "."
+        _move_outside(self.model, prefix, self.device)
+        batches = capture_block_inputs(self.model, self.blocks[0], windows, self.batch_size, self.device)
+        reports: list[LayerReport] = []
+        kept: dict[str, CompressedWeight] = {}
+        for index in tqdm(range(len(self.blocks)), desc="compressing blocks", unit="block", disable=None):
+            block = self.blocks[index]
+            dtype = next(block.parameters()).dtype
+            block.to(device=self.device, dtype=torch.float32)
+            compressed = self._compress_block(index, block, batches, reports)
+            for batch in batches:  # the next block sees this block's compressed outputs
+                batch.hidden = run_block(block, batch)
+            if on_block_output is not None:
+                on_block_output(index, [b.hidden for b in batches])
+            keep_dtype = torch.float32 if dtype == torch.bfloat16 else dtype  # fp16 codes are not bf16-exact
+            block.to(device="cpu", dtype=keep_dtype)
+            self._hand_over(index, block, compressed, writer, kept)
+        if self.family.lm_head in self.plan:
+            kept.update(self._compress_lm_head(batches, reports, writer))
+        _move_outside(self.model, prefix, torch.device("cpu"))
+        return CompressionResult(reports, kept, time.perf_counter() - start)
+
+    def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
+        groups = self.family.groups or discover_groups(block, batches[0])
+        stages = [[g] for g in groups] if self.staged else [list(groups)]
+        compressed = {}
+        for stage in stages:
+            todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
+            if not todo:
+                continue
+            hessians = collect_hessians(block, [g[0] for g in todo], batches)
+            for group in todo:
+                for rel in group:
+                    name = self._name(index, rel)
+                    if name in self.plan:
+                        linear = block.get_submodule(rel)
+                        compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
+        return compressed
+
+    def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor, reports: list) -> CompressedWeight:
+        config = self.plan[name]
+        solver = METHODS[config.method][1]
+        weight = linear.weight.data
+        t0 = time.perf_counter()
+        solution = solver(weight, hessian if config.needs_hessian else None, config)
+        seconds = time.perf_counter() - t0
+        cw = solution.compressed
+        dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
+        reports.append(
+            LayerReport(
+                name=name,
+                method=config.method,
+                rel_error=relative_error(weight, dense, hessian),
+                seconds=seconds,
+                bits_per_weight=cw.bits_per_weight(),
+                damping=solution.damping,
+                sparsity=1 - cw.kept / cw.numel,
+                notes=solution.notes,
+            )
+        )
+        linear.weight.data = dense
+        return cw
+
+    def _compress_lm_head(self, batches, reports, writer) -> dict[str, CompressedWeight]:
+        norm = get_module(self.model, self.family.final_norm)
+        head = get_module(self.model, self.family.lm_head)
+        acc = HessianAccumulator(head.in_features, self.device)
+        for batch in batches:
+            acc.add(norm(batch.hidden))
+        cw = self._solve(self.family.lm_head, head, acc.hessian, reports)
+        if writer is not None:
+            writer.write_block(len(self.blocks), {self.family.lm_head: cw}, {})
+            return {}
+        return {self.family.lm_head: cw}
+
+    def _hand_over(self, index, block, compressed, writer, kept):
+        if writer is None:
+            kept.update(compressed)
+            return
+        plain = {}
+        for rel, tensor in block.state_dict().items():
+            name = self._name(index, rel)
+            if name.removesuffix(".weight") not in compressed:
+                plain[name] = tensor
+        writer.write_block(index, compressed, plain)
+
+    def _name(self, index: int, rel: str) -> str:
+        return f"{self.family.blocks}.{index}.{rel}"
+
+
+def collect_hessians(block: nn.Module, names: list[str], batches: list[BlockInput]) -> dict[str, torch.Tensor]:
+    """One forward of every batch through `block`, accumulating H of each named linear's input."""
+    accs, handles = {}, []
+    for name in names:
+        linear = block.get_submodule(name)
+        accs[name] = acc = HessianAccumulator(linear.in_features, linear.weight.device)
+        handles.append(linear.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
+    try:
+        for batch in batches:
+            run_block(block, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: acc.hessian for name, acc in accs.items()}
+
+
+def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
+    """Linears grouped by the input tensor they share, in execution order (generic fallback)."""
+    seen: dict[tuple, list[str]] = {}
+    handles = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(m, inp, out, name=name):
+                x = inp[0]
+                seen.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
+            handles.append(module.register_forward_hook(hook))
+    try:
+        run_block(block, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(tuple(names) for names in seen.values())
+
+
+def _move_outside(model: nn.Module, block_prefix: str, device: torch.device) -> None:
+    """Move every parameter and buffer outside the blocks to `device` as float32 (tied ones once)."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(block_prefix):
+            continue
+        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+        tensor.data = tensor.data.to(device=device, dtype=dtype)

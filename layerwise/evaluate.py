@@ -1,0 +1,31 @@
+"""Perplexity: the whole text tokenized once, cut into non-overlapping windows of `seqlen` tokens
+(the incomplete tail dropped), each window scored alone; ppl = exp(mean token NLL)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import DataError
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, seqlen: int = 256, batch_size: int = 8, device: str | torch.device = "cpu") -> dict:
+    """token_ids: [n] int64. Returns {"ppl", "nll", "tokens" (predicted), "windows", "seqlen"}."""
+    n_windows = token_ids.numel() // seqlen
+    if n_windows < 1:
+        raise DataError(f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = token_ids[: n_windows * seqlen].reshape(n_windows, seqlen)
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False, disable=None):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # [B, L, vocab]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += ids[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen}

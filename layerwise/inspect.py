@@ -1,0 +1,59 @@
+"""Human and JSON views of a checkpoint's per-layer report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import read_manifest
+
+
+def report_json(path: str | Path) -> dict:
+    manifest = read_manifest(path)
+    return {"totals": totals(path, manifest), "layers": manifest["layers"]}
+
+
+def totals(path: str | Path, manifest: dict | None = None) -> dict:
+    manifest = manifest or read_manifest(path)
+    layers = manifest["layers"].values()
+    weights = sum(m["shape"][0] * m["shape"][1] for m in layers)
+    bits = sum(m["report"]["bits_per_weight"] * m["shape"][0] * m["shape"][1] for m in layers)
+    disk = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return {
+        "layers": len(manifest["layers"]),
+        "compressed_weights": weights,
+        "bits_per_weight": bits / weights if weights else None,
+        "payload_bytes": int(bits / 8),
+        "safetensors_bytes": disk,
+        "compression_seconds": manifest.get("compression_seconds"),
+    }
+
+
+def report_table(path: str | Path) -> str:
+    manifest = read_manifest(path)
+    header = ("layer", "method", "scheme", "bits", "block/group", "sparsity", "bits/w", "rel.err", "damp", "sec")
+    rows = [header]
+    for name, m in manifest["layers"].items():
+        r = m["report"]
+        grouping = m.get("block_size") or ("x".join(map(str, m["lut_group"])) if m.get("lut_group") else "-")
+        rows.append((
+            name, r["method"], m["scheme"], str(m["bits"]), str(grouping), f"{r['sparsity']:.3f}",
+            f"{r['bits_per_weight']:.3f}", f"{r['rel_error']:.2e}",
+            "-" if r["damping"] is None else f"{r['damping']:g}", f"{r['seconds']:.2f}",
+        ))
+        if r.get("notes"):
+            rows.append(("  note: " + "; ".join(r["notes"]),) + ("",) * (len(header) - 1))
+    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(summary(path, manifest))
+    return "\n".join(lines)
+
+
+def summary(path: str | Path, manifest: dict | None = None) -> str:
+    t = totals(path, manifest)
+    bpw = "n/a" if t["bits_per_weight"] is None else f"{t['bits_per_weight']:.3f}"
+    return (
+        f"{path}: {t['layers']} layers compressed, {bpw} bits/weight over {t['compressed_weights']:,} weights; "
+        f"safetensors {t['safetensors_bytes'] / 1e6:.2f} MB; compression {t['compression_seconds'] or 0:.1f} s"
+    )

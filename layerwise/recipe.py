@@ -1,0 +1,123 @@
+"""Recipes: which linear layer gets which method.
+
+Our dialect is an ordered list of rules; the first whose regex is found in a layer's full name
+(`re.search`, e.g. "model.layers.3.mlp.down_proj") decides, and `config: null` leaves the layer as is::
+
+    rules:
+      - match: 'mlp\\.down_proj'
+        config: {method: gptq, bits: 8}
+      - match: '.*'
+        config: {method: gptq, bits: 4, block_size: 32}
+
+Layers inside the decoder blocks are candidates; `lm_head` only when a rule's pattern spells out
+`lm_head` (a catch-all never compresses it). coremltools' dialect (`global_config`,
+`module_type_configs`, `module_name_configs`) is translated by `coremltools_dialect.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import RecipeError
+from .solvers import METHODS, MethodConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    config: MethodConfig | None
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    rules: tuple[Rule, ...]
+
+    def config_for(self, name: str) -> MethodConfig | None:
+        """The first matching rule's config for layer `name` (None: leave uncompressed)."""
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule.config
+        return None
+
+    def names_lm_head(self) -> bool:
+        return any("lm_head" in rule.pattern and rule.config is not None for rule in self.rules)
+
+    def to_dict(self) -> dict:
+        return {
+            "rules": [
+                {"match": r.pattern, "config": None if r.config is None else r.config.to_dict()}
+                for r in self.rules
+            ]
+        }
+
+    @classmethod
+    def single(cls, config: MethodConfig) -> "Recipe":
+        """One method for every block linear (what the CLI flags build)."""
+        return cls((Rule(".*", config),))
+
+
+def method_config(raw: dict | None, where: str) -> MethodConfig | None:
+    """Build and validate one method config dict (with a `method` key)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a method config must be a mapping or null, got {type(raw).__name__}")
+    raw = dict(raw)
+    method = raw.pop("method", None)
+    if method not in METHODS:
+        raise RecipeError(f"{where}: method={method!r} is unknown; use one of {sorted(METHODS)}")
+    config_cls, _ = METHODS[method]
+    return config_cls.from_dict(raw, where=f"{where} (method {method})")
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping at the top level")
+    if any(k in data for k in ("global_config", "module_type_configs", "module_name_configs")):
+        from .coremltools_dialect import recipe_from_coremltools
+
+        return recipe_from_coremltools(data, where)
+    unknown = set(data) - {"rules"}
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown top-level key(s) {sorted(unknown)}; expected 'rules' "
+            "(or coremltools' global_config / module_type_configs / module_name_configs)"
+        )
+    rules_raw = data.get("rules")
+    if not isinstance(rules_raw, list) or not rules_raw:
+        raise RecipeError(f"{where}: 'rules' must be a non-empty list of {{match, config}} entries")
+    rules = []
+    for i, entry in enumerate(rules_raw):
+        at = f"{where}: rules[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"match", "config"} or "match" not in entry:
+            raise RecipeError(f"{at} must have exactly the keys 'match' and 'config' (got {entry!r})")
+        rules.append(Rule(_compile_check(entry["match"], at), method_config(entry.get("config"), at)))
+    return Recipe(tuple(rules))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    return recipe_from_dict(data, where=str(path))
+
+
+def _compile_check(pattern, where: str) -> str:
+    if not isinstance(pattern, str):
+        raise RecipeError(f"{where}: 'match' must be a regex string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(f"{where}: 'match' {pattern!r} is not a valid regex ({e})") from None
+    return pattern

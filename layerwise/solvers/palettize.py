@@ -1,0 +1,241 @@
+"""Palettization: every weight becomes an index into a small float16 look-up table (LUT) per group
+of output channels — Core ML's `constexpr_lut_to_dense`.
+
+- `kmeans`: plain k-means on the weights (data-free baseline).
+- `skm`: sensitive k-means (SqueezeLLM; coremltools' SKMPalettizer): k-means weighted by each
+  weight's sensitivity, H_jj for weight (i, j) by default, then a GPTQ-style sweep that snaps the
+  columns one at a time to their group's nearest LUT entry and pushes each column's error onto the
+  columns not yet snapped through the upper Cholesky factor of H⁻¹ (as in gptq.py), in lazy
+  batches. Optionally joint with a sparsity mask: only kept weights are clustered, pruned weights
+  are exactly zero (code 0) and their error is compensated like SparseGPT's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import RecipeError
+from ..formats import CompressedWeight
+from ..hessian import prepare_hessian
+from .base import Solution, to_float32
+from .grid import FP16_TINY
+from .kmeans import weighted_kmeans
+from .palettize_config import KMeansConfig, SKMConfig
+
+
+def kmeans(weight: torch.Tensor, hessian: torch.Tensor | None, config: KMeansConfig) -> Solution:
+    """weight: [out, in] → lut CompressedWeight by unweighted k-means. `hessian` is ignored."""
+    W = to_float32(weight)
+    config.check_shape(*W.shape, "weight")
+    centroids, _ = _fit(W, None, None, config)
+    lut, lut_codes, lut_scale = quantize_lut(centroids, config.lut_dtype)
+    codes = _nearest_codes(W, lut.float(), config.group_out(W.shape[0]))
+    return Solution(_compressed(W.shape, config.n_bits, codes, lut, lut_codes, lut_scale, None))
+
+
+def skm(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    config: SKMConfig,
+    *,
+    sensitivity: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> Solution:
+    """Sensitive k-means palettization of weight: [out, in] against hessian: [in, in] float32.
+
+    sensitivity: [out, in] ≥ 0, required when `config.sensitivity == "fisher"` — the Python-API
+        path, where the caller has run a loss on data and passes e.g. the squared gradients
+        (diagonal Fisher) summed over the calibration set; it weights the k-means (and the refit),
+        while the error feedback still uses `hessian`.
+    mask: bool [out, in], True = kept: palettize only the kept weights (joint sparse + LUT). When
+        `config.sparsity` is set and no mask is given, the smallest-magnitude weights of each row
+        are pruned (a simple fallback; SparseGPT's mask is better).
+    Returns a lut CompressedWeight (with the mask, if any) and the damping finally used.
+    """
+    W = to_float32(weight)
+    out_f, in_f = W.shape
+    config.check_shape(out_f, in_f, "weight")
+    notes: list[str] = []
+    if config.sensitivity == "fisher":
+        if sensitivity is None or tuple(sensitivity.shape) != (out_f, in_f):
+            raise RecipeError(
+                "sensitivity: fisher needs a per-weight sensitivity tensor of shape "
+                f"{(out_f, in_f)} (e.g. squared gradients of the loss) passed to skm(sensitivity=…); "
+                "use sensitivity: hessian_diag to weight by the layer Hessian instead"
+            )
+        S = sensitivity.to(W.device, torch.float32).clamp(min=0)
+    elif sensitivity is not None:
+        raise RecipeError("a sensitivity tensor was passed but the recipe says sensitivity: hessian_diag")
+    needs_h = config.sensitivity == "hessian_diag" or config.error_feedback
+    if hessian is None:
+        if needs_h:
+            raise ValueError("skm needs the layer Hessian (only fisher sensitivity without error_feedback does not)")
+    else:
+        hessian = hessian.to(W.device, torch.float32)
+        W[:, torch.diag(hessian) == 0] = 0  # dead inputs: weight irrelevant, set to zero as GPTQ does
+    if config.sensitivity == "hessian_diag":
+        S = torch.diag(hessian)[None, :].expand(out_f, in_f)
+
+    if mask is None and config.sparsity:
+        mask = magnitude_mask(W, config.sparsity)
+        notes.append(f"sparsity {config.sparsity:g}: pruned the smallest weights of each row (no mask given)")
+    if mask is not None:
+        if tuple(mask.shape) != (out_f, in_f) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of shape {(out_f, in_f)}, got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.to(W.device)
+
+    g_out = config.group_out(out_f)
+    centroids, _ = _fit(W, S, mask, config)
+    lut, lut_codes, lut_scale = quantize_lut(centroids, config.lut_dtype)
+    damping, targets = None, W
+    if config.error_feedback:
+        prepared = prepare_hessian(hessian, config.damp)
+        damping, notes = prepared.damping, prepared.notes + notes
+        targets = W.clone()
+        codes = _feedback_sweep(targets, lut.float(), g_out, prepared.inverse_cholesky, config.lazy_batch, mask)
+    else:
+        codes = _nearest_codes(W, lut.float(), g_out)
+    if mask is not None:
+        codes = torch.where(mask, codes, 0)
+    if config.refit_lut:
+        # the mean of the error-corrected values each entry was snapped from, not of the original
+        # weights: refitting to the originals undoes part of the feedback (measured: worse)
+        centroids = refit_lut(targets, S, codes, mask, lut.float(), g_out)
+        lut, lut_codes, lut_scale = quantize_lut(centroids, config.lut_dtype)
+    compressed = _compressed((out_f, in_f), config.n_bits, codes, lut, lut_codes, lut_scale, mask)
+    return Solution(compressed, damping=damping, notes=notes)
+
+
+def magnitude_mask(W: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """bool [out, in]: True except the round(sparsity · in) smallest |w| of each row."""
+    n_prune = int(round(sparsity * W.shape[1]))
+    mask = torch.ones_like(W, dtype=torch.bool)
+    if n_prune:
+        order = torch.argsort(W.abs(), dim=1, stable=True)
+        mask.scatter_(1, order[:, :n_prune], False)
+    return mask
+
+
+def quantize_lut(centroids: torch.Tensor, lut_dtype: str):
+    """centroids [G, k] float32 → (lut float16 [G, k], lut_codes [G, k] | None, lut_scale [G, 1] | None).
+
+    float16: the centroids rounded to float16. int8 / uint8: one float16 scale per LUT, codes =
+    round(c / scale), and lut = float16(lut_codes · lut_scale) — exactly what the format computes.
+    The format holds no LUT offset, so uint8 works only for LUTs whose entries share one sign
+    (the scale is negative for all-negative LUTs).
+    """
+    if lut_dtype == "float16":
+        return centroids.to(torch.float16), None, None
+    lo = centroids.amin(dim=1, keepdim=True)
+    hi = centroids.amax(dim=1, keepdim=True)
+    amax = torch.maximum(-lo, hi)
+    if lut_dtype == "int8":
+        qmin, qmax, dtype, sign = -128, 127, torch.int8, torch.ones_like(amax)
+    else:
+        mixed = (lo < 0) & (hi > 0)
+        if bool(mixed.any()):
+            g = int(mixed.nonzero()[0, 0])
+            raise RecipeError(
+                f"lut_dtype='uint8' cannot hold LUT {g} (entries from {float(lo[g]):.4g} to "
+                f"{float(hi[g]):.4g}): the quantized-LUT format has no offset, so a uint8 LUT's "
+                "entries must share one sign; use lut_dtype: int8"
+            )
+        qmin, qmax, dtype = 0, 255, torch.uint8
+        sign = torch.where(hi > 0, 1.0, -1.0)
+    scale = (sign * torch.clamp(amax / qmax, min=FP16_TINY)).to(torch.float16)
+    codes = torch.round(centroids / scale.float()).clamp(qmin, qmax)
+    lut = (codes * scale.float()).to(torch.float16)
+    return lut, codes.to(dtype), scale
+
+
+def refit_lut(W, S, codes, mask, lut, g_out) -> torch.Tensor:
+    """Each LUT entry → the sensitivity-weighted mean of the values W: [out, in] assigned to it
+    (codes: [out, in], S: sensitivity broadcastable to W, mask: kept weights or None).
+
+    Returns [G, k] float32; entries no kept weight uses keep their value from lut: [G, k].
+    """
+    out_f, in_f = W.shape
+    G, k = lut.shape
+    slot = (torch.arange(out_f, device=W.device) // g_out)[:, None] * k + codes.long()  # [out, in]
+    s = S.to(torch.float32).expand(out_f, in_f)
+    s = s if mask is None else s * mask
+    num = torch.zeros(G * k, dtype=torch.float64, device=W.device)
+    den = torch.zeros(G * k, dtype=torch.float64, device=W.device)
+    num.index_add_(0, slot.reshape(-1), (s * W).reshape(-1).double())
+    den.index_add_(0, slot.reshape(-1), s.reshape(-1).double())
+    used = (den > 0).reshape(G, k)
+    return torch.where(used, (num / den.clamp(min=1e-300)).reshape(G, k).float(), lut)
+
+
+# ---- internals --------------------------------------------------------------------------------
+
+
+def _fit(W, S, mask, config):
+    """k-means over each group of config.group_out(out) rows; centroids [G, k] float32 sorted."""
+    out_f, in_f = W.shape
+    G = out_f // config.group_out(out_f)
+    weights = None if S is None else S.expand(out_f, in_f).reshape(G, -1)
+    valid = None if mask is None else mask.reshape(G, -1)
+    return weighted_kmeans(
+        W.reshape(G, -1), weights, 2**config.n_bits, config.seed, config.max_iters, config.tol, valid
+    )
+
+
+def _sorted_rows(lut: torch.Tensor, g_out: int):
+    """Per output row: its group's LUT sorted ([out, k] float32), the sort order, and the midpoints
+    between neighbouring sorted entries ([out, k - 1] float64, exact)."""
+    values, order = torch.sort(lut, dim=1, stable=True)
+    values, order = values.repeat_interleave(g_out, dim=0), order.repeat_interleave(g_out, dim=0)
+    mid = (values[:, 1:].double() + values[:, :-1].double()) / 2
+    return values, order, mid.contiguous()
+
+
+def _nearest_codes(W, lut, g_out) -> torch.Tensor:
+    """uint8 [out, in]: index of each weight's nearest entry in its group's LUT (lut: [G, k])."""
+    values, order, mid = _sorted_rows(lut, g_out)
+    pos = torch.searchsorted(mid, W.double().contiguous())  # [out, in] positions in sorted LUT
+    return order.gather(1, pos).to(torch.uint8)
+
+
+def _feedback_sweep(W, lut, g_out, U, lazy_batch, mask) -> torch.Tensor:
+    """GPTQ's sweep with "quantize" = snap to the nearest LUT entry (or 0 where pruned).
+
+    W: [out, in] float32, overwritten with each column's value at the moment it was snapped
+    (the error-corrected targets); lut: [G, k] float32; U: [in, in] upper Cholesky factor of H⁻¹.
+    Returns codes uint8 [out, in].
+    """
+    out_f, in_f = W.shape
+    values, order, mid = _sorted_rows(lut, g_out)
+    pos = torch.zeros(out_f, in_f, dtype=torch.int64, device=W.device)  # index into sorted LUT
+    for i1 in range(0, in_f, lazy_batch):
+        i2 = min(i1 + lazy_batch, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            p = torch.searchsorted(mid, w[:, None].double())  # [out, 1]
+            pos[:, i1 + i : i1 + i + 1] = p
+            q = values.gather(1, p).squeeze(1)
+            if mask is not None:
+                q = torch.where(mask[:, i1 + i], q, 0.0)
+            err = (w - q) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1 + Err1 * torch.diagonal(U1)[None, :]  # q + (w − q): the snapped-from values
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return order.gather(1, pos).to(torch.uint8)
+
+
+def _compressed(shape, bits, codes, lut, lut_codes, lut_scale, mask) -> CompressedWeight:
+    G, k = lut.shape
+    return CompressedWeight(
+        shape=tuple(shape),
+        scheme="lut",
+        bits=bits,
+        codes=codes.to(torch.uint8).cpu(),
+        lut=lut.reshape(G, 1, k).cpu(),
+        lut_codes=None if lut_codes is None else lut_codes.reshape(G, 1, k).cpu(),
+        lut_scale=None if lut_scale is None else lut_scale.reshape(G, 1, 1).cpu(),
+        mask=None if mask is None else mask.cpu(),
+    )

@@ -1,0 +1,88 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune (and optionally quantize) column by column,
+compensating each column's error on the columns not yet visited through the inverse Hessian.
+
+At the start of every column block the mask is chosen by OBS saliency w² / [U]_jj², U the upper
+Cholesky factor of H⁻¹ (as in the reference): unstructured, the lowest-saliency entries of the
+whole [out, column_block] block go; n:m, the m − n lowest of every m columns in each row go.
+Unstructured counts are exact: block b gets round(s·out·end_b) − round(s·out·start_b) zeros, so
+the layer ends with exactly round(s·numel) zeros (see `prune_counts`).
+
+Joint (bits set): a quant block's grid is fitted when the sweep reaches it, on its current
+(error-updated) kept weights; columns whose mask is not chosen yet (a quant block wider than
+`column_block`, e.g. per-channel) count as kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hessian import prepare_hessian
+from .base import Solution, to_float32
+from .grid import dequantize, fit_grid, quantize
+from .magnitude import keep_lowest, nm_keep, prune_counts, sparse_weight
+from .sparse_config import SparseGPTConfig
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConfig) -> Solution:
+    """weight: [out, in]; hessian: [in, in] float32 → sparse dense or sparse affine CompressedWeight."""
+    W = to_float32(weight)
+    out_f, in_f = W.shape
+    dev = W.device
+    dead = torch.diag(hessian) == 0
+    W[:, dead] = 0
+    prepared = prepare_hessian(hessian, config.damp)
+    Hinv = prepared.inverse_cholesky.to(dev)  # [in, in] upper, H⁻¹ = Uᵀ U
+
+    starts = list(range(0, in_f, config.column_block))
+    if config.sparsity is not None:
+        sizes = [min(config.column_block, in_f - i1) * out_f for i1 in starts]
+        zeros_per_block = prune_counts(config.sparsity, sizes)
+    mask = torch.ones(out_f, in_f, dtype=torch.bool, device=dev)  # True = kept (or not chosen yet)
+    joint = config.bits is not None
+    if joint:
+        maxq = 2**config.bits - 1
+        block = config.block_size or in_f
+        scale = torch.ones(out_f, in_f // block, dtype=torch.float16, device=dev)
+        zero = torch.zeros(out_f, in_f // block, dtype=torch.uint8, device=dev)
+        codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+    else:
+        values = torch.zeros(out_f, in_f, dtype=torch.float16, device=dev)
+
+    for b, i1 in enumerate(starts):
+        i2 = min(i1 + config.column_block, in_f)
+        W1 = W[:, i1:i2].clone()  # [out, cb]
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2  # [out, cb]
+        if config.nm is not None:
+            mask[:, i1:i2] = nm_keep(saliency, *config.nm)
+        else:
+            mask[:, i1:i2] = keep_lowest(saliency.reshape(1, -1), zeros_per_block[b]).reshape(W1.shape)
+
+        for i in range(i2 - i1):
+            col = i1 + i
+            w, keep = W1[:, i], mask[:, col]
+            if joint:
+                g = col // block
+                if col % block == 0:
+                    current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :block]
+                    scale[:, g], zero[:, g] = fit_grid(
+                        current, config.bits, config.sym, config.mse_clip, mask=mask[:, col : col + block]
+                    )
+                c = quantize(w, scale[:, g], zero[:, g], maxq)
+                codes[:, col] = c
+                q = dequantize(c, scale[:, g], zero[:, g]).float()
+            else:
+                q = w.to(torch.float16).float()
+                values[:, col] = q.to(torch.float16)
+            q = torch.where(keep, q, torch.zeros_like(q))
+            err = (w - q) / Hinv1[i, i]  # [out]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if joint:
+        compressed = sparse_weight(mask, config, codes=codes, scale=scale, zero=zero)
+    else:
+        compressed = sparse_weight(mask, config, values=values)
+    return Solution(compressed, damping=prepared.damping, notes=prepared.notes)
