@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    _quiet_third_party()
     try:
         return COMMANDS[args.command](args) or 0
     except LayerwiseError as e:
@@ -89,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerwise: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_third_party() -> None:
+    """Our own progress bars and log lines are enough; transformers' per-load bars are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def method_config_from_flags(args) -> dict:

@@ -66,10 +66,12 @@ def export_mlpackage(
     out_path = Path(out_path)
     if out_path.suffix != ".mlpackage":
         raise ModelError(f"{out_path} must end in .mlpackage")
+    if context < 3:
+        raise ModelError(f"context={context} is too short; use at least 3 tokens")
     if multifunction and not 1 <= prefill_length <= context:
         raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
     compressed = dict(compressed or {})
-    model = _float32(model)
+    model = _cpu_float32(model)
     wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
     shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
 
@@ -79,10 +81,10 @@ def export_mlpackage(
         for fn, (ids_shape, mask_shape) in shapes.items():
             programs[fn] = _convert(ct, traced, wrapper, ids_shape, mask_shape)
     del traced
-    kinds: dict[str, int] = {}
-    for prog in programs.values():
+    kinds: dict[str, int] = {}  # MIL op type producing each compressed weight → count
+    for i, prog in enumerate(programs.values()):
         for op_type in compress_program(prog, compressed).values():
-            kinds[op_type] = kinds.get(op_type, 0) + 1
+            kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
     ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
     missing = [op for op in REQUIRED_OPS if op not in ops]
     if missing:
@@ -213,12 +215,13 @@ def _holding(model: torch.nn.Module, compressed: dict[str, CompressedWeight]):
             weight.data = data
 
 
-def _float32(model: torch.nn.Module) -> torch.nn.Module:
-    """The model itself when all floats are float32, else a float32 copy (the user's stays as is)."""
-    if all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()):
+def _cpu_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself when it is float32 on the CPU, else a CPU float32 copy (the user's stays as is)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
         return model
-    log.info("tracing a float32 copy of the %s model", next(model.parameters()).dtype)
-    return copy.deepcopy(model).float()
+    log.info("tracing a CPU float32 copy of the model (it holds other dtypes or devices)")
+    return copy.deepcopy(model).to("cpu", torch.float32)
 
 
 def _all_ops(prog):

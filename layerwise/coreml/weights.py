@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 INDEX_BITS = (1, 2, 3, 4, 6, 8)  # iOS18 LUT index types uint1..uint8
 
 
-def compress_program(prog, compressed: dict[str, CompressedWeight], function: str = "main") -> dict[str, str]:
+def compress_program(
+    prog, compressed: dict[str, CompressedWeight], function: str = "main"
+) -> dict[str, str]:
     """Replace the float16 weight const of every compressed module by its constexpr decode.
 
     prog: pymil Program (converted with the dense ``cw.dequantize()`` weights).
@@ -51,6 +53,7 @@ def compress_program(prog, compressed: dict[str, CompressedWeight], function: st
 
 
 def _swap_consts(block, compressed: dict[str, CompressedWeight]) -> dict[str, str]:
+    """Find each weight's const by (shape, exact bits) and rewire its users to the constexpr."""
     consts: dict[tuple, list] = {}
     for op in block.operations:
         val = op.outputs[0].val if op.op_type == "const" else None
@@ -84,7 +87,9 @@ def _swap_consts(block, compressed: dict[str, CompressedWeight]) -> dict[str, st
 
 def _same(op, dense: np.ndarray, swapped: dict) -> bool:
     """The const `op` (possibly swapped already) holds exactly `dense`, bit for bit."""
-    return id(op) in swapped or np.array_equal(op.outputs[0].val.view(np.uint16), dense.view(np.uint16))
+    if id(op) in swapped:
+        return True
+    return np.array_equal(op.outputs[0].val.view(np.uint16), dense.view(np.uint16))
 
 
 def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
@@ -99,15 +104,24 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
         offset = _uint(_np(cw.zero_point), bits)
         if mask is None:
             codes = _uint(_np(cw.codes), bits)
-            return mb.constexpr_blockwise_shift_scale(data=codes, scale=scale, offset=offset, name=name, **kw)
+            return mb.constexpr_blockwise_shift_scale(
+                data=codes, scale=scale, offset=offset, name=name, **kw
+            )
         m, nz = mb.constexpr_sparse_blockwise_shift_scale(
-            data_mask=_uint(mask, 1), nonzero_data=_uint(_np(cw.codes)[mask], bits), scale=scale, offset=offset,
-            name=name + "_sparse", **kw,
+            data_mask=_uint(mask, 1),
+            nonzero_data=_uint(_np(cw.codes)[mask], bits),
+            scale=scale,
+            offset=offset,
+            name=name + "_sparse",
+            **kw,
         )
         return mb.constexpr_sparse_to_dense(nonzero_data=nz, mask=m, name=name, **kw)
     if cw.scheme == "lut":
         if cw.lut_codes is not None:
             n_out, n_in, k = cw.lut.shape
+            decoded = (cw.lut_codes.float() * cw.lut_scale.float()).to(torch.float16)
+            if not torch.equal(decoded.view(torch.int16), cw.lut.view(torch.int16)):
+                raise ModelError(f"{name}: lut != lut_scale * lut_codes; the int8 LUT would decode differently")
             lut = mb.constexpr_blockwise_shift_scale(
                 data=_np(cw.lut_codes).reshape(n_out, n_in, k, 1),
                 scale=_np(cw.lut_scale).reshape(n_out, n_in, 1, 1),
@@ -116,7 +130,9 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
             return _lut(cw, lut, mask, name, kw)
         return _lut(cw, _np(cw.lut), mask, name, kw)
     values = (_np(cw.values) + np.float16(0)).astype(np.float16)  # dense + mask
-    return mb.constexpr_sparse_to_dense(nonzero_data=values[mask], mask=_uint(mask, 1), name=name, **kw)
+    return mb.constexpr_sparse_to_dense(
+        nonzero_data=values[mask], mask=_uint(mask, 1), name=name, **kw
+    )
 
 
 def _lut(cw: CompressedWeight, lut, mask, name: str, kw: dict):
@@ -130,19 +146,23 @@ def _lut(cw: CompressedWeight, lut, mask, name: str, kw: dict):
     if mask is None:
         return mb.constexpr_lut_to_dense(indices=_uint(_np(cw.codes), bits), lut=lut, name=name, **kw)
     m, nz = mb.constexpr_lut_to_sparse(
-        indices_mask=_uint(mask, 1), indices_nonzero_data=_uint(_np(cw.codes)[mask], bits), lut=lut, name=name + "_sparse", **kw
+        indices_mask=_uint(mask, 1),
+        indices_nonzero_data=_uint(_np(cw.codes)[mask], bits),
+        lut=lut,
+        name=name + "_sparse",
+        **kw,
     )
     return mb.constexpr_sparse_to_dense(nonzero_data=nz, mask=m, name=name, **kw)
 
 
 def _affine_grid(cw: CompressedWeight) -> np.ndarray:
     """A per-channel affine grid as a LUT [out, 1, 2**bits]: entry k = fp16(scale * (k - zp))."""
-    steps = torch.arange(2**cw.bits, dtype=torch.float32)[None, None, :] - cw.zero_point.float()[..., None]
+    steps = torch.arange(2**cw.bits, dtype=torch.float32) - cw.zero_point.float()[..., None]
     return _np((steps * cw.scale.float()[..., None]).to(torch.float16))
 
 
 def _affine_lut_is_smaller(cw: CompressedWeight) -> bool:
-    """Per-channel grids whose width is not 4 or 8 bits: an exact 2**bits LUT per row vs uint4/uint8 codes."""
+    """A per-channel grid of 1/2/3/6 bits: is an exact 2**bits LUT per row smaller than uint4/uint8 codes?"""
     if cw.scale.shape[1] != 1 or cw.bits in (4, 8) or cw.bits not in INDEX_BITS:
         return False
     out_f, in_f = cw.shape

@@ -143,7 +143,7 @@ def _kmeans_pp(xs, cum_w, cum_wx, n_valid, k, generator) -> torch.Tensor:
     centroids = torch.empty(G, k, dtype=torch.float32, device=xs.device)
     cdf_w = pw.cumsum(dim=1)  # fallback once every point is a centroid already
     d2 = torch.full_like(px, torch.inf)
-    tmp = torch.empty_like(px)
+    tmp, buf = torch.empty_like(px), torch.empty_like(px)
     cdf = cdf_w
     for j in range(k):
         u = torch.rand(G, 1, generator=generator, device=xs.device) * cdf[:, -1:]
@@ -151,17 +151,17 @@ def _kmeans_pp(xs, cum_w, cum_wx, n_valid, k, generator) -> torch.Tensor:
         centroids[:, j : j + 1] = px.gather(1, pick)
         torch.sub(px, centroids[:, j : j + 1], out=tmp).square_()
         torch.minimum(d2, tmp, out=d2)
-        cdf = torch.mul(pw, d2, out=tmp).cumsum(dim=1)
-        cdf = torch.where(cdf[:, -1:] > 0, cdf, cdf_w)
+        cdf = torch.cumsum(torch.mul(pw, d2, out=tmp), dim=1, out=buf)
+        if bool((cdf[:, -1] <= 0).any()):
+            cdf = torch.where(cdf[:, -1:] > 0, cdf, cdf_w)
     return torch.sort(centroids, dim=1).values
 
 
 def _reseed_empty(xs, ws, c, empty) -> torch.Tensor:
     """Move every empty cluster of c [G, k] onto its group's worst-served points, worst first."""
-    assign = nearest(xs, torch.sort(c, dim=1).values)  # [G, n]
     sorted_c = torch.sort(c, dim=1).values
-    err = torch.where(ws > 0, ws * (xs - sorted_c.gather(1, assign)) ** 2, 0.0)
-    err = torch.nan_to_num(err, nan=0.0, posinf=0.0)
+    served = sorted_c.gather(1, nearest(xs, sorted_c))  # [G, n]
+    err = torch.where(ws > 0, ws * (torch.where(ws > 0, xs, 0.0) - served) ** 2, 0.0)  # invalid: 0
     n_empty = int(empty.sum(dim=1).max())
     top = err.topk(min(n_empty, err.shape[1]), dim=1).indices  # [G, n_empty]
     rank = (empty.long().cumsum(dim=1) - 1).clamp(0, top.shape[1] - 1)  # [G, k]

@@ -20,6 +20,7 @@ from ..hessian import prepare_hessian
 from .base import Solution, to_float32
 from .grid import FP16_TINY
 from .kmeans import weighted_kmeans
+from .magnitude import keep_lowest
 from .palettize_config import KMeansConfig, SKMConfig
 
 
@@ -55,33 +56,22 @@ def skm(
     W = to_float32(weight)
     out_f, in_f = W.shape
     config.check_shape(out_f, in_f, "weight")
-    notes: list[str] = []
-    if config.sensitivity == "fisher":
-        if sensitivity is None or tuple(sensitivity.shape) != (out_f, in_f):
-            raise RecipeError(
-                "sensitivity: fisher needs a per-weight sensitivity tensor of shape "
-                f"{(out_f, in_f)} (e.g. squared gradients of the loss) passed to skm(sensitivity=…); "
-                "use sensitivity: hessian_diag to weight by the layer Hessian instead"
-            )
-        S = sensitivity.to(W.device, torch.float32).clamp(min=0)
-    elif sensitivity is not None:
-        raise RecipeError("a sensitivity tensor was passed but the recipe says sensitivity: hessian_diag")
-    needs_h = config.sensitivity == "hessian_diag" or config.error_feedback
-    if hessian is None:
-        if needs_h:
-            raise ValueError("skm needs the layer Hessian (only fisher sensitivity without error_feedback does not)")
-    else:
+    if hessian is not None:
         hessian = hessian.to(W.device, torch.float32)
         W[:, torch.diag(hessian) == 0] = 0  # dead inputs: weight irrelevant, set to zero as GPTQ does
-    if config.sensitivity == "hessian_diag":
-        S = torch.diag(hessian)[None, :].expand(out_f, in_f)
+    elif config.sensitivity == "hessian_diag" or config.error_feedback:
+        raise ValueError(
+            "skm needs the layer Hessian (only fisher sensitivity without error feedback does not)"
+        )
+    S = _sensitivity(W, hessian, config.sensitivity, sensitivity)  # [out, in] or broadcastable [1, in]
 
+    notes: list[str] = []
     if mask is None and config.sparsity:
-        mask = magnitude_mask(W, config.sparsity)
+        mask = keep_lowest(W.abs(), round(config.sparsity * in_f))  # per row, ties by column
         notes.append(f"sparsity {config.sparsity:g}: pruned the smallest weights of each row (no mask given)")
     if mask is not None:
         if tuple(mask.shape) != (out_f, in_f) or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be bool of shape {(out_f, in_f)}, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(f"mask must be bool {(out_f, in_f)}, got {mask.dtype} {tuple(mask.shape)}")
         mask = mask.to(W.device)
 
     g_out = config.group_out(out_f)
@@ -92,7 +82,8 @@ def skm(
         prepared = prepare_hessian(hessian, config.damp)
         damping, notes = prepared.damping, prepared.notes + notes
         targets = W.clone()
-        codes = _feedback_sweep(targets, lut.float(), g_out, prepared.inverse_cholesky, config.lazy_batch, mask)
+        U = prepared.inverse_cholesky
+        codes = _feedback_sweep(targets, lut.float(), g_out, U, config.lazy_batch, mask)
     else:
         codes = _nearest_codes(W, lut.float(), g_out)
     if mask is not None:
@@ -106,14 +97,19 @@ def skm(
     return Solution(compressed, damping=damping, notes=notes)
 
 
-def magnitude_mask(W: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """bool [out, in]: True except the round(sparsity · in) smallest |w| of each row."""
-    n_prune = int(round(sparsity * W.shape[1]))
-    mask = torch.ones_like(W, dtype=torch.bool)
-    if n_prune:
-        order = torch.argsort(W.abs(), dim=1, stable=True)
-        mask.scatter_(1, order[:, :n_prune], False)
-    return mask
+def _sensitivity(W, hessian, kind, given) -> torch.Tensor:
+    """Per-weight k-means weights: H_jj broadcast as [1, in], or the caller's Fisher [out, in]."""
+    if kind == "hessian_diag":
+        if given is not None:
+            raise RecipeError("a sensitivity tensor was passed but the recipe says sensitivity: hessian_diag")
+        return torch.diag(hessian)[None, :]
+    if given is None or tuple(given.shape) != tuple(W.shape):
+        raise RecipeError(
+            f"sensitivity: fisher needs a per-weight sensitivity tensor of shape {tuple(W.shape)} "
+            "(e.g. squared gradients of the loss) passed to skm(sensitivity=…); use "
+            "sensitivity: hessian_diag to weight by the layer Hessian instead"
+        )
+    return given.to(W.device, torch.float32).clamp(min=0)
 
 
 def quantize_lut(centroids: torch.Tensor, lut_dtype: str):

@@ -16,6 +16,14 @@ LUT_DTYPES = ("float16", "int8", "uint8")
 SENSITIVITIES = ("hessian_diag", "fisher")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class KMeansConfig(MethodConfig):
     """Plain k-means palettization: one LUT of 2**n_bits float16 entries per group of output
@@ -39,7 +47,7 @@ class KMeansConfig(MethodConfig):
             f"granularity={self.granularity!r} is not supported; use one of {list(GRANULARITIES)}",
         )
         require(
-            isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size > 0,
+            _is_int(self.group_size) and self.group_size > 0,
             f"group_size={self.group_size!r} must be a positive integer (output channels per LUT)",
         )
         require(
@@ -52,15 +60,15 @@ class KMeansConfig(MethodConfig):
             "(cluster_dim: 1) is implemented",
         )
         require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            _is_int(self.seed) and self.seed >= 0,
             f"seed={self.seed!r} must be a non-negative integer",
         )
         require(
-            isinstance(self.max_iters, int) and not isinstance(self.max_iters, bool) and self.max_iters >= 0,
+            _is_int(self.max_iters) and self.max_iters >= 0,
             f"max_iters={self.max_iters!r} must be a non-negative integer",
         )
         require(
-            isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool) and self.tol >= 0,
+            _is_number(self.tol) and self.tol >= 0,
             f"tol={self.tol!r} must be a non-negative number, e.g. 1e-4",
         )
 
@@ -105,16 +113,14 @@ class SKMConfig(KMeansConfig):
             f"sensitivity={self.sensitivity!r} is not supported; use one of {list(SENSITIVITIES)}",
         )
         require(
-            isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 10,
+            _is_number(self.damp) and 0 < self.damp < 10,
             f"damp={self.damp!r} must be a fraction of mean(diag H) in (0, 10), e.g. 0.01",
         )
         require(
-            isinstance(self.lazy_batch, int) and not isinstance(self.lazy_batch, bool) and self.lazy_batch > 0,
+            _is_int(self.lazy_batch) and self.lazy_batch > 0,
             f"lazy_batch={self.lazy_batch!r} must be a positive integer",
         )
         require(
-            self.sparsity is None
-            or (isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
-                and 0 <= self.sparsity < 1),
+            self.sparsity is None or (_is_number(self.sparsity) and 0 <= self.sparsity < 1),
             f"sparsity={self.sparsity!r} must be a fraction in [0, 1) (e.g. 0.5) or omitted",
         )

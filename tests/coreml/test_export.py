@@ -181,18 +181,20 @@ def test_metadata_and_report(rtn_export):
 def test_mixed_schemes_mqa_decode_bit_exact(tmp_path):
     """LUT (grouped channels, plain and int8), sparse dense/affine/LUT, 2-, 3- and 8-bit grids, MQA."""
     model = llama(kv_heads=1)
-    lin = block_linears(model)
+    w = {n.removeprefix("model.layers."): m.weight.data for n, m in block_linears(model).items()}
     g = torch.Generator().manual_seed(5)
-    cw = {}
-    cw["model.layers.0.self_attn.q_proj"] = lut_weight(lin["model.layers.0.self_attn.q_proj"].weight, 4, 16, g)
-    cw["model.layers.0.self_attn.k_proj"] = lut_weight(lin["model.layers.0.self_attn.k_proj"].weight, 4, 16, g, q8=True)
-    cw["model.layers.0.self_attn.v_proj"] = lut_weight(lin["model.layers.0.self_attn.v_proj"].weight, 2, 8, g, prune=True)
-    cw["model.layers.0.self_attn.o_proj"] = pruned_dense(lin["model.layers.0.self_attn.o_proj"].weight)
-    cw["model.layers.0.mlp.gate_proj"] = pruned_affine(lin["model.layers.0.mlp.gate_proj"].weight, 4, 32)
-    cw["model.layers.0.mlp.up_proj"] = rtn(lin["model.layers.0.mlp.up_proj"].weight.data, None, RTNConfig(bits=2)).compressed
-    cw["model.layers.0.mlp.down_proj"] = rtn(lin["model.layers.0.mlp.down_proj"].weight.data, None, RTNConfig(bits=3)).compressed
-    cw["model.layers.1.mlp.down_proj"] = rtn(lin["model.layers.1.mlp.down_proj"].weight.data, None, RTNConfig(bits=8)).compressed
-    cw["model.layers.1.mlp.up_proj"] = pruned_affine(lin["model.layers.1.mlp.up_proj"].weight, 3, None)
+    schemes = {
+        "0.self_attn.q_proj": lut_weight(w["0.self_attn.q_proj"], 4, 16, g),
+        "0.self_attn.k_proj": lut_weight(w["0.self_attn.k_proj"], 4, 16, g, q8=True),
+        "0.self_attn.v_proj": lut_weight(w["0.self_attn.v_proj"], 2, 8, g, prune=True),
+        "0.self_attn.o_proj": pruned_dense(w["0.self_attn.o_proj"]),
+        "0.mlp.gate_proj": pruned_affine(w["0.mlp.gate_proj"], 4, 32),
+        "0.mlp.up_proj": rtn(w["0.mlp.up_proj"], None, RTNConfig(bits=2)).compressed,
+        "0.mlp.down_proj": rtn(w["0.mlp.down_proj"], None, RTNConfig(bits=3)).compressed,
+        "1.mlp.down_proj": rtn(w["1.mlp.down_proj"], None, RTNConfig(bits=8)).compressed,
+        "1.mlp.up_proj": pruned_affine(w["1.mlp.up_proj"], 3, None),
+    }
+    cw = {"model.layers." + n: c for n, c in schemes.items()}
     load_in(model, cw)
     report = export_mlpackage(model, tmp_path / "mixed.mlpackage", context=CONTEXT, compressed=cw)
     _, prog = load_program(tmp_path / "mixed.mlpackage")
@@ -238,6 +240,13 @@ def test_float16_export_holds_model_weights(tmp_path):
     assert list(logits.shape)[-2:] == [1, TINY["vocab_size"]]  # last_logits_only
 
 
+def test_bfloat16_model_is_exported_from_a_float32_copy(tmp_path):
+    model = llama().to(torch.bfloat16)
+    report = export_mlpackage(model, tmp_path / "bf16.mlpackage", context=16)
+    assert "scaled_dot_product_attention" in report["ops"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the user's model is untouched
+
+
 def test_unknown_or_misshaped_compressed_weight_is_an_error(tmp_path):
     model = llama()
     cw = rtn(torch.randn(8, 64), None, RTNConfig(bits=4)).compressed
@@ -281,6 +290,7 @@ def test_multifunction_shares_one_weight_copy(sized):
         multifunction=True, prefill_length=16, last_logits_only=True,
     )
     assert report["functions"] == ["prefill", "decode"]
+    assert report["compressed"] == {"constexpr_blockwise_shift_scale": len(compressed)}
     assert abs(report["size_bytes"] / package_bytes(single) - 1) < 0.10
     spec, prog = load_program(root / "mf.mlpackage")
     assert {f.name for f in spec.description.functions} == {"prefill", "decode"}

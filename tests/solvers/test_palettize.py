@@ -65,7 +65,10 @@ def test_per_tensor_is_one_lut():
 
 def test_error_falls_with_bits():
     W, H = correlated_layer()
-    errs = [output_error(W, skm(W, H, SKMConfig(**grouped(b))).compressed.dequantize(), H) for b in (1, 2, 3, 4, 6, 8)]
+    errs = [
+        output_error(W, skm(W, H, SKMConfig(**grouped(b))).compressed.dequantize(), H)
+        for b in (1, 2, 3, 4, 6, 8)
+    ]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-3 * errs[0]
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real transformers models built from configs, saved as HF directories."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerwise.models import DEMO_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE_MODEL = SHARED / "models" / "wt2-llama-4l"
+WIKITEXT = SHARED / "data" / "wikitext-2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    """A tiny config of `kind` (llama | mistral | qwen2) with the demo tokenizer's 4096 vocab."""
+    from transformers import AutoConfig
+
+    base = dict(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    if kind == "qwen2":  # q/k/v biases, tied embeddings, one KV head (MQA)
+        base.update(num_key_value_heads=1, tie_word_embeddings=True)
+    base.update(overrides)
+    return AutoConfig.for_model(kind, **base)
+
+
+def build_tiny_model(kind: str = "llama", seed: int = 0, dtype=torch.float16, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides))
+    with torch.no_grad():  # larger weights than HF's init so the tiny model's logits have a scale
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model.to(dtype).eval()
+
+
+def save_tiny_model(path: Path, kind: str = "llama", seed: int = 0, dtype=torch.float16, **overrides) -> Path:
+    model = build_tiny_model(kind, seed, dtype, **overrides)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(DEMO_MODEL_DIR) / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Saved tiny models: llama (GQA, fp16), qwen2 (biases, tied, MQA), mistral (bf16)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": save_tiny_model(root / "llama", "llama"),
+        "qwen2": save_tiny_model(root / "qwen2", "qwen2"),
+        "mistral": save_tiny_model(root / "mistral", "mistral", dtype=torch.bfloat16),
+    }
+
+
+@pytest.fixture(scope="session")
+def calib_text_file(tmp_path_factory) -> Path:
+    """A short excerpt of the bundled calibration text (enough for 16 windows of 64)."""
+    from layerwise.calib_data import BUNDLED_CALIBRATION
+
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(Path(BUNDLED_CALIBRATION).read_text()[:20000])
+    return path

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from layerwise.engine import LayerwiseCompressor, discover_groups
+from layerwise.capture import capture_block_inputs
+from layerwise.errors import ModelError, RecipeError
+from layerwise.models import resolve_family
+from layerwise.recipe import Recipe, Rule, recipe_from_dict
+from layerwise.solvers import GPTQConfig
+
+from conftest import build_tiny_model
+
+
+def windows(n=6, L=32, seed=0):
+    return torch.randint(4, 4096, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_streamed_blocks_equal_whole_model_forward(kind):
+    model = build_tiny_model(kind, dtype=torch.float32, num_hidden_layers=3)
+    ids = windows()
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    off = Recipe((Rule(".*", None),))
+    streamed = {}
+    LayerwiseCompressor(model, off, device="cpu", batch_size=4).compress(
+        ids, on_block_output=lambda i, outs: streamed.__setitem__(i, torch.cat(outs))
+    )
+    for i in range(2):  # HF's last hidden state is after the final norm
+        assert (streamed[i] - hidden[i + 1]).abs().max() <= 1e-5
+    final = model.model.norm(streamed[2])
+    assert (final - hidden[3]).abs().max() <= 1e-5
+
+
+def test_declared_groups_match_discovered_groups():
+    model = build_tiny_model("llama", dtype=torch.float32)
+    family = resolve_family(model)
+    batch = capture_block_inputs(model, model.model.layers[0], windows(2), 2, torch.device("cpu"))[0]
+    assert discover_groups(model.model.layers[0], batch) == family.groups
+
+
+def test_generic_fallback_compresses_unknown_family():
+    model = build_tiny_model("llama", dtype=torch.float32)
+    model.config.model_type = "my_llama_clone"  # not a declared family
+    compressor = LayerwiseCompressor(model, Recipe.single(GPTQConfig(bits=4)), device="cpu")
+    assert compressor.family.groups is None and compressor.family.name.startswith("generic")
+    result = compressor.compress(windows())
+    assert len(result.compressed) == 2 * 7
+
+
+def test_staged_and_unstaged_both_beat_rtn_and_differ():
+    base = build_tiny_model("llama", dtype=torch.float32)
+    ids = windows(8)
+    reports = {}
+    for staged in (True, False):
+        model = build_tiny_model("llama", dtype=torch.float32)
+        r = LayerwiseCompressor(model, Recipe.single(GPTQConfig(bits=3)), device="cpu", staged=staged).compress(ids)
+        reports[staged] = {x.name: x.rel_error for x in r.layers}
+    # o_proj sees different inputs once q/k/v are compressed first
+    name = "model.layers.0.self_attn.o_proj"
+    assert reports[True][name] != reports[False][name]
+    assert base is not None
+
+
+def test_lm_head_untouched_unless_named():
+    model = build_tiny_model("llama", dtype=torch.float32)
+    head_before = model.lm_head.weight.clone()
+    LayerwiseCompressor(model, Recipe.single(GPTQConfig(bits=4)), device="cpu").compress(windows())
+    assert torch.equal(model.lm_head.weight, head_before)
+    recipe = recipe_from_dict({"rules": [{"match": "lm_head", "config": {"method": "gptq", "bits": 8}},
+                                         {"match": ".*", "config": {"method": "rtn", "bits": 4}}]})
+    model = build_tiny_model("llama", dtype=torch.float32)
+    result = LayerwiseCompressor(model, recipe, device="cpu").compress(windows())
+    assert "lm_head" in result.compressed and result.compressed["lm_head"].bits == 8
+
+
+def test_tied_lm_head_rule_is_an_error():
+    model = build_tiny_model("qwen2", dtype=torch.float32)
+    recipe = recipe_from_dict({"rules": [{"match": "lm_head", "config": {"method": "rtn", "bits": 8}}]})
+    with pytest.raises(RecipeError, match="tied"):
+        LayerwiseCompressor(model, recipe, device="cpu")
+
+
+def test_block_size_not_dividing_is_caught_before_work():
+    model = build_tiny_model("llama", dtype=torch.float32)  # intermediate 128, hidden 64
+    with pytest.raises(RecipeError, match="block_size=48 does not divide the 64 input features"):
+        LayerwiseCompressor(model, Recipe.single(GPTQConfig(bits=4, block_size=48)), device="cpu")
+
+
+def test_model_without_block_list_is_a_clear_error():
+    class NotADecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ModelError, match="cannot find the decoder blocks"):
+        resolve_family(NotADecoder())
+
+
+def test_same_seed_gives_identical_tensors():
+    results = []
+    for _ in range(2):
+        model = build_tiny_model("llama", dtype=torch.float32)
+        results.append(LayerwiseCompressor(model, Recipe.single(GPTQConfig(bits=3, block_size=32, act_order=True)),
+                                           device="cpu").compress(windows()).compressed)
+    for name in results[0]:
+        assert torch.equal(results[0][name].codes, results[1][name].codes)
+        assert torch.equal(results[0][name].scale, results[1][name].scale)
