@@ -75,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
 
+    e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
+    e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
+    e.add_argument("--out", required=True, help="Model.mlpackage to create")
+    e.add_argument("--context", type=int, default=512, help="maximum tokens (KV-cache length)")
+    e.add_argument("--multifunction", action="store_true", help="prefill + decode functions sharing the weights")
+    e.add_argument("--prefill-length", type=int, default=64, help="query length of the prefill function")
+    e.add_argument("--last-logits-only", action="store_true", help="return logits of the last position only")
+    e.add_argument("--overwrite", action="store_true")
+
+    b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
+    b.add_argument("model")
+    b.add_argument("--grid", default="spine", help="spine | sparse | palettize | quick")
+    b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
+    b.add_argument("--calib", default=BUNDLED_CALIBRATION)
+    b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
+    b.add_argument("--nsamples", type=int, default=128)
+    b.add_argument("--seqlen", type=int, default=256)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
+    b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     return p
 
 
@@ -164,7 +185,39 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "ppl": cmd_ppl, "decompress": cmd_decompress, "inspect": cmd_inspect}
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    report = export_model(args.model, args.out, context=args.context, multifunction=args.multifunction,
+                          prefill_length=args.prefill_length, last_logits_only=args.last_logits_only,
+                          overwrite=args.overwrite)
+    print(f"wrote {report['path']}: {report['size_bytes'] / 1e6:.2f} MB in {report['seconds']:.1f} s; "
+          f"functions {', '.join(report['functions'])}; compressed ops {report['compressed']}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import GRIDS, render_section, run_grid, update_results, write_outputs
+
+    grid = "quick" if args.quick else args.grid
+    if grid not in GRIDS:
+        raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
+    results = Path(args.results)
+    out_dir = Path(args.out_dir) if args.out_dir else results.parent
+    rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
+                    args.device, progress=lambda m: log.info("%s", m))
+    paths = write_outputs(rows, out_dir, f"bench-{grid}")
+    command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])
+    section = render_section(grid, rows, command, args.model, args.calib, args.eval_text, args.nsamples, args.seqlen,
+                             args.seed, paths["png"])
+    update_results(results, grid, section)
+    print(section)
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+COMMANDS = {"bench": cmd_bench, "export": cmd_export, "compress": cmd_compress, "ppl": cmd_ppl, "decompress": cmd_decompress, "inspect": cmd_inspect}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,6 +61,8 @@ class StatefulCausalLM(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = attn.head_dim
+        if abs(getattr(attn, "scaling", self.head_dim**-0.5) - self.head_dim**-0.5) > 1e-9:
+            raise ModelError(f"{family} scales attention by {attn.scaling}, not 1/sqrt(head_dim); not exportable")
         self.context = context
         self.last_logits_only = last_logits_only
         window = getattr(cfg, "sliding_window", None)

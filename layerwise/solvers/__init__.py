@@ -6,6 +6,8 @@
 from .base import MethodConfig, Solution
 from .gptq import gptq
 from .magnitude import magnitude
+from .palettize import kmeans, skm
+from .palettize_config import KMeansConfig, SKMConfig
 from .quant_config import GPTQConfig, RTNConfig
 from .rtn import rtn
 from .sparse_config import MagnitudeConfig, SparseGPTConfig
@@ -16,9 +18,11 @@ METHODS: dict[str, tuple[type[MethodConfig], object]] = {
     "rtn": (RTNConfig, rtn),
     "sparsegpt": (SparseGPTConfig, sparsegpt),
     "magnitude": (MagnitudeConfig, magnitude),
+    "skm": (SKMConfig, skm),
+    "kmeans": (KMeansConfig, kmeans),
 }
 
 __all__ = [
     "METHODS", "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "SparseGPTConfig", "MagnitudeConfig",
-    "gptq", "rtn", "sparsegpt", "magnitude",
+    "SKMConfig", "KMeansConfig", "gptq", "rtn", "sparsegpt", "magnitude", "skm", "kmeans",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,30 +12,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 
-def _import_models():
-    """`models/` installs as `layerwise.models`; in an uninstalled checkout map it by hand."""
-    try:
-        import layerwise.models  # noqa: F401
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[2] / "models"
-        spec = importlib.util.spec_from_file_location(
-            "layerwise.models", root / "__init__.py", submodule_search_locations=[str(root)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["layerwise.models"] = module
-        spec.loader.exec_module(module)
-
-
-_import_models()
 ct = pytest.importorskip("coremltools")
-from coremltools.converters.mil.frontend.milproto.load import load as load_milproto  # noqa: E402
-from coremltools.converters.mil.mil.types import builtin_to_string  # noqa: E402
+from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+from coremltools.converters.mil.mil.types import builtin_to_string
 
-from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
-from layerwise.errors import ModelError  # noqa: E402
-from layerwise.formats import CompressedWeight  # noqa: E402
-from layerwise.models.stateful import StatefulCausalLM, causal_mask  # noqa: E402
-from layerwise.solvers import RTNConfig, rtn  # noqa: E402
+from layerwise.coreml import export_mlpackage, package_bytes
+from layerwise.errors import ModelError
+from layerwise.formats import CompressedWeight
+from layerwise.models.stateful import StatefulCausalLM, causal_mask
+from layerwise.solvers import RTNConfig, rtn
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 # big enough that the weights, not the program text, dominate the package size

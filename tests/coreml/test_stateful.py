@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,23 +18,8 @@ from transformers import (
 )
 
 
-def _import_models():
-    """`models/` installs as `layerwise.models`; in an uninstalled checkout map it by hand."""
-    try:
-        import layerwise.models  # noqa: F401
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[2] / "models"
-        spec = importlib.util.spec_from_file_location(
-            "layerwise.models", root / "__init__.py", submodule_search_locations=[str(root)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["layerwise.models"] = module
-        spec.loader.exec_module(module)
-
-
-_import_models()
-from layerwise.errors import ModelError  # noqa: E402
-from layerwise.models.stateful import StatefulCausalLM, causal_mask  # noqa: E402
+from layerwise.errors import ModelError
+from layerwise.models.stateful import StatefulCausalLM, causal_mask
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 P, K = 6, 4  # prefill tokens, decode steps

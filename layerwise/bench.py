@@ -1,0 +1,296 @@
+"""`layerwise bench`: a grid of recipes on one model, one calibration set, one evaluation text.
+
+Each row runs in a fresh subprocess, so its peak RSS is its own. Within a row: load the model, cut
+the calibration windows, compress (timed: no load, no evaluation), read the peak RSS, time one plain
+float32 forward over the same calibration windows (the ratio's denominator, same process), then
+evaluate perplexity. Rows are written as Markdown, CSV and JSON, plus a PNG of perplexity vs bits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import platform
+import resource
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("method", "settings", "ppl", "delta_ppl", "bits_per_weight", "checkpoint_mb", "compress_s",
+           "time_vs_forward", "peak_rss_mb", "peer", "error")
+
+
+def _q(method, bits, block=None, **kw):
+    return {"method": method, "bits": bits, **({"block_size": block} if block else {}), **kw}
+
+
+GRIDS: dict[str, list[dict | None]] = {
+    # issue 2: fp16, RTN and GPTQ at 4 and 3 bits, per-channel and blocks of 32 / 128
+    "spine": [None] + [_q(m, b, blk) for b in (4, 3) for blk in (None, 32, 128) for m in ("rtn", "gptq")],
+    "sparse": [None]
+    + [{"method": m, "sparsity": 0.5} for m in ("magnitude", "sparsegpt")]
+    + [{"method": m, "nm": "2:4"} for m in ("magnitude", "sparsegpt")]
+    + [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "block_size": 32}],
+    "palettize": [None]
+    + [{"method": m, "n_bits": b, "granularity": "per_grouped_channel", "group_size": 16, **fb}
+       for b in (4, 3) for m, fb in (("kmeans", {}), ("skm", {"error_feedback": False}), ("skm", {}))]
+    + [{"method": m, "n_bits": b, "granularity": "per_tensor", **fb}
+       for b in (4, 3) for m, fb in (("kmeans", {}), ("skm", {"error_feedback": False}), ("skm", {}))]
+    + [{"method": m, "n_bits": 2, "granularity": "per_grouped_channel", "group_size": 16} for m in ("kmeans", "skm")]
+    + [_q("gptq", 3, 128), _q("gptq", 3, 32)],
+    "quick": [None, _q("rtn", 4, 32), _q("gptq", 4, 32)],
+}
+
+
+def settings_label(cfg: dict | None) -> str:
+    if cfg is None:
+        return "float16"
+    return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "method")
+
+
+def run_row(cfg: dict | None, model: str, calib: str, eval_text: str, nsamples: int, seqlen: int,
+            seed: int, device: str) -> dict:
+    """One grid row in a fresh process; returns its measurements (or the error)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_row_worker, (cfg, model, calib, eval_text, nsamples, seqlen, seed, device))
+
+
+def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    row = {"method": "float16" if cfg is None else cfg["method"], "settings": settings_label(cfg), "peer": False}
+    try:
+        row.update(_measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device))
+    except Exception as e:  # a failing configuration keeps its row, with the error
+        row["error"] = f"{type(e).__name__}: {e}"
+        log.error("row %s failed:\n%s", row["settings"], traceback.format_exc())
+    return row
+
+
+def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) -> dict:
+    from layerwise.calib_data import calibration_windows, load_text, tokenize_text
+    from layerwise.checkpoint import load_compressed
+    from layerwise.evaluate import perplexity
+    from layerwise.inspect import totals
+    from layerwise.loading import load_model, load_tokenizer
+    from layerwise.pipeline import compress_to_checkpoint
+    from layerwise.recipe import Recipe, method_config
+
+    tokenizer = load_tokenizer(model_path)
+    windows, _ = calibration_windows(calib, tokenizer, nsamples, seqlen, seed)
+    out: dict = {}
+    tmp = Path(tempfile.mkdtemp(prefix="lw-bench-"))
+    try:
+        if cfg is None:
+            evaluated = load_model(model_path, dtype="float32")
+            out["bits_per_weight"] = 16.0
+            out["checkpoint_mb"] = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")) / 1e6
+        else:
+            model = load_model(model_path)
+            recipe = Recipe.single(method_config(dict(cfg), "bench"))
+            path, result = compress_to_checkpoint(model_path, tmp / "ck", recipe, calib, seed=seed, device=device,
+                                                  model=model, tokenizer=tokenizer, windows=windows)
+            out["compress_s"] = result.seconds
+            out["peak_rss_mb"] = _peak_rss_mb()
+            t = totals(path)
+            out["bits_per_weight"] = t["bits_per_weight"]
+            out["checkpoint_mb"] = t["safetensors_bytes"] / 1e6
+            out["layer_errors"] = {r.name: r.rel_error for r in result.layers}
+            del model
+            evaluated = load_compressed(path)
+        forward_s = time_forward(load_model(model_path, dtype="float32"), windows)
+        out["forward_s"] = forward_s
+        if "compress_s" in out:
+            out["time_vs_forward"] = out["compress_s"] / forward_s
+        res = perplexity(evaluated, tokenize_text(tokenizer, load_text(eval_text, "evaluation")), seqlen=seqlen)
+        out["ppl"] = res["ppl"]
+        out["eval_tokens"] = res["tokens"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@torch.no_grad()
+def time_forward(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Seconds of one plain float forward of `model` over the calibration windows."""
+    model.eval()
+    start = time.perf_counter()
+    for i in range(0, windows.shape[0], batch_size):
+        model(input_ids=windows[i : i + batch_size], use_cache=False)
+    return time.perf_counter() - start
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, {platform.platform()}"
+
+
+def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, nsamples=128, seqlen=256, seed=0,
+             device="cpu", progress=print) -> list[dict]:
+    results = []
+    for i, cfg in enumerate(rows, 1):
+        progress(f"[{i}/{len(rows)}] {settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}")
+        results.append(run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device))
+    base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
+    for r in results:
+        if base is not None and "ppl" in r:
+            r["delta_ppl"] = r["ppl"] - base
+    return results
+
+
+def markdown_table(rows: list[dict], fp16_mb: float | None = None) -> str:
+    head = "| method | settings | ppl | Δppl vs fp16 | bits/weight | checkpoint MB | compress s | × forward | peak RSS MB |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['settings']} | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append("| {m} | {s} | {ppl} | {d} | {b} | {mb} | {t} | {x} | {rss} |".format(
+            m=r["method"] + (" (peer)" if r.get("peer") else ""), s=r["settings"], ppl=_f(r.get("ppl"), 3),
+            d=_f(r.get("delta_ppl"), 3, sign=True), b=_f(r.get("bits_per_weight"), 3), mb=_f(r.get("checkpoint_mb"), 2),
+            t=_f(r.get("compress_s"), 1), x=_f(r.get("time_vs_forward"), 1), rss=_f(r.get("peak_rss_mb"), 0)))
+    return "\n".join(lines)
+
+
+def _f(v, digits, sign=False):
+    if v is None:
+        return "–"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def write_outputs(rows: list[dict], out_dir: Path, name: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "csv": out_dir / f"{name}.csv", "png": out_dir / f"{name}.png"}
+    paths["json"].write_text(json.dumps(rows, indent=1))
+    with open(paths["csv"], "w") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for r in rows:
+            f.write(",".join(_csv(r.get(c)) for c in COLUMNS) + "\n")
+    plot_ppl_vs_bits(rows, paths["png"], title=name)
+    return paths
+
+
+def _csv(v) -> str:
+    if v is None:
+        return ""
+    text = f"{v:.6g}" if isinstance(v, float) else str(v)
+    return '"' + text.replace('"', "'") + '"' if "," in text else text
+
+
+def plot_ppl_vs_bits(rows: list[dict], path: Path, title: str = "") -> None:
+    """Perplexity vs bits per weight for every row; the Pareto front drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("ppl") is not None and r.get("bits_per_weight") is not None]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    methods = sorted({r["method"] + (" (peer)" if r.get("peer") else "") for r in ok})
+    for m in methods:
+        pts = [r for r in ok if r["method"] + (" (peer)" if r.get("peer") else "") == m]
+        ax.scatter([r["bits_per_weight"] for r in pts], [r["ppl"] for r in pts], label=m,
+                   marker="x" if "(peer)" in m else "o", s=40)
+    front = pareto_front(ok)
+    ax.plot([r["bits_per_weight"] for r in front], [r["ppl"] for r in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("bits per weight (codes + scales + LUTs + masks)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both bits and perplexity, sorted by bits."""
+    front, best = [], float("inf")
+    for r in sorted(rows, key=lambda r: (r["bits_per_weight"], r["ppl"])):
+        if r["ppl"] < best:
+            front.append(r)
+            best = r["ppl"]
+    return front
+
+
+def checks(grid: str, rows: list[dict]) -> list[str]:
+    """The acceptance comparisons of a grid, as sentences computed from the rows."""
+    by = {(r["method"], r["settings"]): r for r in rows if r.get("ppl") is not None}
+    lines = []
+    if grid == "spine":
+        for r in rows:
+            if r["method"] == "gptq" and "ppl" in r:
+                rtn = by.get(("rtn", r["settings"]))
+                if rtn:
+                    verdict = "beats" if r["ppl"] < rtn["ppl"] else "does NOT beat"
+                    ratio = r["delta_ppl"] / rtn["delta_ppl"] if rtn.get("delta_ppl") else float("nan")
+                    lines.append(f"GPTQ {r['settings']}: {r['ppl']:.3f} {verdict} RTN {rtn['ppl']:.3f} "
+                                 f"(Δppl ratio GPTQ/RTN {ratio:.2f})")
+    return lines
+
+
+def update_results(md_path: Path, grid: str, section: str) -> None:
+    """Replace (or append) this grid's section of RESULTS.md, between its markers."""
+    start, end = f"<!-- grid:{grid} -->", f"<!-- /grid:{grid} -->"
+    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    md_path.write_text(text)
+
+
+def render_section(grid: str, rows: list[dict], command: str, model: str, calib: str, eval_text: str,
+                   nsamples: int, seqlen: int, seed: int, png: Path | None) -> str:
+    from .pipeline import versions
+
+    v = versions()
+    forward = [r["forward_s"] for r in rows if r.get("forward_s")]
+    rss_note = ""
+    model_mb = next((r["checkpoint_mb"] for r in rows if r["method"] == "float16" and r.get("checkpoint_mb")), None)
+    if model_mb:
+        rss_note = f" The model's float16 weights take {model_mb:.1f} MB."
+    parts = [
+        f"## Grid `{grid}`",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"Model `{model}`; calibration {nsamples} × {seqlen}-token windows of `{calib}` (seed {seed}); "
+        f"perplexity on `{eval_text}`, non-overlapping {seqlen}-token windows. "
+        f"Versions: layerwise {v['layerwise']}, torch {v['torch']}, transformers {v['transformers']}, "
+        f"coremltools {v['coremltools']}, Python {v['python']}. Machine: {machine()}.",
+        "",
+        "Bits/weight counts every stored byte of the compressed layers (codes, scales, zero points, LUTs, "
+        "masks); checkpoint MB is all safetensors files, including the float16 embeddings and lm_head. "
+        "Compress s excludes model load and evaluation; × forward divides it by one plain float32 forward "
+        "over the same calibration windows timed in the same process "
+        f"(median {sorted(forward)[len(forward) // 2]:.2f} s)." if forward else "",
+        f"Peak RSS is the row's own process (one run per row, each number from a single run).{rss_note}",
+        "",
+        markdown_table(rows),
+    ]
+    extra = checks(grid, rows)
+    if extra:
+        parts += ["", *[f"- {line}" for line in extra]]
+    if png is not None:
+        parts += ["", f"![perplexity vs bits per weight, grid {grid}]({png.name})"]
+    return "\n".join(parts)
