@@ -44,7 +44,7 @@ GRIDS: dict[str, list[dict | None]] = {
     + [{"method": m, "n_bits": b, "granularity": "per_tensor", **fb}
        for b in (4, 3) for m, fb in (("kmeans", {}), ("skm", {"error_feedback": False}), ("skm", {}))]
     + [{"method": m, "n_bits": 2, "granularity": "per_grouped_channel", "group_size": 16} for m in ("kmeans", "skm")]
-    + [_q("gptq", 3, 128), _q("gptq", 3, 32)],
+    + [_q("gptq", 3), _q("gptq", 3, 128)],
     "quick": [None, _q("rtn", 4, 32), _q("gptq", 4, 32)],
 }
 
@@ -142,15 +142,18 @@ def machine() -> str:
 
 
 def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, nsamples=128, seqlen=256, seed=0,
-             device="cpu", progress=print) -> list[dict]:
+             device="cpu", progress=print, on_row=None) -> list[dict]:
+    """Run every row; `on_row(results so far)` after each, so a long grid leaves partial results."""
     results = []
     for i, cfg in enumerate(rows, 1):
         progress(f"[{i}/{len(rows)}] {settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}")
         results.append(run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device))
-    base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
-    for r in results:
-        if base is not None and "ppl" in r:
-            r["delta_ppl"] = r["ppl"] - base
+        base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
+        for r in results:
+            if base is not None and "ppl" in r:
+                r["delta_ppl"] = r["ppl"] - base
+        if on_row is not None:
+            on_row(results, done=i == len(rows))
     return results
 
 

@@ -206,14 +206,21 @@ def cmd_bench(args) -> int:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
-    rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
-                    args.device, progress=lambda m: log.info("%s", m))
-    paths = write_outputs(rows, out_dir, f"bench-{grid}")
     command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])
-    section = render_section(grid, rows, command, args.model, args.calib, args.eval_text, args.nsamples, args.seqlen,
-                             args.seed, paths["png"])
-    update_results(results, grid, section)
-    print(section)
+    total = len(GRIDS[grid])
+
+    def publish(rows, done):
+        paths = write_outputs(rows, out_dir, f"bench-{grid}")
+        section = render_section(grid, rows, command, args.model, args.calib, args.eval_text, args.nsamples,
+                                 args.seqlen, args.seed, paths["png"])
+        if not done:
+            section += f"\n\n(partial: {len(rows)} of {total} rows so far)"
+        update_results(results, grid, section)
+        return section
+
+    rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
+                    args.device, progress=lambda m: log.info("%s", m), on_row=publish)
+    print(publish(rows, True))
     return 1 if any(r.get("error") for r in rows) else 0
 
 
