@@ -21,18 +21,16 @@ log = logging.getLogger(__name__)
 
 
 def versions() -> dict:
-    import coremltools
-    import transformers
+    """Installed versions, read from package metadata (importing coremltools on Linux is noisy)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
-
-    return {
-        "layerwise": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "coremltools": coremltools.__version__,
-        "python": platform.python_version(),
-    }
+    out = {"python": platform.python_version()}
+    for name in ("layerwise", "torch", "transformers", "coremltools"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def compress_to_checkpoint(

@@ -201,7 +201,8 @@ def _feedback_sweep(W, lut, g_out, U, lazy_batch, mask) -> torch.Tensor:
     Returns codes uint8 [out, in].
     """
     out_f, in_f = W.shape
-    values, order, mid = _sorted_rows(lut, g_out)
+    values, order, _ = _sorted_rows(lut, g_out)
+    values64 = values.double()  # [out, k]: a per-column argmin over k beats searchsorted's overhead
     pos = torch.zeros(out_f, in_f, dtype=torch.int64, device=W.device)  # index into sorted LUT
     for i1 in range(0, in_f, lazy_batch):
         i2 = min(i1 + lazy_batch, in_f)
@@ -210,7 +211,8 @@ def _feedback_sweep(W, lut, g_out, U, lazy_batch, mask) -> torch.Tensor:
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, i]
-            p = torch.searchsorted(mid, w[:, None].double())  # [out, 1]
+            # nearest sorted entry; exact in float64, ties to the lower entry like searchsorted(mid)
+            p = (w.double()[:, None] - values64).abs().argmin(dim=1, keepdim=True)  # [out, 1]
             pos[:, i1 + i : i1 + i + 1] = p
             q = values.gather(1, p).squeeze(1)
             if mask is not None:
