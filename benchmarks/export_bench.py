@@ -70,7 +70,8 @@ def main() -> int:
         ops = [o for o in ("read_state", "coreml_update_state", "slice_update", "scaled_dot_product_attention") if o in report["ops"]]
         comp = ", ".join(f"{k} ×{n}" for k, n in report["compressed"].items()) or "none (float16 consts)"
         ratio = f"{mb / payload:.3f}" if payload else "–"
-        lines.append(f"| {name} | {secs:.1f} | {mb:.2f} | {mb / fp16_mb:.3f} | {payload or 0:.2f} | {ratio} | {exact} | {comp} | {', '.join(ops)} |")
+        checkpoint = f"{payload:.2f}" if payload else "–"
+        lines.append(f"| {name} | {secs:.1f} | {mb:.2f} | {mb / fp16_mb:.3f} | {checkpoint} | {ratio} | {exact} | {comp} | {', '.join(ops)} |")
     text = "\n".join(lines)
     update_results(REPO / "benchmarks" / "RESULTS.md", "export", text)
     print(text)

@@ -31,6 +31,11 @@ def _q(method, bits, block=None, **kw):
     return {"method": method, "bits": bits, **({"block_size": block} if block else {}), **kw}
 
 
+def _peer(name):
+    """A coremltools peer row (layerwise.peers.PEERS): same model, windows and evaluation."""
+    return {"method": name, "peer": True}
+
+
 GRIDS: dict[str, list[dict | None]] = {
     # issue 2: fp16, RTN and GPTQ at 4 and 3 bits, per-channel and blocks of 32 / 128
     "spine": [None] + [_q(m, b, blk) for b in (4, 3) for blk in (None, 32, 128) for m in ("rtn", "gptq")],
@@ -46,12 +51,36 @@ GRIDS: dict[str, list[dict | None]] = {
     + [{"method": m, "n_bits": 2, "granularity": "per_grouped_channel", "group_size": 16} for m in ("kmeans", "skm")]
     + [_q("gptq", 3), _q("gptq", 3, 128)],
     "quick": [None, _q("rtn", 4, 32), _q("gptq", 4, 32)],
+    # issue "side by side with coremltools": every coremltools.optimize.torch peer
+    "peers": [None, _q("gptq", 4), _q("gptq", 4, 32)] + [_peer(n) for n in (
+        "ct-gptq-4bit-per-channel", "ct-gptq-4bit-block32", "ct-sparsegpt-50", "ct-sparsegpt-2:4",
+        "ct-skm-4bit-g16", "ct-skm-3bit-g16", "ct-ptp-4bit-g16", "ct-ptq-int4-block32")],
 }
+
+
+def _b128(method, bits, **kw):
+    """Blocks of 128 inputs; down_proj of the reference model has 704 inputs (not a multiple of
+    128), so a rule gives it blocks of 64 — stated in the row's settings, never silently."""
+    cfg = _q(method, bits, 128, **kw)
+    return {"method": method, "label": f"bits={bits} block_size=128 (down_proj 64){_kw(kw)}",
+            "rules": [{"match": r"mlp\.down_proj", "config": {**cfg, "block_size": 64}}, {"match": ".*", "config": cfg}]}
+
+
+def _kw(kw):
+    return "".join(f" {k}={v}" for k, v in kw.items())
+
+
+GRIDS["spine-extra"] = [None] + [_b128(m, b) for b in (4, 3) for m in ("rtn", "gptq")] + [
+    _q("rtn", 3, 32, mse_clip=True), _q("gptq", 3, 32, mse_clip=True)]
 
 
 def settings_label(cfg: dict | None) -> str:
     if cfg is None:
         return "float16"
+    if cfg.get("peer"):
+        return "coremltools peer"
+    if "label" in cfg:
+        return cfg["label"]
     return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "method")
 
 
@@ -69,6 +98,10 @@ def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, devic
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if cfg is not None and cfg.get("peer"):  # a coremltools row: keeps its own error, like ours
+        from .peers import measure_peer
+
+        return measure_peer(cfg["method"], model_path, calib, eval_text, nsamples, seqlen, seed, device)
     row = {"method": "float16" if cfg is None else cfg["method"], "settings": settings_label(cfg), "peer": False}
     try:
         row.update(_measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device))
@@ -85,7 +118,7 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) 
     from layerwise.inspect import totals
     from layerwise.loading import load_model, load_tokenizer
     from layerwise.pipeline import compress_to_checkpoint
-    from layerwise.recipe import Recipe, method_config
+    from layerwise.recipe import Recipe, method_config, recipe_from_dict
 
     tokenizer = load_tokenizer(model_path)
     windows, _ = calibration_windows(calib, tokenizer, nsamples, seqlen, seed)
@@ -98,7 +131,10 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) 
             out["checkpoint_mb"] = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")) / 1e6
         else:
             model = load_model(model_path)
-            recipe = Recipe.single(method_config(dict(cfg), "bench"))
+            if "rules" in cfg:
+                recipe = recipe_from_dict({"rules": cfg["rules"]}, "bench")
+            else:
+                recipe = Recipe.single(method_config(dict(cfg), "bench"))
             path, result = compress_to_checkpoint(model_path, tmp / "ck", recipe, calib, seed=seed, device=device,
                                                   model=model, tokenizer=tokenizer, windows=windows)
             out["compress_s"] = result.seconds
@@ -237,7 +273,7 @@ def checks(grid: str, rows: list[dict]) -> list[str]:
     """The acceptance comparisons of a grid, as sentences computed from the rows."""
     by = {(r["method"], r["settings"]): r for r in rows if r.get("ppl") is not None}
     lines = []
-    if grid == "spine":
+    if grid.startswith("spine"):
         for r in rows:
             if r["method"] == "gptq" and "ppl" in r:
                 rtn = by.get(("rtn", r["settings"]))

@@ -101,7 +101,8 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device)
     if not targets:
         raise ValueError(f"no nn.Linear layers match {TARGETS!r}; the peers expect model.layers.* decoder blocks")
     shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
-    before = {n: _checksum(m.weight) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    weighted = (torch.nn.Linear, torch.nn.Embedding)
+    before = {n: _checksum(m.weight) for n, m in model.named_modules() if isinstance(m, weighted)}
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
     _import_coremltools()  # the (slow) import stays outside the timed call
@@ -152,7 +153,8 @@ def compress_peer(peer: str | dict, model, windows: torch.Tensor, device: str = 
     if kind == "skm":
         from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
 
-        config = SKMPalettizerConfig.from_dict({"module_name_configs": {TARGETS: cfg}, "calibration_nsamples": len(samples)})
+        config = SKMPalettizerConfig.from_dict({"module_name_configs": {TARGETS: cfg},
+                                                "calibration_nsamples": len(samples)})
         with torch.enable_grad():
             return SKMPalettizer(model, config).compress(dataloader=samples, loss_fn=next_token_loss, inplace=True)
     if kind == "ptp":
