@@ -238,6 +238,7 @@ def plot_ppl_vs_bits(rows: list[dict], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in rows if r.get("ppl") is not None and r.get("bits_per_weight") is not None]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
@@ -250,7 +251,11 @@ def plot_ppl_vs_bits(rows: list[dict], path: Path, title: str = "") -> None:
     ax.plot([r["bits_per_weight"] for r in front], [r["ppl"] for r in front], "k--", lw=1, label="Pareto front")
     ax.set_xlabel("bits per weight (codes + scales + LUTs + masks)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
+    ppls = [r["ppl"] for r in ok]
+    if ppls and max(ppls) / min(ppls) > 3:  # log only when collapsed rows would squash the rest
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
