@@ -60,6 +60,16 @@ def check_bits(bits, allowed, key="bits") -> None:
     )
 
 
+def check_grid_fields(sym, mse_clip, block_size) -> None:
+    """Type checks of the uniform-grid settings shared by RTN, GPTQ, SparseGPT and magnitude."""
+    require(isinstance(sym, bool), f"sym={sym!r} must be true or false")
+    require(isinstance(mse_clip, bool), f"mse_clip={mse_clip!r} must be true or false")
+    require(
+        block_size is None or (isinstance(block_size, int) and block_size > 0),
+        f"block_size={block_size!r} must be a positive integer (or omitted for per-channel)",
+    )
+
+
 def check_block_size(block_size, in_features: int, name: str, key: str = "block_size") -> None:
     if block_size is None:
         return

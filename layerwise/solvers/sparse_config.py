@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from .base import MethodConfig, check_bits, check_block_size, require
+from .base import MethodConfig, check_bits, check_block_size, check_grid_fields, require
 from .quant_config import QUANT_BITS
 
 
@@ -72,12 +72,7 @@ class SparseConfig(MethodConfig):
                 )
         else:
             check_bits(self.bits, QUANT_BITS)
-        require(isinstance(self.sym, bool), f"sym={self.sym!r} must be true or false")
-        require(isinstance(self.mse_clip, bool), f"mse_clip={self.mse_clip!r} must be true or false")
-        require(
-            self.block_size is None or (isinstance(self.block_size, int) and self.block_size > 0),
-            f"block_size={self.block_size!r} must be a positive integer (or omitted for per-channel)",
-        )
+        check_grid_fields(self.sym, self.mse_clip, self.block_size)
 
     def check_shape(self, out_features, in_features, name):
         check_block_size(self.block_size, in_features, name)
