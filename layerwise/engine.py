@@ -143,7 +143,7 @@ class LayerwiseCompressor:
             todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
             if not todo:
                 continue
-            hessians = collect_hessians(block, [g[0] for g in todo], batches)
+            hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=self.family.groups is not None)
             for group in todo:
                 for rel in group:
                     name = self._name(index, rel)
@@ -203,20 +203,44 @@ class LayerwiseCompressor:
         return f"{self.family.blocks}.{index}.{rel}"
 
 
-def collect_hessians(block: nn.Module, names: list[str], batches: list[BlockInput]) -> dict[str, torch.Tensor]:
-    """One forward of every batch through `block`, accumulating H of each named linear's input."""
+def collect_hessians(
+    block: nn.Module, names: list[str], batches: list[BlockInput], stop_early: bool = True
+) -> dict[str, torch.Tensor]:
+    """Run every batch through `block`, accumulating H of each named linear's input.
+
+    With `stop_early` the forward is cut as soon as every named linear has seen its input: the
+    rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
+    (the q/k/v stage costs one norm, the o stage stops before o_proj, …). Only safe when each
+    linear runs once per forward, which the declared families guarantee.
+    """
     accs, handles = {}, []
+    pending: set[str] = set()
+
+    def grab(name, acc, x):
+        acc.add(x)
+        pending.discard(name)
+        if stop_early and not pending:
+            raise _BlockStop
+
     for name in names:
         linear = block.get_submodule(name)
         accs[name] = acc = HessianAccumulator(linear.in_features, linear.weight.device)
-        handles.append(linear.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
+        handles.append(linear.register_forward_pre_hook(lambda m, inp, name=name, acc=acc: grab(name, acc, inp[0])))
     try:
         for batch in batches:
-            run_block(block, batch)
+            pending.update(names)
+            try:
+                run_block(block, batch)
+            except _BlockStop:
+                pass
     finally:
         for h in handles:
             h.remove()
     return {name: acc.hessian for name, acc in accs.items()}
+
+
+class _BlockStop(Exception):
+    """Raised inside a block's forward once the Hessians of the current stage are complete."""
 
 
 def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:

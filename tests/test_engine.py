@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from layerwise.engine import LayerwiseCompressor, discover_groups
+from layerwise.engine import LayerwiseCompressor, collect_hessians, discover_groups
 from layerwise.capture import capture_block_inputs
 from layerwise.errors import ModelError, RecipeError
 from layerwise.models import resolve_family
@@ -106,3 +106,31 @@ def test_same_seed_gives_identical_tensors():
     for name in results[0]:
         assert torch.equal(results[0][name].codes, results[1][name].codes)
         assert torch.equal(results[0][name].scale, results[1][name].scale)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_early_stopped_forward_gives_the_same_hessians(kind):
+    """Cutting the block's forward once a stage's inputs are seen must not change any Hessian."""
+    model = build_tiny_model(kind, dtype=torch.float32)
+    block = model.model.layers[0]
+    batches = capture_block_inputs(model, block, windows(4), 2, torch.device("cpu"))
+    groups = resolve_family(model).groups
+    for stage in [[g[0]] for g in groups] + [[g[0] for g in groups]]:
+        cut = collect_hessians(block, stage, batches, stop_early=True)
+        full = collect_hessians(block, stage, batches, stop_early=False)
+        for name in stage:
+            assert torch.equal(cut[name], full[name]), name
+            assert cut[name].abs().sum() > 0
+
+
+def test_early_stop_skips_the_rest_of_the_block():
+    model = build_tiny_model("llama", dtype=torch.float32)
+    block = model.model.layers[0]
+    batches = capture_block_inputs(model, block, windows(2), 2, torch.device("cpu"))
+    calls = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    collect_hessians(block, ["self_attn.q_proj"], batches, stop_early=True)
+    assert calls == []
+    collect_hessians(block, ["self_attn.q_proj"], batches, stop_early=False)
+    assert calls == [1]
+    handle.remove()

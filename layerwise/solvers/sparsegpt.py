@@ -1,9 +1,12 @@
 """SparseGPT (Frantar & Alistarh, 2023): prune (and optionally quantize) column by column,
 compensating each column's error on the columns not yet visited through the inverse Hessian.
 
-At the start of every column block the mask is chosen by OBS saliency w² / [U]_jj², U the upper
-Cholesky factor of H⁻¹ (as in the reference): unstructured, the lowest-saliency entries of the
-whole [out, column_block] block go; n:m, the m − n lowest of every m columns in each row go.
+The mask is chosen by OBS saliency w² / [U]_jj², U the upper Cholesky factor of H⁻¹ (as in the
+reference), always on the current, error-updated weights: unstructured, at the start of every
+column block the lowest-saliency entries of the whole [out, column_block] block go; n:m, when the
+sweep reaches each group of m columns, the m − n lowest of that group in each row go (choosing all
+of a block's n:m masks up front, from weights not yet updated by the block's own columns, is
+measurably worse).
 Unstructured counts are exact: block b gets round(s·out·end_b) − round(s·out·start_b) zeros, so
 the layer ends with exactly round(s·numel) zeros (see `prune_counts`).
 
@@ -32,6 +35,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
     W[:, dead] = 0
     prepared = prepare_hessian(hessian, config.damp)
     Hinv = prepared.inverse_cholesky.to(dev)  # [in, in] upper, H⁻¹ = Uᵀ U
+    diag_hinv = torch.diag(Hinv)
 
     starts = list(range(0, in_f, config.column_block))
     if config.sparsity is not None:
@@ -53,14 +57,16 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
         W1 = W[:, i1:i2].clone()  # [out, cb]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2  # [out, cb]
-        if config.nm is not None:
-            mask[:, i1:i2] = nm_keep(saliency, *config.nm)
-        else:
+        if config.nm is None:
+            saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2  # [out, cb]
             mask[:, i1:i2] = keep_lowest(saliency.reshape(1, -1), zeros_per_block[b]).reshape(W1.shape)
 
         for i in range(i2 - i1):
             col = i1 + i
+            if config.nm is not None and col % config.nm[1] == 0:
+                m = config.nm[1]
+                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :m]  # the group's updated weights
+                mask[:, col : col + m] = nm_keep(current**2 / diag_hinv[col : col + m][None, :] ** 2, *config.nm)
             w, keep = W1[:, i], mask[:, col]
             if joint:
                 g = col // block
