@@ -1,11 +1,12 @@
-"""Side by side with coremltools: our rows (bench-*.json) next to the peer rows at matching settings.
+"""Side by side with coremltools: each peer row next to our row at the matching setting.
 
-    python benchmarks/run_bench.py --grid spine && … --grid sparse && … --grid palettize
-    python benchmarks/run_bench.py --grid peers --results /tmp/peers.md   # writes bench-peers.json
+    python benchmarks/run_bench.py --grid peers     # writes bench-peers.json: pairs run back to back
     python benchmarks/compare_peers.py [benchmarks/bench-peers.json]
 
-Writes the `peers` section of RESULTS.md, `peers-vs-ours.png` (every row and peer, perplexity vs
-bits per weight) and `layer-errors.png` (per-layer relative error by block, GPTQ 4-bit block 32).
+Both rows of a pair come from the same `--grid peers` run, one right after the other (each in its own
+process), so the time ratio compares two runs under the same machine load. Writes the `peers`
+section of RESULTS.md, `peers-vs-ours.png` (every row, perplexity vs bits per weight) and
+`layer-errors.png` (per-layer relative error by block, our GPTQ 4-bit block 32).
 """
 
 import json
@@ -13,45 +14,35 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PAIRS = [  # (peer, our method, our settings label)
-    ("ct-gptq-4bit-per-channel", "gptq", "bits=4"),
-    ("ct-gptq-4bit-block32", "gptq", "bits=4 block_size=32"),
-    ("ct-sparsegpt-50", "sparsegpt", "sparsity=0.5"),
-    ("ct-sparsegpt-2:4", "sparsegpt", "nm=2:4"),
-    ("ct-skm-4bit-g16", "skm", "n_bits=4 granularity=per_grouped_channel group_size=16"),
-    ("ct-skm-3bit-g16", "skm", "n_bits=3 granularity=per_grouped_channel group_size=16"),
-    ("ct-ptp-4bit-g16", "kmeans", "n_bits=4 granularity=per_grouped_channel group_size=16"),
-    ("ct-ptq-int4-block32", "rtn", "bits=4 block_size=32"),
-]
 
 
 def main() -> int:
     sys.path.insert(0, str(HERE.parent))
-    from layerwise.bench import plot_ppl_vs_bits, update_results
+    from layerwise.bench import plot_ppl_vs_bits, settings_label, update_results
+    from layerwise.peers import PEERS
 
-    peer_file = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "peers-reference.json"
-    peers = {r["method"]: r for r in json.loads(peer_file.read_text()) if r.get("peer")}
-    ours = {}
-    for grid in ("spine", "sparse", "palettize"):
-        path = HERE / f"bench-{grid}.json"
-        if path.exists():
-            for r in json.loads(path.read_text()):
-                ours.setdefault((r["method"], r["settings"]), r)
+    rows_file = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "bench-peers.json"
+    rows = json.loads(rows_file.read_text())
+    peers = {r["method"]: r for r in rows if r.get("peer")}
+    ours = {(r["method"], r["settings"]): r for r in rows if not r.get("peer")}
     lines = [
         "## Side by side with coremltools.optimize.torch",
         "",
-        f"Peer rows from `{peer_file.name}` (each peer measured by `layerwise.peers.measure_peer` in its own "
-        "process, as `python benchmarks/run_bench.py --grid peers` does), our rows from the grids above; "
-        "same model, same 128 × 256 calibration windows (same token ids, same order), same evaluation. "
-        "Reproduce this table: `python benchmarks/compare_peers.py`. Times are single runs on a shared "
-        "2-core machine whose load differed between our run and the peers' run (load average 2–6), so the "
-        "seconds ratio is noisy; `× fwd` (compression time over one float forward timed in the same process) "
-        "is the load-robust comparison.",
+        f"Rows from `{rows_file.name}`, written by `python benchmarks/run_bench.py --grid peers` (full table "
+        "in the `peers` grid section); this comparison: `python benchmarks/compare_peers.py`. Same model, same "
+        "128 × 256 calibration windows (same token ids, same order), same evaluation. Each pair ran back to "
+        "back, each side in its own process, one run each (single-run numbers, not medians); `ours / peer` "
+        "is the ratio of the two compression times (model load and evaluation excluded on both sides), "
+        "`× fwd` each side's time over one float forward of the calibration windows in its own process. "
+        "Our GPTQ rows use our defaults (act-order with static groups, MSE clipping) on the peer's grid "
+        "(symmetric 4-bit, float16 scales); coremltools' GPTQ runs with its defaults.",
         "",
-        "| setting | ours | ours ppl | peer | peer ppl | ours bits/w | peer bits/w | ours s | peer s | time ours/peer | ours × fwd | peer × fwd | ours ≤ peer |",
+        "| setting | ours | ours ppl | peer | peer ppl | ours bits/w | peer bits/w | ours s | peer s | time ours / peer | ours × fwd | peer × fwd | ours ≤ peer |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for peer_name, method, settings in PAIRS:
+    for peer_name, peer in PEERS.items():
+        cfg = dict(peer["ours"])
+        method, settings = cfg["method"], settings_label(cfg)
         p, o = peers.get(peer_name), ours.get((method, settings))
         if p is None or o is None or o.get("ppl") is None:
             ours_text = "–" if o is None else o.get("error", "–")
@@ -59,19 +50,19 @@ def main() -> int:
             lines.append(f"| {settings} | {method} | {ours_text} | {peer_name} | {peer_text} | | | | | | | | not measured |")
             continue
         if p.get("error"):
-            lines.append(f"| {settings} | {method} | {o['ppl']:.3f} | {peer_name} | failed: {p['error']} | | | | | | – |")
+            lines.append(f"| {settings} | {method} | {o['ppl']:.3f} | {peer_name} | failed: {p['error']} | | | | | | | | – |")
             continue
         verdict = "yes" if o["ppl"] <= p["ppl"] else "**no**"
         lines.append(
             f"| {settings} | {method} | {o['ppl']:.3f} | {peer_name} | {p['ppl']:.3f} | {o['bits_per_weight']:.3f} | "
             f"{p['bits_per_weight']:.3f} | {o['compress_s']:.1f} | {p['compress_s']:.1f} | "
-            f"{o['compress_s'] / p['compress_s']:.2f} | {o['time_vs_forward']:.1f} | {p['time_vs_forward']:.2f} | {verdict} |")
-    lines += ["", "![all rows and peers](peers-vs-ours.png)", "", "![per-layer error, GPTQ 4-bit block 32](layer-errors.png)"]
-    plot_ppl_vs_bits(list(ours.values()) + list(peers.values()), HERE / "peers-vs-ours.png",
+            f"{o['compress_s'] / p['compress_s']:.2f} | {o['time_vs_forward']:.1f} | {p['time_vs_forward']:.1f} | {verdict} |")
+    lines += ["", "![all rows and peers](peers-vs-ours.png)", "", "![per-layer error, GPTQ 4-bit block 32 symmetric](layer-errors.png)"]
+    plot_ppl_vs_bits(rows, HERE / "peers-vs-ours.png",
                      title="wt2-llama-4l: layerwise rows and coremltools peers")
-    plot_layer_errors(ours.get(("gptq", "bits=4 block_size=32")), HERE / "layer-errors.png")
+    plot_layer_errors(ours.get(("gptq", "bits=4 block_size=32 sym=True")), HERE / "layer-errors.png")
     text = "\n".join(lines)
-    update_results(HERE / "RESULTS.md", "peers", text)
+    update_results(HERE / "RESULTS.md", "peers-side-by-side", text)
     print(text)
     return 0
 

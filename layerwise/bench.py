@@ -42,27 +42,6 @@ def _peer(name):
     return {"method": name, "peer": True}
 
 
-GRIDS: dict[str, list[dict | None]] = {
-    # issue 2: fp16, RTN and GPTQ at 4 and 3 bits, per-channel and blocks of 32 / 128
-    "spine": [None] + [_q(m, b, blk) for b in (4, 3) for blk in (None, 32, 128) for m in ("rtn", "gptq")],
-    "sparse": [None]
-    + [{"method": m, "sparsity": 0.5} for m in ("magnitude", "sparsegpt")]
-    + [{"method": m, "nm": "2:4"} for m in ("magnitude", "sparsegpt")]
-    + [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "block_size": 32}],
-    # most telling rows first: a grid cut short still answers the acceptance questions
-    "palettize": [None]
-    + [_pal(m, b, 16, **fb) for b in (3, 4) for m, fb in (("skm", {}), ("kmeans", {}), ("skm", {"error_feedback": False}))]
-    + [_pal(m, 2, 16) for m in ("skm", "kmeans")]
-    + [_pal(m, b, None, **fb) for b in (4, 3) for m, fb in (("kmeans", {}), ("skm", {"error_feedback": False}), ("skm", {}))]
-    + [_q("gptq", 3), _q("gptq", 3, 128)],
-    "quick": [None, _q("rtn", 4, 32), _q("gptq", 4, 32)],
-    # issue "side by side with coremltools": every coremltools.optimize.torch peer
-    "peers": [None, _q("gptq", 4), _q("gptq", 4, 32)] + [_peer(n) for n in (
-        "ct-gptq-4bit-per-channel", "ct-gptq-4bit-block32", "ct-sparsegpt-50", "ct-sparsegpt-2:4",
-        "ct-skm-4bit-g16", "ct-skm-3bit-g16", "ct-ptp-4bit-g16", "ct-ptq-int4-block32")],
-}
-
-
 def _b128(method, bits, **kw):
     """Blocks of 128 inputs; down_proj of the reference model has 704 inputs (not a multiple of
     128), so a rule gives it blocks of 64 — stated in the row's settings, never silently."""
@@ -75,8 +54,37 @@ def _kw(kw):
     return "".join(f" {k}={v}" for k, v in kw.items())
 
 
-GRIDS["spine-extra"] = [None] + [_b128(m, b) for b in (4, 3) for m in ("rtn", "gptq")] + [
-    _q("rtn", 3, 32, mse_clip=True), _q("gptq", 3, 32, mse_clip=True)]
+def _peer_pairs():
+    """Every coremltools peer right after our row at the matching setting (one run, same load)."""
+    from .peers import PEERS
+
+    rows = [None]
+    for name, peer in PEERS.items():
+        rows += [dict(peer["ours"]), _peer(name)]
+    return rows
+
+
+GRIDS: dict[str, list[dict | None]] = {
+    # issue 2: fp16, RTN and GPTQ at 4 and 3 bits, per-channel and blocks of 32 / 128 (defaults:
+    # GPTQ with act-order and MSE clipping, RTN with MSE clipping)
+    "spine": [None] + [c for b in (4, 3) for c in (_q("rtn", b), _q("gptq", b), _q("rtn", b, 32), _q("gptq", b, 32),
+                                                     _b128("rtn", b), _b128("gptq", b))],
+    # what each default buys at 3-bit block 32: textbook min-max RTN / GPTQ, then one switch at a time
+    "spine-extra": [None, _q("rtn", 3, 32, mse_clip=False), _q("gptq", 3, 32, act_order=False, mse_clip=False),
+                    _q("gptq", 3, 32, act_order=True, mse_clip=False), _q("gptq", 3, 32, act_order=False, mse_clip=True)],
+    "sparse": [None]
+    + [{"method": m, "sparsity": 0.5} for m in ("magnitude", "sparsegpt")]
+    + [{"method": m, "nm": "2:4"} for m in ("magnitude", "sparsegpt")]
+    + [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "block_size": 32}],
+    # most telling rows first: a grid cut short still answers the acceptance questions
+    "palettize": [None]
+    + [_pal(m, b, 16, **fb) for b in (3, 4) for m, fb in (("skm", {}), ("kmeans", {}), ("skm", {"error_feedback": False}))]
+    + [_pal(m, 2, 16) for m in ("skm", "kmeans")]
+    + [_pal(m, b, None, **fb) for b in (4, 3) for m, fb in (("kmeans", {}), ("skm", {"error_feedback": False}), ("skm", {}))]
+    + [_q("gptq", 3), _b128("gptq", 3)],
+    "quick": [None, _q("rtn", 4, 32), _q("gptq", 4, 32)],
+}
+GRIDS["peers"] = _peer_pairs()  # issue "side by side with coremltools": every coremltools.optimize.torch peer
 
 
 def settings_label(cfg: dict | None) -> str:

@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
-    c.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing H_ii (static groups)")
-    c.add_argument("--mse-clip", action="store_true", default=None, help="MSE-optimal range clipping of the grid")
+    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by decreasing H_ii, with static groups (default on)")
+    c.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="MSE-optimal range clipping of the grid (default on for gptq/rtn, off for sparse methods)")
     c.add_argument("--damp", type=float, help="damping as a fraction of mean(diag H) (default 0.01)")
     c.add_argument("--sparsity", type=float, help="fraction of zeros (sparsegpt / magnitude / joint skm)")
     c.add_argument("--nm", help="n:m pattern, n kept of every m inputs, e.g. 2:4")

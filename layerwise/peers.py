@@ -32,40 +32,50 @@ log = logging.getLogger(__name__)
 BLOCKS = r"model\.layers\.\d+"  # the decoder blocks of a HF LlamaForCausalLM (and Mistral, Qwen2, ...)
 TARGETS = BLOCKS + r"\..*"  # any module inside a block; only nn.Linear ones are compressed
 
+# Each peer names `ours`: the layerwise config at the matching setting (same bits, granularity and
+# symmetry), run next to it in the `peers` grid.
 PEERS: dict[str, dict] = {
     # LayerwiseCompressor: GPTQ / SparseGPT block by block (coremltools defaults: damping 0.01,
     # processing group 128, no activation order). GPTQ accepts only unsigned weight dtypes (uint4).
     "ct-gptq-4bit-per-channel": {
+        "ours": {"method": "gptq", "bits": 4, "sym": True},
         "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint4 symmetric per-channel",
         "config": {"algorithm": "gptq", "weight_dtype": "uint4", "granularity": "per_channel"},
     },
     "ct-gptq-4bit-block32": {
+        "ours": {"method": "gptq", "bits": 4, "block_size": 32, "sym": True},
         "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint4 symmetric per-block 32",
         "config": {"algorithm": "gptq", "weight_dtype": "uint4", "granularity": "per_block", "block_size": 32},
     },
     # weight_dtype float32 = no quantization (the default uint8 would also quantize to 8 bits)
     "ct-sparsegpt-50": {
+        "ours": {"method": "sparsegpt", "sparsity": 0.5},
         "kind": "layerwise", "settings": "LayerwiseCompressor SparseGPT 50% unstructured",
         "config": {"algorithm": "sparse_gpt", "target_sparsity": 0.5, "weight_dtype": "float32"},
     },
     "ct-sparsegpt-2:4": {
+        "ours": {"method": "sparsegpt", "nm": "2:4"},
         "kind": "layerwise", "settings": "LayerwiseCompressor SparseGPT 2:4",
         "config": {"algorithm": "sparse_gpt", "n_m_ratio": [2, 4], "weight_dtype": "float32"},
     },
     # SKMPalettizer: Fisher-weighted k-means; sensitivity from next-token cross-entropy per window
     "ct-skm-4bit-g16": {
+        "ours": {"method": "skm", "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
         "kind": "skm", "settings": "SKMPalettizer 4-bit, LUT per 16 output channels",
         "config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
     },
     "ct-skm-3bit-g16": {
+        "ours": {"method": "skm", "n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
         "kind": "skm", "settings": "SKMPalettizer 3-bit, LUT per 16 output channels",
         "config": {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
     },
     "ct-ptp-4bit-g16": {
+        "ours": {"method": "kmeans", "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
         "kind": "ptp", "settings": "PostTrainingPalettizer 4-bit k-means, LUT per 16 output channels (data-free)",
         "config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
     },
     "ct-ptq-int4-block32": {
+        "ours": {"method": "rtn", "bits": 4, "block_size": 32, "sym": True},
         "kind": "ptq", "settings": "PostTrainingQuantizer int4 symmetric per-block 32 (data-free RTN)",
         "config": {"weight_dtype": "int4", "granularity": "per_block", "block_size": 32},
     },

@@ -142,3 +142,16 @@ def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).parent / "layerwise"
     proc = subprocess.run([str(exe), "inspect", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a layerwise checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_boolean_flags_turn_defaults_off():
+    from layerwise.cli import build_parser, method_config_from_flags
+    from layerwise.recipe import method_config
+
+    args = build_parser().parse_args(["compress", "m", "--out", "o", "--method", "gptq", "--bits", "3",
+                                      "--no-act-order", "--no-mse-clip"])
+    cfg = method_config(method_config_from_flags(args), "flags")
+    assert cfg.act_order is False and cfg.mse_clip is False
+    default = method_config(method_config_from_flags(build_parser().parse_args(
+        ["compress", "m", "--out", "o", "--method", "gptq", "--bits", "3"])), "flags")
+    assert default.act_order is True and default.mse_clip is True

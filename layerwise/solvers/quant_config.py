@@ -18,7 +18,7 @@ class RTNConfig(MethodConfig):
     bits: int = 4
     block_size: int | None = None  # input columns per scale; None = per output channel
     sym: bool = False
-    mse_clip: bool = False  # shrink each block's range to minimise |q(w) - w|^2.4
+    mse_clip: bool = True  # shrink each block's range to minimise |q(w) - w|^2.4 (off: plain min-max)
 
     def __post_init__(self):
         check_bits(self.bits, QUANT_BITS)
@@ -34,7 +34,7 @@ class GPTQConfig(RTNConfig):
 
     method = "gptq"
     needs_hessian = True
-    act_order: bool = False  # visit columns by decreasing H_ii
+    act_order: bool = True  # visit columns by decreasing H_ii (static groups: blocks stay contiguous)
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     lazy_batch: int = 128  # columns per lazy batch update
 

@@ -18,21 +18,22 @@ def correlated_hessian(inp=128, n=2048, seed=0):
     return acc.hessian
 
 
-SETTINGS = list(itertools.product([2, 3, 4, 8], [None, 32, 64], [False, True], [False, True]))
+SETTINGS = list(itertools.product([2, 3, 4, 8], [None, 32, 64], [False, True], [False, True], [False, True]))
 
 
-@pytest.mark.parametrize("bits,block,sym,act_order", SETTINGS)
-def test_gptq_beats_rtn_on_correlated_inputs(bits, block, sym, act_order):
+@pytest.mark.parametrize("bits,block,sym,act_order,mse_clip", SETTINGS)
+def test_gptq_beats_rtn_on_correlated_inputs(bits, block, sym, act_order, mse_clip):
+    """Same grid settings on both sides (RTN clipped when GPTQ is)."""
     H = correlated_hessian()
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) * 0.05
-    g = gptq(W, H, GPTQConfig(bits=bits, block_size=block, sym=sym, act_order=act_order)).compressed
-    r = rtn(W, None, RTNConfig(bits=bits, block_size=block, sym=sym)).compressed
+    g = gptq(W, H, GPTQConfig(bits=bits, block_size=block, sym=sym, act_order=act_order, mse_clip=mse_clip)).compressed
+    r = rtn(W, None, RTNConfig(bits=bits, block_size=block, sym=sym, mse_clip=mse_clip)).compressed
     assert output_error(W, g.dequantize(), H) < output_error(W, r.dequantize(), H)
 
 
 def test_mse_clip_lowers_rtn_weight_error():
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
-    plain = rtn(W, None, RTNConfig(bits=3)).compressed.dequantize().float()
+    plain = rtn(W, None, RTNConfig(bits=3, mse_clip=False)).compressed.dequantize().float()
     clipped = rtn(W, None, RTNConfig(bits=3, mse_clip=True)).compressed.dequantize().float()
     assert ((clipped - W) ** 2).sum() < ((plain - W) ** 2).sum()
 
@@ -41,10 +42,11 @@ def test_act_order_static_groups_keep_blocks_contiguous():
     """Scales of an act-order run are exactly the grid of each contiguous block of the original W."""
     H = correlated_hessian()
     W = torch.randn(32, 128, generator=torch.Generator().manual_seed(3)) * 0.05
-    cw = gptq(W, H, GPTQConfig(bits=4, block_size=32, act_order=True)).compressed
-    scale, zero = fit_grid(W.reshape(32 * 4, 32), 4, sym=False)
-    assert torch.equal(cw.scale, scale.reshape(32, 4)) and torch.equal(cw.zero_point, zero.reshape(32, 4))
-    assert cw.block_size == 32
+    for mse_clip in (False, True):
+        cw = gptq(W, H, GPTQConfig(bits=4, block_size=32, act_order=True, mse_clip=mse_clip)).compressed
+        scale, zero = fit_grid(W.reshape(32 * 4, 32), 4, sym=False, mse_clip=mse_clip)
+        assert torch.equal(cw.scale, scale.reshape(32, 4)) and torch.equal(cw.zero_point, zero.reshape(32, 4))
+        assert cw.block_size == 32
 
 
 def test_dead_columns_give_zero_weights():
