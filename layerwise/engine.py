@@ -70,8 +70,12 @@ def resolve_device(device: str) -> torch.device:
 class LayerwiseCompressor:
     """Compress `model` in place, block by block, with the methods `recipe` assigns."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True):
+    def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
+                 sensitivity: dict[str, torch.Tensor] | None = None):
+        """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
+        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`."""
         self.model = model
+        self.sensitivity = sensitivity or {}
         self.recipe = recipe
         self.device = resolve_device(device)
         self.batch_size = batch_size
@@ -101,6 +105,12 @@ class LayerwiseCompressor:
         config = self.recipe.config_for(name)
         if config is not None:
             config.check_shape(module.out_features, module.in_features, name)
+            if getattr(config, "sensitivity", None) == "fisher" and name not in self.sensitivity:
+                raise RecipeError(
+                    f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
+                    "sensitivity=layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)) or use "
+                    "sensitivity: hessian_diag"
+                )
             plan[name] = config
 
     @torch.no_grad()
@@ -157,7 +167,8 @@ class LayerwiseCompressor:
         solver = METHODS[config.method][1]
         weight = linear.weight.data
         t0 = time.perf_counter()
-        solution = solver(weight, hessian if config.needs_hessian else None, config)
+        extra = {"sensitivity": self.sensitivity[name]} if getattr(config, "sensitivity", None) == "fisher" else {}
+        solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
         seconds = time.perf_counter() - t0
         cw = solution.compressed
         dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
