@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 COLUMNS = ("method", "settings", "ppl", "delta_ppl", "bits_per_weight", "checkpoint_mb", "compress_s",
-           "time_vs_forward", "peak_rss_mb", "peer", "error")
+           "time_vs_forward", "peak_rss_mb", "gpu_peak_mb", "peer", "error")
 
 
 def _q(method, bits, block=None, **kw):
@@ -152,6 +152,7 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) 
                                                   model=model, tokenizer=tokenizer, windows=windows)
             out["compress_s"] = result.seconds
             out["peak_rss_mb"] = _peak_rss_mb()
+            out["gpu_peak_mb"] = gpu_peak_mb()
             t = totals(path)
             out["bits_per_weight"] = t["bits_per_weight"]
             out["checkpoint_mb"] = t["safetensors_bytes"] / 1e6
@@ -178,6 +179,13 @@ def time_forward(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     for i in range(0, windows.shape[0], batch_size):
         model(input_ids=windows[i : i + batch_size], use_cache=False)
     return time.perf_counter() - start
+
+
+def gpu_peak_mb() -> float | None:
+    """Peak bytes torch's CUDA allocator held in this process (MB), or None without CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 1e6
 
 
 def _peak_rss_mb() -> float:
@@ -207,16 +215,20 @@ def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, ns
 
 
 def markdown_table(rows: list[dict], fp16_mb: float | None = None) -> str:
+    gpu = any(r.get("gpu_peak_mb") for r in rows)  # a GPU column only when a row ran on CUDA
     head = "| method | settings | ppl | Δppl vs fp16 | bits/weight | checkpoint MB | compress s | × forward | peak RSS MB |"
-    lines = [head, "|" + "---|" * 9]
+    head += " GPU peak MB |" if gpu else ""
+    width = 10 if gpu else 9
+    lines = [head, "|" + "---|" * width]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['method']} | {r['settings']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | {r['settings']} | failed: {r['error']} |" + " |" * (width - 3))
             continue
-        lines.append("| {m} | {s} | {ppl} | {d} | {b} | {mb} | {t} | {x} | {rss} |".format(
+        line = "| {m} | {s} | {ppl} | {d} | {b} | {mb} | {t} | {x} | {rss} |".format(
             m=r["method"] + (" (peer)" if r.get("peer") else ""), s=r["settings"], ppl=_f(r.get("ppl"), 3),
             d=_f(r.get("delta_ppl"), 3, sign=True), b=_f(r.get("bits_per_weight"), 3), mb=_f(r.get("checkpoint_mb"), 2),
-            t=_f(r.get("compress_s"), 1), x=_f(r.get("time_vs_forward"), 1), rss=_f(r.get("peak_rss_mb"), 0)))
+            t=_f(r.get("compress_s"), 1), x=_f(r.get("time_vs_forward"), 1), rss=_f(r.get("peak_rss_mb"), 0))
+        lines.append(line + (f" {_f(r.get('gpu_peak_mb'), 0)} |" if gpu else ""))
     return "\n".join(lines)
 
 

@@ -99,7 +99,7 @@ def measure_peer(name: str, model_path: str, calib: str, eval_text: str, nsample
 
 
 def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device) -> dict:
-    from layerwise.bench import time_forward
+    from layerwise.bench import gpu_peak_mb, time_forward
     from layerwise.calib_data import calibration_windows, load_text, tokenize_text
     from layerwise.evaluate import perplexity
     from layerwise.loading import load_model, load_tokenizer
@@ -120,6 +120,7 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device)
     model = compress_peer(peer, model, windows, dev)
     out = {"compress_s": time.perf_counter() - start}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    out["gpu_peak_mb"] = gpu_peak_mb()
     model.zero_grad(set_to_none=True)  # SKM leaves its squared gradients behind
     model = model.cpu().float().eval().requires_grad_(False)
 
