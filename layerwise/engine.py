@@ -124,7 +124,7 @@ class LayerwiseCompressor:
         start = time.perf_counter()
         self.model.eval()
         prefix = self.family.blocks + "."
-        _move_outside(self.model, prefix, self.device)
+        stored = _move_outside(self.model, prefix, self.device)
         batches = capture_block_inputs(self.model, self.blocks[0], windows, self.batch_size, self.device)
         reports: list[LayerReport] = []
         kept: dict[str, CompressedWeight] = {}
@@ -142,7 +142,7 @@ class LayerwiseCompressor:
             self._hand_over(index, block, compressed, writer, kept)
         if self.family.lm_head in self.plan:
             kept.update(self._compress_lm_head(batches, reports, writer))
-        _move_outside(self.model, prefix, torch.device("cpu"))
+        _move_outside(self.model, prefix, torch.device("cpu"), stored)
         return CompressionResult(reports, kept, time.perf_counter() - start)
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
@@ -272,10 +272,18 @@ def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...
     return tuple(tuple(names) for names in seen.values())
 
 
-def _move_outside(model: nn.Module, block_prefix: str, device: torch.device) -> None:
-    """Move every parameter and buffer outside the blocks to `device` as float32 (tied ones once)."""
+def _move_outside(
+    model: nn.Module, block_prefix: str, device: torch.device, dtypes: dict[str, torch.dtype] | None = None
+) -> dict[str, torch.dtype]:
+    """Move every parameter and buffer outside the blocks to `device` (tied ones once), as float32,
+    or back to the `dtypes` returned by the first call; returns the dtypes found."""
+    found = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith(block_prefix):
             continue
+        found[name] = tensor.dtype
         dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+        if dtypes is not None and dtypes.get(name, dtype) != torch.bfloat16:  # fp16 codes are not bf16-exact
+            dtype = dtypes.get(name, dtype)
         tensor.data = tensor.data.to(device=device, dtype=dtype)
+    return found

@@ -134,3 +134,16 @@ def test_early_stop_skips_the_rest_of_the_block():
     collect_hessians(block, ["self_attn.q_proj"], batches, stop_early=False)
     assert calls == [1]
     handle.remove()
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_in_memory_model_keeps_its_dtype(dtype, expected):
+    """After compress the model is back in its stored dtype (bfloat16 becomes float32: float16 codes
+    are not bfloat16-exact), inside and outside the blocks, lm_head compressed or not."""
+    model = build_tiny_model("llama", dtype=dtype)
+    recipe = recipe_from_dict({"rules": [{"match": "lm_head", "config": {"method": "rtn", "bits": 8}},
+                                         {"match": ".*", "config": {"method": "rtn", "bits": 4}}]})
+    result = LayerwiseCompressor(model, recipe, device="cpu").compress(windows())
+    assert {p.dtype for p in model.parameters()} == {expected}
+    head = result.compressed["lm_head"].dequantize()
+    assert torch.equal(model.lm_head.weight.to(torch.float16), head)
