@@ -14,6 +14,7 @@ import multiprocessing as mp
 import platform
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 import traceback
@@ -199,12 +200,14 @@ def machine() -> str:
 
 
 def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, nsamples=128, seqlen=256, seed=0,
-             device="cpu", progress=print, on_row=None) -> list[dict]:
-    """Run every row; `on_row(results so far)` after each, so a long grid leaves partial results."""
+             device="cpu", progress=print, on_row=None, repeat: int = 1) -> list[dict]:
+    """Run every row (`repeat` times, each in a fresh process); `on_row(results so far)` after each
+    row, so a long grid leaves partial results."""
     results = []
     for i, cfg in enumerate(rows, 1):
         progress(f"[{i}/{len(rows)}] {settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}")
-        results.append(run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device))
+        runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device) for _ in range(repeat)]
+        results.append(median_of_runs(runs))
         base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
         for r in results:
             if base is not None and "ppl" in r:
@@ -212,6 +215,27 @@ def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, ns
         if on_row is not None:
             on_row(results, done=i == len(rows))
     return results
+
+
+TIMED = ("compress_s", "forward_s", "time_vs_forward")
+
+
+def median_of_runs(runs: list[dict]) -> dict:
+    """One row from repeated runs of it: the median of each time, the largest peak memory, and the
+    rest (deterministic: perplexity, bits, sizes) from the first run. `runs` counts them."""
+    row = dict(runs[0])
+    row["runs"] = len(runs)
+    if len(runs) == 1 or any(r.get("error") for r in runs):
+        return row
+    for key in TIMED:
+        values = sorted(r[key] for r in runs if r.get(key) is not None)
+        if values:
+            row[key] = statistics.median(values)
+    for key in ("peak_rss_mb", "gpu_peak_mb"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            row[key] = max(values)
+    return row
 
 
 def markdown_table(rows: list[dict], fp16_mb: float | None = None) -> str:
@@ -350,6 +374,13 @@ def update_results(md_path: Path, grid: str, section: str) -> None:
     md_path.write_text(text)
 
 
+def _runs_note(rows: list[dict]) -> str:
+    runs = max((r.get("runs", 1) for r in rows), default=1)
+    if runs == 1:
+        return "One run per row: every number is from a single run."
+    return f"{runs} runs per row, each in a fresh process: times are medians, peak memory the largest."
+
+
 def render_section(grid: str, rows: list[dict], command: str, model: str, calib: str, eval_text: str,
                    nsamples: int, seqlen: int, seed: int, png: Path | None) -> str:
     from .pipeline import versions
@@ -375,7 +406,7 @@ def render_section(grid: str, rows: list[dict], command: str, model: str, calib:
         "Compress s excludes model load and evaluation; × forward divides it by one plain float32 forward "
         "over the same calibration windows timed in the same process "
         f"(median {sorted(forward)[len(forward) // 2]:.2f} s)." if forward else "",
-        f"Peak RSS is the row's own process (one run per row, each number from a single run).{rss_note}",
+        f"Peak RSS is the row's own process. {_runs_note(rows)}{rss_note}",
         "",
         markdown_table(rows),
     ]

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seqlen", type=int, default=256)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="cpu")
+    b.add_argument("--repeat", type=int, default=1, help="runs per row; times reported as medians")
     b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     return p
@@ -206,6 +207,8 @@ def cmd_bench(args) -> int:
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
+    if args.repeat < 1:
+        raise RecipeError(f"--repeat {args.repeat} must be at least 1")
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
     command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])
@@ -221,7 +224,7 @@ def cmd_bench(args) -> int:
         return section
 
     rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
-                    args.device, progress=lambda m: log.info("%s", m), on_row=publish)
+                    args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat)
     print(publish(rows, True))
     return 1 if any(r.get("error") for r in rows) else 0
 

@@ -30,3 +30,19 @@ def test_bench_quick_writes_table_csv_json_and_png(tiny_dirs, calib_text_file, t
 def test_pareto_front():
     rows = [{"bits_per_weight": b, "ppl": p} for b, p in [(3, 120), (3.5, 110), (4, 115), (4.5, 95), (16, 90)]]
     assert [(r["bits_per_weight"], r["ppl"]) for r in pareto_front(rows)] == [(3, 120), (3.5, 110), (4.5, 95), (16, 90)]
+
+
+def test_repeated_runs_report_median_times_and_largest_memory():
+    from layerwise.bench import median_of_runs
+
+    runs = [{"method": "gptq", "ppl": 9.0, "compress_s": s, "forward_s": 2.0, "time_vs_forward": s / 2.0,
+             "peak_rss_mb": m} for s, m in [(5.0, 100.0), (1.0, 300.0), (3.0, 200.0)]]
+    row = median_of_runs(runs)
+    assert row["compress_s"] == 3.0 and row["time_vs_forward"] == 1.5 and row["peak_rss_mb"] == 300.0
+    assert row["runs"] == 3 and row["ppl"] == 9.0
+    assert median_of_runs(runs[:1])["compress_s"] == 5.0
+
+
+def test_bench_repeat_must_be_positive(tiny_dirs, tmp_path, capsys):
+    code = main(["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--repeat", "0", "--results", str(tmp_path / "R.md")])
+    assert code == 2 and "--repeat 0 must be at least 1" in capsys.readouterr().err
