@@ -22,6 +22,11 @@ Key mapping (coremltools → layerwise), per algorithm:
 
 Top-level `layers`, `calibration_nsamples` and `input_cacher` are accepted and ignored (layerwise
 always streams every decoder block; the CLI's --nsamples decides the sample count).
+
+A key the YAML leaves out takes layerwise's default, not coremltools', except the ones that decide
+the stored format (`weight_dtype`, `quantization_scheme`): a GPTQ config without
+`use_activation_order_heuristic` runs with act-order (static groups) and MSE clipping, which only
+change how well the solver does, never what Core ML receives.
 """
 
 from __future__ import annotations
