@@ -330,11 +330,16 @@ def checks(grid: str, rows: list[dict]) -> list[str]:
     if grid.startswith("spine"):
         for r in rows:
             if r["method"] == "gptq" and "ppl" in r:
+                # RTN at the same settings, else the grid's only RTN row (named in the sentence)
                 rtn = by.get(("rtn", r["settings"]))
+                others = [x for (m, _), x in by.items() if m == "rtn"]
+                if rtn is None and len(others) == 1:
+                    rtn = others[0]
                 if rtn:
                     verdict = "beats" if r["ppl"] < rtn["ppl"] else "does NOT beat"
                     ratio = r["delta_ppl"] / rtn["delta_ppl"] if rtn.get("delta_ppl") else float("nan")
-                    lines.append(f"GPTQ {r['settings']}: {r['ppl']:.3f} {verdict} RTN {rtn['ppl']:.3f} "
+                    named = "" if rtn["settings"] == r["settings"] else f" ({rtn['settings']})"
+                    lines.append(f"GPTQ {r['settings']}: {r['ppl']:.3f} {verdict} RTN{named} {rtn['ppl']:.3f} "
                                  f"(Δppl ratio GPTQ/RTN {ratio:.2f})")
     if grid == "sparse":
         for pattern in ("sparsity=0.5", "nm=2:4"):
