@@ -228,7 +228,7 @@ def median_of_runs(runs: list[dict]) -> dict:
     if len(runs) == 1 or any(r.get("error") for r in runs):
         return row
     for key in TIMED:
-        values = sorted(r[key] for r in runs if r.get(key) is not None)
+        values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             row[key] = statistics.median(values)
     for key in ("peak_rss_mb", "gpu_peak_mb"):

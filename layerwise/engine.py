@@ -105,7 +105,7 @@ class LayerwiseCompressor:
         config = self.recipe.config_for(name)
         if config is not None:
             config.check_shape(module.out_features, module.in_features, name)
-            if getattr(config, "sensitivity", None) == "fisher" and name not in self.sensitivity:
+            if _wants_fisher(config) and name not in self.sensitivity:
                 raise RecipeError(
                     f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
                     "sensitivity=layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)) or use "
@@ -167,7 +167,7 @@ class LayerwiseCompressor:
         solver = METHODS[config.method][1]
         weight = linear.weight.data
         t0 = time.perf_counter()
-        extra = {"sensitivity": self.sensitivity[name]} if getattr(config, "sensitivity", None) == "fisher" else {}
+        extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
         solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
         seconds = time.perf_counter() - t0
         cw = solution.compressed
@@ -212,6 +212,11 @@ class LayerwiseCompressor:
 
     def _name(self, index: int, rel: str) -> str:
         return f"{self.family.blocks}.{index}.{rel}"
+
+
+def _wants_fisher(config: MethodConfig) -> bool:
+    """Whether the layer's solver takes caller-given sensitivities (skm with sensitivity: fisher)."""
+    return getattr(config, "sensitivity", None) == "fisher"
 
 
 def collect_hessians(
