@@ -17,8 +17,8 @@ class BlockInput:
     kwargs: dict  # attention_mask (may be None), position_ids, position_embeddings=(cos, sin), …
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised from a hook to cut a forward once what it was run for has been seen."""
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def capture_block_inputs(
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
         captured.append(BlockInput(hidden.to(torch.float32), _to(kwargs, device)))
-        raise _Stop
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -44,7 +44,7 @@ def capture_block_inputs(
             ids = windows[start : start + batch_size].to(device)
             try:
                 model(input_ids=ids, use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from layerwise.models.families import Family, get_module, resolve_family
 
-from .capture import BlockInput, capture_block_inputs, run_block
+from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
@@ -236,7 +236,7 @@ def collect_hessians(
         acc.add(x)
         pending.discard(name)
         if stop_early and not pending:
-            raise _BlockStop
+            raise StopForward
 
     for name in names:
         linear = block.get_submodule(name)
@@ -247,16 +247,12 @@ def collect_hessians(
             pending.update(names)
             try:
                 run_block(block, batch)
-            except _BlockStop:
+            except StopForward:
                 pass
     finally:
         for h in handles:
             h.remove()
     return {name: acc.hessian for name, acc in accs.items()}
-
-
-class _BlockStop(Exception):
-    """Raised inside a block's forward once the Hessians of the current stage are complete."""
 
 
 def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:

@@ -80,5 +80,17 @@ def check_block_size(block_size, in_features: int, name: str, key: str = "block_
     )
 
 
+def upcoming_columns(batch: torch.Tensor, rest: torch.Tensor, i: int, width: int) -> torch.Tensor:
+    """The current values of the `width` columns starting at column i of a lazy batch.
+
+    batch: [out, b] the batch being swept (updated column by column); rest: [out, n] the columns
+    after it (updated once per batch). Only the needed columns are sliced, then joined.
+    """
+    head = batch[:, i : i + width]
+    if head.shape[1] >= width:
+        return head
+    return torch.cat([head, rest[:, : width - head.shape[1]]], dim=1)
+
+
 def to_float32(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float32).clone()

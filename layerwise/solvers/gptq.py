@@ -12,7 +12,7 @@ import torch
 
 from ..formats import CompressedWeight
 from ..hessian import prepare_hessian
-from .base import Solution, to_float32
+from .base import Solution, to_float32, upcoming_columns
 from .grid import dequantize, fit_grid, quantize
 from .quant_config import GPTQConfig
 
@@ -54,8 +54,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig) -> Sol
             col = i1 + i
             b = int(block_of[col])
             if not static and col % block == 0:
-                # the block's current (error-updated) values: batch part from W1, the rest from W
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :block]
+                current = upcoming_columns(W1, W[:, i2:], i, block)  # the block's error-updated values
                 scale[:, b], zero[:, b] = fit_grid(current, config.bits, config.sym, config.mse_clip)
             w = W1[:, i]
             q = quantize(w, scale[:, b], zero[:, b], maxq)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..hessian import prepare_hessian
-from .base import Solution, to_float32
+from .base import Solution, to_float32, upcoming_columns
 from .grid import dequantize, fit_grid, quantize
 from .magnitude import keep_lowest, nm_keep, prune_counts, sparse_weight
 from .sparse_config import SparseGPTConfig
@@ -65,13 +65,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
             col = i1 + i
             if config.nm is not None and col % config.nm[1] == 0:
                 m = config.nm[1]
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :m]  # the group's updated weights
+                current = upcoming_columns(W1, W[:, i2:], i, m)  # the group's updated weights
                 mask[:, col : col + m] = nm_keep(current**2 / diag_hinv[col : col + m][None, :] ** 2, *config.nm)
             w, keep = W1[:, i], mask[:, col]
             if joint:
                 g = col // block
                 if col % block == 0:
-                    current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :block]
+                    current = upcoming_columns(W1, W[:, i2:], i, block)
                     scale[:, g], zero[:, g] = fit_grid(
                         current, config.bits, config.sym, config.mse_clip, mask=mask[:, col : col + block]
                     )
