@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="MSE-optimal range clipping of the grid (default on for gptq/rtn, off for sparse methods)")
     c.add_argument("--damp", type=float, help="damping as a fraction of mean(diag H) (default 0.01)")
+    c.add_argument("--refine-steps", type=int,
+                   help="sparsegpt: CG steps re-solving the kept weights for the final mask (default 32; 0: off)")
     c.add_argument("--sparsity", type=float, help="fraction of zeros (sparsegpt / magnitude / joint skm)")
     c.add_argument("--nm", help="n:m pattern, n kept of every m inputs, e.g. 2:4")
     c.add_argument("--group-size", type=int, help="palettization: output channels sharing one LUT (omit: per-tensor)")
@@ -133,7 +135,8 @@ def method_config_from_flags(args) -> dict:
     flags = {
         "bits": "n_bits" if palettize else "bits",
         "block_size": "block_size", "sym": "sym", "act_order": "act_order", "mse_clip": "mse_clip",
-        "damp": "damp", "sparsity": "sparsity", "nm": "nm", "group_size": "group_size", "lut_dtype": "lut_dtype",
+        "damp": "damp", "refine_steps": "refine_steps", "sparsity": "sparsity", "nm": "nm",
+        "group_size": "group_size", "lut_dtype": "lut_dtype",
     }
     for flag, key in flags.items():
         value = getattr(args, flag)

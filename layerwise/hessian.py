@@ -61,6 +61,7 @@ class PreparedHessian:
     dead: torch.Tensor  # bool [in]: columns that never saw a non-zero input
     damping: float  # fraction of mean(diag H) finally added to the diagonal
     notes: list[str] = field(default_factory=list)
+    damped: torch.Tensor | None = None  # [in, in] the H that was factored (dead = 1, damping added)
 
 
 def prepare_hessian(
@@ -100,7 +101,7 @@ def prepare_hessian(
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info.item() != 0 or not torch.isfinite(U).all():
                 raise RuntimeError("inverse not positive definite")
-            return PreparedHessian(U, dead, fraction, notes)
+            return PreparedHessian(U, dead, fraction, notes, damped=Hd)
         except RuntimeError:
             if fraction * 10 > max_damp:
                 raise NumericalError(

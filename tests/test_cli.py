@@ -155,3 +155,15 @@ def test_boolean_flags_turn_defaults_off():
     default = method_config(method_config_from_flags(build_parser().parse_args(
         ["compress", "m", "--out", "o", "--method", "gptq", "--bits", "3"])), "flags")
     assert default.act_order is True and default.mse_clip is True
+
+
+def test_refine_steps_flag():
+    from layerwise.cli import build_parser, method_config_from_flags
+    from layerwise.recipe import method_config
+
+    def config(*flags):
+        argv = ["compress", "m", "--out", "o", "--method", "sparsegpt", "--sparsity", "0.5", *flags]
+        return method_config(method_config_from_flags(build_parser().parse_args(argv)), "flags")
+
+    assert config("--refine-steps", "0").refine_steps == 0
+    assert config().refine_steps == 32

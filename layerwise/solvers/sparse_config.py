@@ -85,6 +85,9 @@ class SparseConfig(MethodConfig):
             )
 
 
+REFINE_STEPS = 32
+
+
 @dataclass
 class SparseGPTConfig(SparseConfig):
     """SparseGPT: mask chosen per column block by OBS saliency, error pushed onto later columns."""
@@ -93,9 +96,24 @@ class SparseGPTConfig(SparseConfig):
     needs_hessian = True
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     column_block: int = 128  # columns per mask selection and lazy batch update
+    # conjugate-gradient steps re-solving the kept float weights for the final mask (refine.py);
+    # None: REFINE_STEPS for float kept weights, 0 for joint (refining would leave the grid)
+    refine_steps: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.refine_steps is None:
+            self.refine_steps = 0 if self.bits is not None else REFINE_STEPS
+        require(
+            isinstance(self.refine_steps, int) and not isinstance(self.refine_steps, bool)
+            and self.refine_steps >= 0,
+            f"refine_steps={self.refine_steps!r} must be a non-negative integer, e.g. {REFINE_STEPS} (0: off)",
+        )
+        require(
+            self.bits is None or self.refine_steps == 0,
+            f"refine_steps={self.refine_steps} re-solves float kept weights, which would move joint "
+            "weights off their quantization grid; drop refine_steps or bits",
+        )
         require(
             isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 10,
             f"damp={self.damp!r} must be a fraction of mean(diag H) in (0, 10), e.g. 0.01",

@@ -23,6 +23,7 @@ from ..hessian import prepare_hessian
 from .base import Solution, to_float32, upcoming_columns
 from .grid import dequantize, fit_grid, quantize
 from .magnitude import keep_lowest, nm_keep, prune_counts, sparse_weight
+from .refine import refine_masked
 from .sparse_config import SparseGPTConfig
 
 
@@ -33,6 +34,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
     dev = W.device
     dead = torch.diag(hessian) == 0
     W[:, dead] = 0
+    target = W.clone() if config.refine_steps else None
     prepared = prepare_hessian(hessian, config.damp)
     Hinv = prepared.inverse_cholesky.to(dev)  # [in, in] upper, H⁻¹ = Uᵀ U
     diag_hinv = torch.diag(Hinv)
@@ -90,5 +92,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
     if joint:
         compressed = sparse_weight(mask, config, codes=codes, scale=scale, zero=zero)
     else:
+        if config.refine_steps and not mask.all():  # nothing pruned: the sweep's float16 compensation is better
+            refined = refine_masked(target, values.float(), mask, prepared.damped.to(dev), config.refine_steps)
+            values = refined.to(torch.float16)
         compressed = sparse_weight(mask, config, values=values)
     return Solution(compressed, damping=prepared.damping, notes=prepared.notes)
