@@ -4,7 +4,9 @@ A linear weight `[out, in]` is held as one of three schemes, optionally with a s
 
 - ``affine``: integer ``codes`` (uint8 holding `bits`-bit values) with a float16 ``scale`` and an
   integer ``zero_point`` per block of ``in // scale.shape[1]`` input columns;
-  ``w = scale * (codes - zero_point)``. Per-channel is one block spanning all inputs.
+  ``w = scale * (codes - zero_point)``. Per-channel is one block spanning all inputs. A symmetric
+  grid (every zero point at the midpoint ``2**(bits-1)``) stores no zero points on disk and
+  exports as signed codes without an offset.
 - ``lut``: ``codes`` are `bits`-bit indices into a float16 look-up table per group,
   ``lut: [out // group_out, in // group_in, 2**bits]``; ``w = lut[g_out, g_in, codes]``.
   Optionally the LUT itself is int8/uint8 with a float16 scale (``lut_codes``, ``lut_scale``),
@@ -70,6 +72,11 @@ class CompressedWeight:
         if self.codes is not None and self.codes.numel() and int(self.codes.max()) >= 2**self.bits:
             raise ValueError(f"codes exceed {self.bits} bits")
 
+    @property
+    def midpoint_zero(self) -> bool:
+        """Affine with every zero point at 2**(bits-1) (a symmetric grid): nothing to store for them."""
+        return self.scheme == "affine" and bool(torch.all(self.zero_point == 2 ** (self.bits - 1)))
+
     # ---- geometry -------------------------------------------------------------------------
     @property
     def block_size(self) -> int | None:
@@ -125,6 +132,7 @@ class CompressedWeight:
         m = {"scheme": self.scheme, "bits": self.bits, "shape": list(self.shape), "kept": self.kept}
         if self.scheme == "affine":
             m["block_size"] = self.block_size
+            m["zero_point"] = "midpoint" if self.midpoint_zero else "stored"
         if self.scheme == "lut":
             m["lut_group"] = list(self.lut_group)
             m["lut_shape"] = list(self.lut.shape)
@@ -144,7 +152,8 @@ class CompressedWeight:
             out["codes"] = pack_bits(flat if keep is None else flat[keep], self.bits)
         if self.scheme == "affine":
             out["scale"] = self.scale.contiguous()
-            out["zero_point"] = pack_bits(self.zero_point.reshape(-1), self.bits)
+            if not self.midpoint_zero:
+                out["zero_point"] = pack_bits(self.zero_point.reshape(-1), self.bits)
         if self.scheme == "lut":
             if self.lut_codes is None:
                 out["lut"] = self.lut.contiguous()
@@ -178,9 +187,12 @@ class CompressedWeight:
             kw["codes"] = scatter(unpack_bits(tensors["codes"], bits, kept), 0)
         if meta["scheme"] == "affine":
             kw["scale"] = tensors["scale"]
-            kw["zero_point"] = unpack_bits(tensors["zero_point"], bits, tensors["scale"].numel()).reshape(
-                tensors["scale"].shape
-            )
+            if meta.get("zero_point") == "midpoint":
+                kw["zero_point"] = torch.full(tensors["scale"].shape, 2 ** (bits - 1), dtype=torch.uint8)
+            else:
+                kw["zero_point"] = unpack_bits(tensors["zero_point"], bits, tensors["scale"].numel()).reshape(
+                    tensors["scale"].shape
+                )
         elif meta["scheme"] == "lut":
             if "lut_codes" in tensors:
                 kw["lut_codes"], kw["lut_scale"] = tensors["lut_codes"], tensors["lut_scale"]

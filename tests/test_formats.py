@@ -48,6 +48,28 @@ def test_affine_round_trip_bit_exact_and_payload(bits):
     assert cw.payload_bytes() == expected
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_symmetric_grid_stores_no_zero_points(bits, sparse):
+    """Zero points all at 2**(bits-1): none on disk (4-bit, blocks of 32: exactly 4 + 16/32 bits per
+    weight), and they come back from the meta; one zero point off the midpoint and they are stored."""
+    cw = _affine(bits=bits)
+    cw.zero_point.fill_(2 ** (bits - 1))
+    if sparse:
+        cw.mask = torch.rand(cw.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+        cw.codes = cw.codes * cw.mask
+    tensors = cw.to_tensors()
+    assert "zero_point" not in tensors and cw.meta()["zero_point"] == "midpoint"
+    back = CompressedWeight.from_tensors(cw.meta(), tensors)
+    assert torch.equal(back.zero_point, cw.zero_point) and back.midpoint_zero
+    assert torch.equal(back.dequantize().view(torch.int16), cw.dequantize().view(torch.int16))
+    if not sparse:
+        assert cw.bits_per_weight() == bits + 16 / 32
+    cw.zero_point[0, 0] -= 1
+    assert "zero_point" in cw.to_tensors() and cw.meta()["zero_point"] == "stored"
+    assert torch.equal(CompressedWeight.from_tensors(cw.meta(), cw.to_tensors()).zero_point, cw.zero_point)
+
+
 def test_lut_and_sparse_round_trip():
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(16, 32, generator=g) > 0.5

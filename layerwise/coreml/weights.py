@@ -5,6 +5,7 @@ float16 weights (``cw.dequantize()``), then `compress_program` swaps each such `
 constexpr op(s) that decode the checkpoint's own codes, scales, zero points, LUTs and masks:
 
     affine            constexpr_blockwise_shift_scale(data=uint4|uint8 codes, scale, offset=zero point)
+    affine, symmetric constexpr_blockwise_shift_scale(data=int4|int8 codes − 2**(bits−1), scale), no offset
     affine, 3-bit-ish per-channel grid where an LUT is smaller:
                       constexpr_lut_to_dense(indices=uintN, lut=[out, 1, 2**N, 1] = scale*(k - zp))
     lut               constexpr_lut_to_dense(indices=uintN, lut=[out/g_out, in/g_in, 2**N, 1])
@@ -100,20 +101,16 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
         return _lut(cw, _affine_grid(cw), mask, name, kw)
     if cw.scheme == "affine":
         bits = 4 if cw.bits <= 4 else 8
-        scale = _np(cw.scale)
-        offset = _uint(_np(cw.zero_point), bits)
+        codes, tag = _np(cw.codes), _uint
+        shift = {"scale": _np(cw.scale)}
+        if cw.midpoint_zero:  # signed codes around 0: no offset tensor to store
+            codes, tag = codes.astype(np.int16) - 2 ** (cw.bits - 1), _int
+        else:
+            shift["offset"] = _uint(_np(cw.zero_point), bits)
         if mask is None:
-            codes = _uint(_np(cw.codes), bits)
-            return mb.constexpr_blockwise_shift_scale(
-                data=codes, scale=scale, offset=offset, name=name, **kw
-            )
+            return mb.constexpr_blockwise_shift_scale(data=tag(codes, bits), name=name, **shift, **kw)
         m, nz = mb.constexpr_sparse_blockwise_shift_scale(
-            data_mask=_uint(mask, 1),
-            nonzero_data=_uint(_np(cw.codes)[mask], bits),
-            scale=scale,
-            offset=offset,
-            name=name + "_sparse",
-            **kw,
+            data_mask=_uint(mask, 1), nonzero_data=tag(codes[mask], bits), name=name + "_sparse", **shift, **kw
         )
         return mb.constexpr_sparse_to_dense(nonzero_data=nz, mask=m, name=name, **kw)
     if cw.scheme == "lut":
@@ -167,7 +164,8 @@ def _affine_lut_is_smaller(cw: CompressedWeight) -> bool:
         return False
     out_f, in_f = cw.shape
     container = 4 if cw.bits <= 4 else 8
-    as_codes = out_f * in_f * container / 8 + out_f * (2 + container / 8)
+    offset_bytes = 0 if cw.midpoint_zero else container / 8
+    as_codes = out_f * in_f * container / 8 + out_f * (2 + offset_bytes)
     as_lut = out_f * in_f * cw.bits / 8 + out_f * 2 ** cw.bits * 2
     return as_lut < as_codes
 
@@ -176,6 +174,12 @@ def _uint(a: np.ndarray, bits: int) -> np.ndarray:
     """Integer array → numpy array tagged with MIL's uint{bits} (sub-byte types are packed on save)."""
     dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
     return np.ascontiguousarray(a).astype(np.uint8).astype(dtype)
+
+
+def _int(a: np.ndarray, bits: int) -> np.ndarray:
+    """Signed integer array → numpy array tagged with MIL's int{bits}."""
+    dtype = types.nptype_from_builtin(types.string_to_builtin(f"int{bits}"))
+    return np.ascontiguousarray(a).astype(np.int8).astype(dtype)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

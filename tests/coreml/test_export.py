@@ -45,8 +45,8 @@ def load_in(model, compressed: dict[str, CompressedWeight]) -> None:
             model.get_submodule(name).weight.copy_(cw.dequantize().float())
 
 
-def rtn_all(model, bits: int = 4, block_size: int | None = 32) -> dict[str, CompressedWeight]:
-    cfg = RTNConfig(bits=bits, block_size=block_size)
+def rtn_all(model, bits: int = 4, block_size: int | None = 32, sym: bool = False) -> dict[str, CompressedWeight]:
+    cfg = RTNConfig(bits=bits, block_size=block_size, sym=sym)
     compressed = {n: rtn(m.weight.data, None, cfg).compressed for n, m in block_linears(model).items()}
     load_in(model, compressed)
     return compressed
@@ -134,6 +134,26 @@ def test_rtn_weights_decode_bit_exact(rtn_export):
         for op in fn.operations:
             if op.op_type == "constexpr_blockwise_shift_scale":
                 assert builtin_to_string(op.data.dtype) == "uint4" and op.offset.dtype == op.data.dtype
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_weights_export_signed_codes_without_offset(tmp_path, bits):
+    """A symmetric grid travels as int4/int8 codes − 2**(bits−1) and no offset tensor, bit-exact,
+    including sparse symmetric weights."""
+    model = llama()
+    compressed = rtn_all(model, bits=bits, sym=True)
+    gate = "model.layers.0.mlp.gate_proj"
+    compressed[gate] = pruned_affine(model.get_submodule(gate).weight.data, bits, 32, sym=True)
+    load_in(model, compressed)
+    assert all(cw.midpoint_zero for cw in compressed.values())
+    export_mlpackage(model, tmp_path / "sym.mlpackage", context=CONTEXT, compressed=compressed)
+    _, prog = load_program(tmp_path / "sym.mlpackage")
+    assert_bit_exact(prog, compressed)
+    shift_ops = [op for op in prog.functions["main"].operations if "shift_scale" in op.op_type]
+    assert len(shift_ops) == len(compressed)
+    for op in shift_ops:
+        data = op.data if op.op_type == "constexpr_blockwise_shift_scale" else op.nonzero_data
+        assert builtin_to_string(data.dtype) == f"int{bits}" and op.offset is None
 
 
 def test_program_is_stateful_with_fused_attention(rtn_export):
@@ -337,8 +357,8 @@ def pruned_dense(weight) -> CompressedWeight:
     return CompressedWeight(tuple(weight.shape), "dense", 16, values=values, mask=mask)
 
 
-def pruned_affine(weight, bits, block_size) -> CompressedWeight:
-    cw = rtn(weight.data, None, RTNConfig(bits=bits, block_size=block_size)).compressed
+def pruned_affine(weight, bits, block_size, sym=False) -> CompressedWeight:
+    cw = rtn(weight.data, None, RTNConfig(bits=bits, block_size=block_size, sym=sym)).compressed
     cw.mask = _keep_half(weight)
     cw.codes = torch.where(cw.mask, cw.codes, torch.zeros_like(cw.codes))
     return cw
