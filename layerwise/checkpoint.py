@@ -9,8 +9,9 @@ Layout of a checkpoint directory::
     rest.safetensors                  everything outside the blocks (embeddings, final norm, lm_head)
 
 A compressed layer `L` is stored as tensors `L.weight.<part>` (part: codes, scale, zero_point, lut,
-lut_codes, lut_scale, values, mask; a symmetric grid has no zero_point). Everything is written under a hidden temporary name next to
-the target and renamed when complete, so a crash never leaves a directory that looks whole.
+lut_codes, lut_scale, values, mask; a symmetric grid has no zero_point). Everything is written
+under a hidden temporary name next to the target and renamed when complete, so a crash never
+leaves a directory that looks whole.
 """
 
 from __future__ import annotations
