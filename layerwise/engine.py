@@ -3,6 +3,9 @@
 For each block: onload it, collect one Hessian per group of linears sharing an input (stage by
 stage by default, so later stages see the earlier stages' error), solve each linear, forward again
 with the compressed weights to produce the next block's inputs, hand the block to the writer, offload.
+
+A recipe whose every method is data-free (RTN, magnitude, k-means) streams nothing: each block's
+linears are solved from their weights alone, and the report's error is measured in weight space.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from layerwise.models.families import Family, get_module, resolve_family
 from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .errors import RecipeError
 from .formats import CompressedWeight
-from .hessian import HessianAccumulator, relative_error
+from .hessian import HessianAccumulator, relative_error, weight_error
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig
 
@@ -42,6 +45,8 @@ class LayerReport:
     damping: float | None
     sparsity: float
     notes: list[str] = field(default_factory=list)
+    # "output": rel_error as above; "weight": |ΔW|² / |W|² (data-free recipe, no inputs streamed)
+    error_space: str = "output"
 
 
 @dataclass
@@ -49,6 +54,7 @@ class CompressionResult:
     layers: list[LayerReport]
     compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
     seconds: float  # capture + all blocks (no model load, no evaluation)
+    data_free: bool = False  # no calibration data was streamed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,37 +119,66 @@ class LayerwiseCompressor:
                 )
             plan[name] = config
 
+    @property
+    def needs_data(self) -> bool:
+        """Some layer's method needs its inputs (a Hessian); otherwise no calibration is streamed."""
+        return any(config.needs_hessian for config in self.plan.values())
+
     @torch.no_grad()
     def compress(
         self,
-        windows: torch.Tensor,
+        windows: torch.Tensor | None,
         writer: BlockWriter | None = None,
         on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> CompressionResult:
-        """windows: [N, L] token ids. Returns the per-layer report (and the weights, without a writer)."""
+        """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
+        per-layer report (and the weights, without a writer)."""
         start = time.perf_counter()
         self.model.eval()
+        data_free = not self.needs_data and on_block_output is None
+        if windows is None and not data_free:
+            raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
         prefix = self.family.blocks + "."
         stored = _move_outside(self.model, prefix, self.device)
+        if data_free:
+            result = self._compress_data_free(writer, start)
+            _move_outside(self.model, prefix, torch.device("cpu"), stored)
+            return result
         batches = capture_block_inputs(self.model, self.blocks[0], windows, self.batch_size, self.device)
         reports: list[LayerReport] = []
         kept: dict[str, CompressedWeight] = {}
         for index in tqdm(range(len(self.blocks)), desc="compressing blocks", unit="block", disable=None):
             block = self.blocks[index]
-            dtype = next(block.parameters()).dtype
-            block.to(device=self.device, dtype=torch.float32)
+            keep_dtype = _onload(block, self.device)
             compressed = self._compress_block(index, block, batches, reports)
             for batch in batches:  # the next block sees this block's compressed outputs
                 batch.hidden = run_block(block, batch)
             if on_block_output is not None:
                 on_block_output(index, [b.hidden for b in batches])
-            keep_dtype = torch.float32 if dtype == torch.bfloat16 else dtype  # fp16 codes are not bf16-exact
             block.to(device="cpu", dtype=keep_dtype)
             self._hand_over(index, block, compressed, writer, kept)
         if self.family.lm_head in self.plan:
-            kept.update(self._compress_lm_head(batches, reports, writer))
+            self._hand_over_head(self._compress_lm_head(batches, reports), writer, kept)
         _move_outside(self.model, prefix, torch.device("cpu"), stored)
         return CompressionResult(reports, kept, time.perf_counter() - start)
+
+    def _compress_data_free(self, writer, start) -> CompressionResult:
+        reports: list[LayerReport] = []
+        kept: dict[str, CompressedWeight] = {}
+        for index in tqdm(range(len(self.blocks)), desc="compressing blocks (data-free)", unit="block", disable=None):
+            block = self.blocks[index]
+            keep_dtype = _onload(block, self.device)
+            compressed = {}
+            for rel, module in block.named_modules():
+                name = self._name(index, rel)
+                if name in self.plan:
+                    compressed[name] = self._solve(name, module, None, reports)
+            block.to(device="cpu", dtype=keep_dtype)
+            self._hand_over(index, block, compressed, writer, kept)
+        if self.family.lm_head in self.plan:
+            head = get_module(self.model, self.family.lm_head)
+            self._hand_over_head(self._solve(self.family.lm_head, head, None, reports), writer, kept)
+        return CompressionResult(reports, kept, time.perf_counter() - start, data_free=True)
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
         groups = self.family.groups or discover_groups(block, batches[0])
@@ -162,7 +197,8 @@ class LayerwiseCompressor:
                         compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
         return compressed
 
-    def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor, reports: list) -> CompressedWeight:
+    def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
+        """hessian None: data-free (the report's error is then in weight space)."""
         config = self.plan[name]
         solver = METHODS[config.method][1]
         weight = linear.weight.data
@@ -176,7 +212,8 @@ class LayerwiseCompressor:
             LayerReport(
                 name=name,
                 method=config.method,
-                rel_error=relative_error(weight, dense, hessian),
+                rel_error=relative_error(weight, dense, hessian) if hessian is not None else weight_error(weight, dense),
+                error_space="output" if hessian is not None else "weight",
                 seconds=seconds,
                 bits_per_weight=cw.bits_per_weight(),
                 damping=solution.damping,
@@ -187,17 +224,19 @@ class LayerwiseCompressor:
         linear.weight.data = dense
         return cw
 
-    def _compress_lm_head(self, batches, reports, writer) -> dict[str, CompressedWeight]:
+    def _compress_lm_head(self, batches, reports) -> CompressedWeight:
         norm = get_module(self.model, self.family.final_norm)
         head = get_module(self.model, self.family.lm_head)
         acc = HessianAccumulator(head.in_features, self.device)
         for batch in batches:
             acc.add(norm(batch.hidden))
-        cw = self._solve(self.family.lm_head, head, acc.hessian, reports)
+        return self._solve(self.family.lm_head, head, acc.hessian, reports)
+
+    def _hand_over_head(self, cw, writer, kept):
         if writer is not None:
             writer.write_block(len(self.blocks), {self.family.lm_head: cw}, {})
-            return {}
-        return {self.family.lm_head: cw}
+        else:
+            kept[self.family.lm_head] = cw
 
     def _hand_over(self, index, block, compressed, writer, kept):
         if writer is None:
@@ -212,6 +251,14 @@ class LayerwiseCompressor:
 
     def _name(self, index: int, rel: str) -> str:
         return f"{self.family.blocks}.{index}.{rel}"
+
+
+def _onload(block: nn.Module, device: torch.device) -> torch.dtype:
+    """Move `block` to `device` in float32; returns the dtype to store it in afterwards (bfloat16
+    comes back as float32: the compressed float16 values are not bfloat16-exact)."""
+    dtype = next(block.parameters()).dtype
+    block.to(device=device, dtype=torch.float32)
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def _wants_fisher(config: MethodConfig) -> bool:

@@ -47,6 +47,14 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
     return float(num / den) if den > 0 else float(num)
 
 
+def weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """Relative weight-space error |ΔW|² / |W|² (the data-free report, no H)."""
+    w = weight.to(torch.float32)
+    den = (w * w).sum()
+    num = ((approx.to(torch.float32) - w) ** 2).sum()
+    return float(num / den) if den > 0 else float(num)
+
+
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ): proportional to the layer's summed squared output error on the calibration data."""
     delta = approx.to(torch.float32) - weight.to(torch.float32)

@@ -37,7 +37,7 @@ def report_table(path: str | Path) -> str:
         grouping = m.get("block_size") or ("x".join(map(str, m["lut_group"])) if m.get("lut_group") else "-")
         rows.append((
             name, r["method"], m["scheme"], str(m["bits"]), str(grouping), f"{r['sparsity']:.3f}",
-            f"{r['bits_per_weight']:.3f}", f"{r['rel_error']:.2e}",
+            f"{r['bits_per_weight']:.3f}", f"{r['rel_error']:.2e}" + (" (w)" if r.get("error_space") == "weight" else ""),
             "-" if r["damping"] is None else f"{r['damping']:g}", f"{r['seconds']:.2f}",
         ))
         if r.get("notes"):
@@ -46,6 +46,9 @@ def report_table(path: str | Path) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
+    if any(m["report"].get("error_space") == "weight" for m in manifest["layers"].values()):
+        lines.append("rel.err (w): |ΔW|²/|W|² in weight space (data-free method, no calibration inputs); "
+                     "others: output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration inputs")
     lines.append(summary(path, manifest))
     return "\n".join(lines)
 

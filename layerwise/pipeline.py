@@ -61,11 +61,14 @@ def compress_to_checkpoint(
         raise ModelError(f"output {out_dir} already exists; choose another --out or pass --overwrite")
     model = model if model is not None else load_model(model_path)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
-    if windows is None:
+    compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged)
+    if not compressor.needs_data:
+        log.info("every method in the recipe is data-free: the calibration text is not read")
+        windows, calib_info = None, {"source": None, "data_free": True}
+    elif windows is None:
         windows, calib_info = calibration_windows(calib, tokenizer, nsamples, seqlen, seed)
     else:
         calib_info = {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
-    compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged)
     stored_dtype = next(model.parameters()).dtype
     plain_dtype = torch.float16 if stored_dtype == torch.float32 else stored_dtype
     with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype) as writer:
@@ -109,6 +112,7 @@ def _report_dict(r) -> dict:
     return {
         "method": r.method,
         "rel_error": r.rel_error,
+        "error_space": r.error_space,
         "seconds": r.seconds,
         "bits_per_weight": r.bits_per_weight,
         "damping": r.damping,

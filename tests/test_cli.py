@@ -167,3 +167,17 @@ def test_refine_steps_flag():
 
     assert config("--refine-steps", "0").refine_steps == 0
     assert config().refine_steps == 32
+
+
+def test_data_free_method_reads_no_calibration(tiny_dirs, tmp_path, capsys):
+    """RTN never reads --calib (here a path that does not exist); the manifest says data-free and
+    `inspect` labels the weight-space errors."""
+    out = tmp_path / "rtn"
+    assert compress(tiny_dirs["llama"], out, tmp_path / "missing.txt", "--method", "rtn", "--bits", "4", "--sym") == 0
+    manifest = json.loads((out / "layerwise.json").read_text())
+    assert manifest["calibration"] == {"source": None, "data_free": True}
+    down = manifest["layers"]["model.layers.0.mlp.down_proj"]["report"]
+    assert down["error_space"] == "weight" and down["bits_per_weight"] == 4.0 + 16 / 128  # no zero points
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "(w)" in capsys.readouterr().out

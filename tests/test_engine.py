@@ -147,3 +147,32 @@ def test_in_memory_model_keeps_its_dtype(dtype, expected):
     assert {p.dtype for p in model.parameters()} == {expected}
     head = result.compressed["lm_head"].dequantize()
     assert torch.equal(model.lm_head.weight.to(torch.float16), head)
+
+
+def test_data_free_recipe_streams_nothing_and_matches_the_streamed_weights(monkeypatch):
+    """RTN / magnitude / k-means need no inputs: no block forward runs, the weights are the ones the
+    streaming loop gives, and the report's error is the weight-space |ΔW|²/|W|²."""
+    recipe = recipe_from_dict({"rules": [
+        {"match": r"\.mlp\.", "config": {"method": "kmeans", "n_bits": 3}},
+        {"match": "lm_head", "config": {"method": "rtn", "bits": 8}},
+        {"match": ".*", "config": {"method": "magnitude", "nm": "2:4", "bits": 4}},
+    ]})
+    streamed = LayerwiseCompressor(build_tiny_model("llama", dtype=torch.float32), recipe, device="cpu").compress(
+        windows(), on_block_output=lambda i, outs: None  # a block-output consumer forces the streaming loop
+    )
+    import layerwise.engine as engine
+
+    monkeypatch.setattr(engine, "capture_block_inputs", lambda *a, **k: pytest.fail("data-free recipe streamed data"))
+    model = build_tiny_model("llama", dtype=torch.float32)
+    compressor = LayerwiseCompressor(model, recipe, device="cpu")
+    assert not compressor.needs_data
+    free = compressor.compress(None)
+    assert free.data_free and free.compressed.keys() == streamed.compressed.keys()
+    for name, cw in free.compressed.items():
+        assert torch.equal(cw.dequantize(), streamed.compressed[name].dequantize()), name
+    for r in free.layers:
+        w = build_tiny_model("llama", dtype=torch.float32).get_submodule(r.name).weight
+        expected = ((free.compressed[r.name].dequantize().float() - w) ** 2).sum() / (w**2).sum()
+        assert r.error_space == "weight" and r.rel_error == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(RecipeError, match="calibration"):
+        LayerwiseCompressor(model, Recipe.single(GPTQConfig(bits=4)), device="cpu").compress(None)
