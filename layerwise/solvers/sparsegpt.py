@@ -17,14 +17,19 @@ Joint (bits set): a quant block's grid is fitted when the sweep reaches it, on i
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
-from ..hessian import prepare_hessian
+from ..hessian import output_error, prepare_hessian
 from .base import Solution, to_float32, upcoming_columns
 from .grid import dequantize, fit_grid, quantize
 from .magnitude import keep_lowest, nm_keep, prune_counts, sparse_weight
 from .refine import refine_masked
 from .sparse_config import SparseGPTConfig
+
+log = logging.getLogger(__name__)
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConfig) -> Solution:
@@ -93,7 +98,20 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
         compressed = sparse_weight(mask, config, codes=codes, scale=scale, zero=zero)
     else:
         if config.refine_steps and not mask.all():  # nothing pruned: the sweep's float16 compensation is better
-            refined = refine_masked(target, values.float(), mask, prepared.damped.to(dev), config.refine_steps)
-            values = refined.to(torch.float16)
+            values = _refined(target, values, mask, prepared, config.refine_steps, notes=prepared.notes)
         compressed = sparse_weight(mask, config, values=values)
     return Solution(compressed, damping=prepared.damping, notes=prepared.notes)
+
+
+def _refined(target, values, mask, prepared, steps, notes) -> torch.Tensor:
+    """The refined float16 values, or `values` unchanged (with a note) if float32 round-off made
+    the refinement worse on the Hessian it minimises (an ill-conditioned layer)."""
+    H = prepared.damped.to(values.device)
+    refined = refine_masked(target, values.float(), mask, H, steps).to(torch.float16)
+    before, after = output_error(target, values, H), output_error(target, refined, H)
+    if math.isfinite(after) and after <= before:
+        return refined
+    note = f"refinement raised the layer error ({before:.3g} -> {after:.3g}); kept SparseGPT's weights"
+    log.warning(note)
+    notes.append(note)
+    return values

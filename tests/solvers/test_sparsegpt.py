@@ -283,3 +283,16 @@ def test_refine_defaults_and_errors():
         SparseGPTConfig(sparsity=0.5, refine_steps=-1)
     with pytest.raises(RecipeError, match="refine_steps"):
         SparseGPTConfig(sparsity=0.5, refine_steps=2.5)
+
+
+def test_refinement_that_does_not_help_is_dropped(monkeypatch):
+    """If round-off made the refined weights worse, SparseGPT's own weights are kept and a note says so."""
+    import sys
+
+    module = sys.modules["layerwise.solvers.sparsegpt"]  # the package re-exports the function under that name
+    W, H = make_layer(16, 64, rows=256)
+    plain = sparsegpt(W, H, SparseGPTConfig(sparsity=0.5, refine_steps=0)).compressed
+    monkeypatch.setattr(module, "refine_masked", lambda target, start, keep, h, steps: start * 2)
+    sol = sparsegpt(W, H, SparseGPTConfig(sparsity=0.5))
+    assert torch.equal(sol.compressed.values, plain.values)
+    assert any("refinement raised the layer error" in n for n in sol.notes)
