@@ -24,7 +24,7 @@ from layerwise.models.families import Family, get_module, resolve_family
 from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .errors import RecipeError
 from .formats import CompressedWeight
-from .hessian import HessianAccumulator, relative_error, weight_error
+from .hessian import HessianAccumulator, relative_error
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig
 
@@ -212,7 +212,7 @@ class LayerwiseCompressor:
             LayerReport(
                 name=name,
                 method=config.method,
-                rel_error=relative_error(weight, dense, hessian) if hessian is not None else weight_error(weight, dense),
+                rel_error=relative_error(weight, dense, hessian),
                 error_space="output" if hessian is not None else "weight",
                 seconds=seconds,
                 bits_per_weight=cw.bits_per_weight(),

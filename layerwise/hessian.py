@@ -38,20 +38,14 @@ class HessianAccumulator:
         self.rows = total
 
 
-def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ); weight, approx: [out, in]."""
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """Relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ); weight, approx: [out, in].
+
+    hessian None: H = I, the weight-space |ΔW|² / |W|² (data-free methods, no inputs seen)."""
     w = weight.to(torch.float32)
     delta = approx.to(torch.float32) - w
-    num = ((delta @ hessian) * delta).sum()
-    den = ((w @ hessian) * w).sum()
-    return float(num / den) if den > 0 else float(num)
-
-
-def weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """Relative weight-space error |ΔW|² / |W|² (the data-free report, no H)."""
-    w = weight.to(torch.float32)
-    den = (w * w).sum()
-    num = ((approx.to(torch.float32) - w) ** 2).sum()
+    num = ((delta if hessian is None else delta @ hessian) * delta).sum()
+    den = ((w if hessian is None else w @ hessian) * w).sum()
     return float(num / den) if den > 0 else float(num)
 
 
