@@ -13,6 +13,8 @@ the layer ends with exactly round(s·numel) zeros (see `prune_counts`).
 Joint (bits set): a quant block's grid is fitted when the sweep reaches it, on its current
 (error-updated) kept weights; columns whose mask is not chosen yet (a quant block wider than
 `column_block`, e.g. per-channel) count as kept.
+
+Float kept weights (no bits) are then re-solved for the final mask (`refine.py`, `refine_steps`).
 """
 
 from __future__ import annotations
