@@ -54,7 +54,6 @@ class CompressionResult:
     layers: list[LayerReport]
     compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
     seconds: float  # capture + all blocks (no model load, no evaluation)
-    data_free: bool = False  # no calibration data was streamed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -178,7 +177,7 @@ class LayerwiseCompressor:
         if self.family.lm_head in self.plan:
             head = get_module(self.model, self.family.lm_head)
             self._hand_over_head(self._solve(self.family.lm_head, head, None, reports), writer, kept)
-        return CompressionResult(reports, kept, time.perf_counter() - start, data_free=True)
+        return CompressionResult(reports, kept, time.perf_counter() - start)
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
         groups = self.family.groups or discover_groups(block, batches[0])

@@ -63,7 +63,7 @@ class PreparedHessian:
     dead: torch.Tensor  # bool [in]: columns that never saw a non-zero input
     damping: float  # fraction of mean(diag H) finally added to the diagonal
     notes: list[str] = field(default_factory=list)
-    damped: torch.Tensor | None = None  # [in, in] the H that was factored (dead = 1, damping added)
+    damped: torch.Tensor | None = None  # [in, in] the H that was factored (only with keep_damped=True)
 
 
 def prepare_hessian(
@@ -71,11 +71,13 @@ def prepare_hessian(
     damp: float = 0.01,
     max_damp: float = 10.0,
     perm: torch.Tensor | None = None,
+    keep_damped: bool = False,
 ) -> PreparedHessian:
     """Dead columns get H_ii = 1, damping `damp · mean(diag H)` is added, and H⁻¹ is factored.
 
     A failed Cholesky retries with ten times the damping, up to `max_damp`; each retry is noted.
     `perm` (optional) reorders the columns first (act-order). The input is not modified.
+    `keep_damped` also returns the factored H (an extra [in, in] copy, only for solvers that use it).
     """
     if not torch.isfinite(hessian).all():
         raise NumericalError(
@@ -103,7 +105,7 @@ def prepare_hessian(
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info.item() != 0 or not torch.isfinite(U).all():
                 raise RuntimeError("inverse not positive definite")
-            return PreparedHessian(U, dead, fraction, notes, damped=Hd)
+            return PreparedHessian(U, dead, fraction, notes, damped=Hd if keep_damped else None)
         except RuntimeError:
             if fraction * 10 > max_damp:
                 raise NumericalError(

@@ -42,7 +42,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConf
     dead = torch.diag(hessian) == 0
     W[:, dead] = 0
     target = W.clone() if config.refine_steps else None
-    prepared = prepare_hessian(hessian, config.damp)
+    prepared = prepare_hessian(hessian, config.damp, keep_damped=config.refine_steps > 0)
     Hinv = prepared.inverse_cholesky.to(dev)  # [in, in] upper, H⁻¹ = Uᵀ U
     diag_hinv = torch.diag(Hinv)
 
