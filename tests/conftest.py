@@ -17,8 +17,29 @@ WIKITEXT = SHARED / "data" / "wikitext-2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+# What makes each family's tiny config exercise its differences (HF `model_type` → config overrides).
+# Sliding windows are 16 tokens so that 64-token calibration windows and prompts run past them.
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=16),
+    "qwen2": dict(num_key_value_heads=1, tie_word_embeddings=True),  # q/k/v biases, tied, MQA
+    "qwen3": dict(head_dim=16, tie_word_embeddings=True),  # q/k norms per head
+    "gemma": dict(head_dim=16, num_key_value_heads=1),  # (1 + w) norms, sqrt(hidden) embedding scale, GELU-tanh
+    "gemma2": dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=24,  # soft-caps, sandwich norms
+                   layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=24,  # local/global rope, q/k norms
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi3": {},  # fused qkv_proj and gate_up_proj
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0156,
+                    logits_scaling=8.0),
+    "olmo2": {},  # full-width q/k norms, post-norms
+}
+# Declared families (the first wave's and the second wave's), in the README table's order.
+FAMILY_KINDS = tuple(FAMILY_OVERRIDES)
+
+
 def tiny_config(kind: str = "llama", **overrides):
-    """A tiny config of `kind` (llama | mistral | qwen2) with the demo tokenizer's 4096 vocab."""
+    """A tiny config of HF model_type `kind` (see FAMILY_OVERRIDES) with the demo tokenizer's 4096 vocab."""
     from transformers import AutoConfig
 
     base = dict(
@@ -26,8 +47,7 @@ def tiny_config(kind: str = "llama", **overrides):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
-    if kind == "qwen2":  # q/k/v biases, tied embeddings, one KV head (MQA)
-        base.update(num_key_value_heads=1, tie_word_embeddings=True)
+    base.update(FAMILY_OVERRIDES.get(kind, {}))
     base.update(overrides)
     return AutoConfig.for_model(kind, **base)
 
