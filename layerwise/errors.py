@@ -19,3 +19,11 @@ class ModelError(LayerwiseError, ValueError):
 
 class NumericalError(LayerwiseError, ArithmeticError):
     """NaN/Inf or a Hessian that cannot be factored even with more damping."""
+
+
+class OutputError(LayerwiseError, OSError):
+    """An output path that must not be written (an input, a foreign directory) or cannot be (full, read-only)."""
+
+
+class CheckpointError(ModelError):
+    """A layerwise checkpoint whose manifest or tensors are damaged or do not agree."""

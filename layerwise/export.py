@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from .errors import ModelError
-from .loading import load_model, load_tokenizer
+from .loading import check_length, load_model, load_tokenizer
+from .outputs import atomic_directory, check_output
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +19,14 @@ def tokenizer_dir_for(out_path: Path) -> Path:
 
 
 def export_model(model_path: str, out_path: str | Path, context: int = 512, multifunction: bool = False,
-                 prefill_length: int = 64, last_logits_only: bool = False, overwrite: bool = False) -> dict:
+                 prefill_length: int = 64, last_logits_only: bool = False, overwrite: bool = False,
+                 trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
     from .coreml import export_mlpackage
 
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise ModelError(f"output {out_path} already exists; choose another --out or pass --overwrite")
-    model = load_model(model_path)
+    out_path = check_output(out_path, overwrite, inputs=(model_path,))
+    tokenizer_dir = check_output(tokenizer_dir_for(out_path), overwrite, inputs=(model_path,), flag="tokenizer folder")
+    model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify)
+    check_length(model.config, context, "--context", allow_long_context)
     compressed = getattr(model, "layerwise_compressed", {})
     manifest = getattr(model, "layerwise_manifest", None)
     metadata = {"layerwise.source_model": str(model_path)}
@@ -34,8 +36,11 @@ def export_model(model_path: str, out_path: str | Path, context: int = 512, mult
     report = export_mlpackage(model, out_path, context=context, compressed=compressed, multifunction=multifunction,
                               last_logits_only=last_logits_only, metadata=metadata, prefill_length=prefill_length)
     try:
-        load_tokenizer(model_path).save_pretrained(tokenizer_dir_for(out_path))
-        report["tokenizer"] = str(tokenizer_dir_for(out_path))
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     except ModelError:
         log.warning("no tokenizer found for %s; none written next to the mlpackage", model_path)
+        return report
+    with atomic_directory(tokenizer_dir, "tokenizer", overwrite, inputs=(model_path,), flag="tokenizer folder") as tmp:
+        tokenizer.save_pretrained(tmp)
+    report["tokenizer"] = str(tokenizer_dir)
     return report

@@ -14,7 +14,8 @@ from layerwise.calib_data import calibration_windows, load_text, tokenize_text
 from .checkpoint import CheckpointWriter
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
-from .loading import load_model, load_tokenizer
+from .loading import check_finite, check_length, load_model, load_tokenizer
+from .outputs import check_output
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -48,20 +49,28 @@ def compress_to_checkpoint(
     model=None,
     tokenizer=None,
     windows: torch.Tensor | None = None,
+    trust_remote_code: bool = False,
+    allow_non_finite: bool = False,
+    allow_long_context: bool = False,
+    inputs: tuple = (),
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
     `model`, `tokenizer` and `windows` may be passed in to skip loading (benchmarks reuse them).
     Everything that can be checked is checked before the output directory is created.
+    inputs: further paths the run reads (a recipe file); --out may not touch them, the model or the text.
+    allow_non_finite: NaN/Inf weights are accepted in layers the recipe leaves alone.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        from .errors import ModelError
-
-        raise ModelError(f"output {out_dir} already exists; choose another --out or pass --overwrite")
-    model = model if model is not None else load_model(model_path)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+    inputs = (model_path, calib, *inputs)
+    out_dir = check_output(out_dir, overwrite, inputs)
+    if model is None:
+        model = load_model(model_path, trust_remote_code=trust_remote_code, allow_non_finite=allow_non_finite)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged)
+    if allow_non_finite:  # the layers the recipe compresses must still be finite
+        check_finite(model.named_parameters(), model_path, only={f"{name}.weight" for name in compressor.plan})
+    if compressor.needs_data:
+        check_length(model.config, seqlen if windows is None else windows.shape[1], "--seqlen", allow_long_context)
     if not compressor.needs_data:
         log.info("every method in the recipe is data-free: the calibration text is not read")
         windows, calib_info = None, {"source": None, "data_free": True}
@@ -71,7 +80,7 @@ def compress_to_checkpoint(
         calib_info = {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
     stored_dtype = next(model.parameters()).dtype
     plain_dtype = torch.float16 if stored_dtype == torch.float32 else stored_dtype
-    with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype) as writer:
+    with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype, inputs=inputs) as writer:
         result = compressor.compress(windows, writer=writer)
         writer.write_rest(_outside_tensors(model, compressor))
         manifest = {
@@ -122,13 +131,16 @@ def _report_dict(r) -> dict:
 
 
 def evaluate_perplexity(model_or_path, data: str, seqlen: int = 256, batch_size: int = 8, device: str = "cpu",
-                        dtype: str = "float32", tokenizer=None, token_ids: torch.Tensor | None = None) -> dict:
+                        dtype: str = "float32", tokenizer=None, token_ids: torch.Tensor | None = None,
+                        trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
     """Perplexity of a HF model, a checkpoint directory, or an in-memory model on `data`."""
     if isinstance(model_or_path, (str, Path)):
-        model = load_model(str(model_or_path), dtype=dtype, device=device)
-        tokenizer = tokenizer or load_tokenizer(str(model_or_path))
+        model = load_model(str(model_or_path), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           verify=verify)
+        tokenizer = tokenizer or load_tokenizer(str(model_or_path), trust_remote_code=trust_remote_code)
     else:
         model = model_or_path
+    check_length(model.config, seqlen, "--seqlen", allow_long_context)
     if token_ids is None:
         token_ids = tokenize_text(tokenizer, load_text(data, "evaluation"))
     return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, device=device)
