@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, RecipeError
 from .formats import CompressedWeight
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
 from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, temporary_path
@@ -67,6 +67,9 @@ class CheckpointWriter:
     def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor]) -> None:
         tensors = {name: self._plain(t) for name, t in plain.items()}
         for name, cw in compressed.items():
+            if cw.bits_per_weight() > 16:
+                raise RecipeError(f"{name}: the recipe's method stores {cw.bits_per_weight():.2f} bits per weight, more "
+                                  "than the float16 layer; choose fewer bits, more sparsity or leave the layer alone")
             self.layers[name] = {"shard": f"block-{index:05d}.safetensors", **cw.meta()}
             for part, t in cw.to_tensors().items():
                 tensors[f"{name}.weight.{part}"] = t
