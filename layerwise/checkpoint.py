@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from .errors import CheckpointError, ModelError, RecipeError
 from .formats import CompressedWeight
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
-from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, temporary_path
+from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class CheckpointWriter:
     def __enter__(self):
         with os_errors(self.out_dir):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.out_dir)
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.tmp_dir.mkdir()
         return self

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except Exception as e:
-        failure = environment_failure(e, getattr(args, "out", None) or "the output") or _allocation_failure(e)
+        failure = environment_failure(e, getattr(args, "out", None) or "the output", writing=False) or _allocation_failure(e)
         if failure is not None:
             print(f"{name}: error: {failure}", file=sys.stderr)
             return 2

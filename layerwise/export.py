@@ -4,6 +4,7 @@ to a stateful iOS18 mlpackage, with the tokenizer saved next to it."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .errors import ModelError
@@ -18,6 +19,34 @@ def tokenizer_dir_for(out_path: Path) -> Path:
     return out_path.with_name(f"{out_path.stem}-tokenizer")
 
 
+def check_state_memory(config, context: int) -> None:
+    """Refuse a context whose KV-cache states cannot fit in memory, before anything is allocated
+    (tracing and conversion hold the float16 states and rope tables several times over)."""
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    need = 3 * (2 * config.num_hidden_layers * kv_heads * head_dim * 2 + 2 * head_dim * 4) * context
+    have = available_memory()
+    if have is not None and need > have:
+        raise ModelError(f"--context {context} needs about {need / 1e9:.1f} GB for the KV-cache states, more than the "
+                         f"{have / 1e9:.1f} GB of memory available; lower --context")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (None: unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def export_model(model_path: str, out_path: str | Path, context: int = 512, multifunction: bool = False,
                  prefill_length: int = 64, last_logits_only: bool = False, overwrite: bool = False,
                  trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
@@ -27,6 +56,7 @@ def export_model(model_path: str, out_path: str | Path, context: int = 512, mult
     tokenizer_dir = check_output(tokenizer_dir_for(out_path), overwrite, inputs=(model_path,), flag="tokenizer folder")
     model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify)
     check_length(model.config, context, "--context", allow_long_context)
+    check_state_memory(model.config, context)
     compressed = getattr(model, "layerwise_compressed", {})
     manifest = getattr(model, "layerwise_manifest", None)
     metadata = {"layerwise.source_model": str(model_path)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -89,6 +90,28 @@ def mark(directory: Path, kind: str) -> None:
     (directory / MARKER).write_text(json.dumps({"written_by": "layerwise", "kind": kind}) + "\n")
 
 
+def remove_stale(out: Path) -> None:
+    """Remove hidden `.NAME.partial-PID` / `.NAME.old-PID` siblings left by a killed run (SIGKILL, power
+    loss) whose process is gone; a live process's temporary directory is left alone."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        tag, _, pid = path.name[len(out.name) + 2 :].rpartition("-")
+        if tag in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an earlier run that was killed", path)
+            remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def temporary_path(out: Path, tag: str = "partial") -> Path:
     """The hidden sibling an output is built in (same file system, so the final rename is atomic)."""
     return out.parent / f".{out.name}.{tag}-{os.getpid()}"
@@ -118,6 +141,7 @@ def atomic_directory(out: str | Path, kind: str, overwrite: bool, inputs: tuple 
     """Yield a fresh temporary directory; on success it becomes `out` (marked as ours), on any error
     or interrupt it is removed. The policy of `check_output` applies."""
     out = check_output(out, overwrite, inputs, flag)
+    remove_stale(out)
     tmp = temporary_path(out)
     with os_errors(out):
         remove(tmp)
@@ -147,14 +171,21 @@ _ENVIRONMENT = {  # errno → (what happened, what to do)
     errno.EPERM: ("permission denied", "choose a writable --out"),
     errno.ENOTDIR: ("a parent is a file, not a directory", "choose another --out"),
 }
+_WRITING = {
+    errno.ENOENT: ("its folder vanished or cannot hold files", "choose another --out"),
+    errno.EINVAL: ("the file system refused the name or the operation", "choose another --out"),
+    errno.EIO: ("an input/output error on the disk", "check the disk or choose another --out"),
+}
 
 
-def environment_failure(exc: BaseException, out: Path) -> OutputError | None:
+def environment_failure(exc: BaseException, out, writing: bool = True) -> OutputError | None:
     """The one-line OutputError for a failed write (disk full, read-only, permission, parent is a
-    file), or None when `exc` is something else."""
-    if not isinstance(exc, OSError) or isinstance(exc, OutputError) or exc.errno not in _ENVIRONMENT:
+    file), or None when `exc` is something else. writing: `exc` came from writing `out`, so a
+    missing or unusable directory is the environment's doing too."""
+    known = _ENVIRONMENT if not writing else {**_ENVIRONMENT, **_WRITING}
+    if not isinstance(exc, OSError) or isinstance(exc, OutputError) or exc.errno not in known:
         return None
-    problem, fix = _ENVIRONMENT[exc.errno]
+    problem, fix = known[exc.errno]
     return OutputError(f"cannot write {out}: {problem} ({exc.filename or out}); {fix}")
 
 
