@@ -76,15 +76,15 @@ def validate_layer(name: str, meta, where) -> None:
              f"{lut_shape!r} does not match shape {shape}, lut_group {group} and {bits} bits")
         need(meta.get("lut_dtype") in (None, "int8", "uint8"), "lut_dtype", "must be int8 or uint8 when present")
     report = meta.get("report")
-    if report is not None:
-        need(isinstance(report, dict), "report", "must be an object")
-        for key in REPORT_NUMBERS:
-            need(_is_number(report.get(key)), f"report.{key}", f"{report.get(key)!r} is not a number")
-        need(report.get("damping") is None or _is_number(report["damping"]), "report.damping", "must be a number or null")
-        need(isinstance(report.get("method"), str), "report.method", "must be a string")
-        need(report.get("error_space", "output") in ("output", "weight"), "report.error_space", "must be output or weight")
-        notes = report.get("notes", [])
-        need(isinstance(notes, list) and all(isinstance(n, str) for n in notes), "report.notes", "must be a list of strings")
+    need(isinstance(report, dict), "report", "must be an object (the layer's solver report)")
+    for key in REPORT_NUMBERS:
+        need(_is_number(report.get(key)), f"report.{key}", f"{report.get(key)!r} is not a number")
+    need("damping" in report and (report["damping"] is None or _is_number(report["damping"])), "report.damping",
+         "must be a number or null")
+    need(isinstance(report.get("method"), str), "report.method", "must be a string")
+    need(report.get("error_space", "output") in ("output", "weight"), "report.error_space", "must be output or weight")
+    notes = report.get("notes", [])
+    need(isinstance(notes, list) and all(isinstance(n, str) for n in notes), "report.notes", "must be a list of strings")
 
 
 def expected_parts(meta: dict) -> dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...]]]:
