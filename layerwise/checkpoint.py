@@ -3,15 +3,19 @@
 Layout of a checkpoint directory::
 
     config.json, tokenizer files      as Hugging Face writes them
-    layerwise.json                    manifest: format, recipe, per-layer meta + report, calibration, versions
+    layerwise.json                    manifest: format, recipe, per-layer meta + report, calibration, versions,
+                                      and each shard's sha256 (`shards`)
     block-00000.safetensors …         one shard per decoder block (packed codes, scales, LUTs, masks,
-                                      plus the block's plain tensors: norms, biases)
-    rest.safetensors                  everything outside the blocks (embeddings, final norm, lm_head)
+                                      plus the block's plain tensors: norms, biases); a compressed
+                                      lm_head gets the next block number
+    rest.safetensors                  everything else outside the blocks (embeddings, final norm, lm_head)
+    .layerwise-output                 marker: written by layerwise (see outputs.py)
 
 A compressed layer `L` is stored as tensors `L.weight.<part>` (part: codes, scale, zero_point, lut,
 lut_codes, lut_scale, values, mask; a symmetric grid has no zero_point). Everything is written
 under a hidden temporary name next to the target and renamed when complete, so a crash never
-leaves a directory that looks whole.
+leaves a directory that looks whole. Reading checks the manifest and every tensor against it
+(manifest.py) before decoding anything.
 """
 
 from __future__ import annotations

@@ -33,26 +33,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1 (sizes and counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum (sizes and counts: 1; a seed or a step count: 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
 
 
-def non_negative(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+positive, non_negative = at_least(1), at_least(0)
 
 
 def _loading_flags(p: argparse.ArgumentParser, checkpoint: bool = True, long_context: bool = True) -> None:
