@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import DataError, NumericalError
+from .memory import check_fits
 
 
 @torch.no_grad()
@@ -21,6 +22,10 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 256, batch_size: in
     if n_windows < 1:
         raise DataError(f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = token_ids[: n_windows * seqlen].reshape(n_windows, seqlen)
+    if torch.device(device).type == "cpu":  # float32 logits of one batch, about three copies (logits, softmax)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        check_fits(3 * 4 * min(batch_size, n_windows) * seqlen * vocab, f"--batch-size {batch_size} x --seqlen {seqlen}",
+                   "lower --batch-size")
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False, disable=None):

@@ -4,11 +4,11 @@ to a stateful iOS18 mlpackage, with the tokenizer saved next to it."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from .errors import ModelError
 from .loading import check_length, load_model, load_tokenizer
+from .memory import check_fits
 from .outputs import atomic_directory, check_output
 
 log = logging.getLogger(__name__)
@@ -26,25 +26,7 @@ def check_state_memory(config, context: int) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     need = 3 * (2 * config.num_hidden_layers * kv_heads * head_dim * 2 + 2 * head_dim * 4) * context
-    have = available_memory()
-    if have is not None and need > have:
-        raise ModelError(f"--context {context} needs about {need / 1e9:.1f} GB for the KV-cache states, more than the "
-                         f"{have / 1e9:.1f} GB of memory available; lower --context")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to this process now (None: unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    check_fits(need, f"--context {context} (the KV-cache states)", "lower --context")
 
 
 def export_model(model_path: str, out_path: str | Path, context: int = 512, multifunction: bool = False,

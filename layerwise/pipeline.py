@@ -15,6 +15,7 @@ from .checkpoint import CheckpointWriter
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .loading import check_finite, check_length, load_model, load_tokenizer
+from .memory import check_fits
 from .outputs import check_output
 from .recipe import Recipe
 
@@ -71,6 +72,9 @@ def compress_to_checkpoint(
         check_finite(model.named_parameters(), model_path, only={f"{name}.weight" for name in compressor.plan})
     if compressor.needs_data:
         check_length(model.config, seqlen if windows is None else windows.shape[1], "--seqlen", allow_long_context)
+        # the cached block inputs and outputs, float32, kept on the CPU between blocks
+        check_fits(2 * 4 * nsamples * seqlen * model.config.hidden_size, f"--nsamples {nsamples} x --seqlen {seqlen}",
+                   "lower --nsamples or --seqlen")
     if not compressor.needs_data:
         log.info("every method in the recipe is data-free: the calibration text is not read")
         windows, calib_info = None, {"source": None, "data_free": True}
