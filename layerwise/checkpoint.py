@@ -203,7 +203,11 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
 
     manifest = read_manifest(path)
     plain, compressed = read_tensors(path, verify)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config.json cannot be read ({_first_line(e)}); the checkpoint is damaged, "
+                              "compress again") from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     state = dict(plain)

@@ -33,6 +33,9 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
+    from .engine import resolve_device
+
+    device = str(resolve_device(device))  # an unknown or absent device is one line, not a torch traceback
     if is_checkpoint(name_or_path):
         model = load_compressed(name_or_path, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], device=device,
                                 verify=verify, trust_remote_code=trust_remote_code)
@@ -71,6 +74,9 @@ def _load_hf(name_or_path: str, dtype: str, trust_remote_code: bool):
         if type(e).__name__ in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader"):
             raise ModelError(f"the weights of {name_or_path!r} are not a readable safetensors file "
                              f"({_first_line(e)}); download or save the model again") from None
+        if "ignore_mismatched_sizes" in str(e):  # transformers' "weights do not match the config" report
+            raise ModelError(f"the weights of {name_or_path!r} do not match its config.json (tensor shapes differ); "
+                             "the directory mixes two models, save it again") from None
         raise
 
 

@@ -481,3 +481,28 @@ def test_checkpoint_files_follow_the_umask(work):
     os.umask(mask)
     for path in (work / "ck").iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+# ---- further mistakes found on the way ----------------------------------------------------------
+def test_config_that_does_not_match_the_weights(work, tmp_path, capsys):
+    model = copy(work, "model", tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    refused(capsys, ["ppl", str(model), "--data", str(work / "calib.txt"), "--seqlen", "64"], "do not match its config.json",
+            tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "not json"])
+def test_checkpoint_config_damaged(work, tmp_path, capsys, damage):
+    ck = copy(work, "ck", tmp_path)
+    if damage == "missing":
+        (ck / "config.json").unlink()
+    else:
+        (ck / "config.json").write_text("{")
+    refused(capsys, ["decompress", str(ck), "--out", str(tmp_path / "d")], "config.json cannot be read", tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_device(work, tmp_path, capsys):
+    refused(capsys, ["ppl", str(work / "model"), "--data", str(work / "calib.txt"), "--device", "cuda"], "no CUDA GPU", tmp_path)
+    refused(capsys, ["ppl", str(work / "model"), "--data", str(work / "calib.txt"), "--device", "tpu"], "unknown", tmp_path)
