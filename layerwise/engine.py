@@ -143,7 +143,7 @@ class LayerwiseCompressor:
             result = self._compress_data_free(writer, start)
             _move_outside(self.model, prefix, torch.device("cpu"), stored)
             return result
-        batches = capture_block_inputs(self.model, self.blocks[0], windows, self.batch_size, self.device)
+        batches = capture_block_inputs(self.model, self.blocks, windows, self.batch_size, self.device)
         reports: list[LayerReport] = []
         kept: dict[str, CompressedWeight] = {}
         for index in tqdm(range(len(self.blocks)), desc="compressing blocks", unit="block", disable=None):
@@ -151,7 +151,7 @@ class LayerwiseCompressor:
             keep_dtype = _onload(block, self.device)
             compressed = self._compress_block(index, block, batches, reports)
             for batch in batches:  # the next block sees this block's compressed outputs
-                batch.hidden = run_block(block, batch)
+                batch.hidden = run_block(block, batch, index)
             if on_block_output is not None:
                 on_block_output(index, [b.hidden for b in batches])
             block.to(device="cpu", dtype=keep_dtype)
@@ -180,14 +180,15 @@ class LayerwiseCompressor:
         return CompressionResult(reports, kept, time.perf_counter() - start)
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
-        groups = self.family.groups or discover_groups(block, batches[0])
+        groups = self.family.groups or discover_groups(block, index, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
         for stage in stages:
             todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
             if not todo:
                 continue
-            hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=self.family.groups is not None)
+            hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
+                                       stop_early=self.family.groups is not None)
             for group in todo:
                 for rel in group:
                     name = self._name(index, rel)
@@ -266,9 +267,10 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 
 def collect_hessians(
-    block: nn.Module, names: list[str], batches: list[BlockInput], stop_early: bool = True
+    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Run every batch through `block`, accumulating H of each named linear's input.
+    """Run every batch through `block` (block number `index`, whose captured arguments it is
+    called with), accumulating H of each named linear's input.
 
     With `stop_early` the forward is cut as soon as every named linear has seen its input: the
     rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
@@ -292,7 +294,7 @@ def collect_hessians(
         for batch in batches:
             pending.update(names)
             try:
-                run_block(block, batch)
+                run_block(block, batch, index)
             except StopForward:
                 pass
     finally:
@@ -301,7 +303,7 @@ def collect_hessians(
     return {name: acc.hessian for name, acc in accs.items()}
 
 
-def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
+def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
     """Linears grouped by the input tensor they share, in execution order (generic fallback)."""
     seen: dict[tuple, list[str]] = {}
     handles = []
@@ -312,7 +314,7 @@ def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...
                 seen.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
             handles.append(module.register_forward_hook(hook))
     try:
-        run_block(block, batch)
+        run_block(block, batch, index)
     finally:
         for h in handles:
             h.remove()
