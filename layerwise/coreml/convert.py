@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 STATE_NAMES = ("k_cache", "v_cache")
 INPUT_NAMES = ("input_ids", "causal_mask")
-REQUIRED_OPS = ("read_state", "coreml_update_state", "scaled_dot_product_attention")
 
 
 def export_mlpackage(
@@ -86,7 +85,7 @@ def export_mlpackage(
         for op_type in compress_program(prog, compressed).values():
             kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
     ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
-    missing = [op for op in REQUIRED_OPS if op not in ops]
+    missing = [op for op in wrapper.required_ops() if op not in ops]
     if missing:
         raise ModelError(f"the converted program lacks {missing}; the export would not be stateful/fused")
 
@@ -98,6 +97,7 @@ def export_mlpackage(
         "layerwise.functions": ",".join(programs),
         "layerwise.last_logits_only": str(last_logits_only).lower(),
         "layerwise.compressed_layers": str(len(compressed)),
+        **wrapper.export_metadata(),
     }
     if multifunction:
         info["layerwise.prefill_length"] = str(prefill_length)
