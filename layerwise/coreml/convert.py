@@ -70,7 +70,7 @@ def export_mlpackage(
     if multifunction and not 1 <= prefill_length <= context:
         raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
     compressed = dict(compressed or {})
-    model = _cpu_float32(model)
+    model = cpu_float32(model)
     wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
     shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
 
@@ -215,7 +215,7 @@ def _holding(model: torch.nn.Module, compressed: dict[str, CompressedWeight]):
             weight.data = data
 
 
-def _cpu_float32(model: torch.nn.Module) -> torch.nn.Module:
+def cpu_float32(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself when it is float32 on the CPU, else a CPU float32 copy (the user's stays as is)."""
     tensors = [*model.parameters(), *model.buffers()]
     if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
