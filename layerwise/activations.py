@@ -45,7 +45,7 @@ class Activations:
         batch = self._batches[i]
         if self.directory is None:
             return batch
-        mapped = np.memmap(self._files[i], dtype=np.float32, mode="r", shape=self._shapes[i])
+        mapped = np.memmap(self._files[i], dtype=np.float32, mode="c", shape=self._shapes[i])  # private, writable
         return replace(batch, hidden=torch.from_numpy(mapped).to(self.device))
 
     def __iter__(self) -> Iterator[BlockInput]:

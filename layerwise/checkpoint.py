@@ -155,12 +155,12 @@ class CheckpointWriter:
             progress = json.loads((self.tmp_dir / RUN).read_text())
         except (OSError, ValueError):
             raise ModelError(f"--resume: {self.tmp_dir} has no readable {RUN}; pass --overwrite to start over") from None
-        before = progress.get("arguments", {})
-        for key in sorted(set(before) | set(self.run_args)):
-            if before.get(key) != self.run_args.get(key):
+        before, now = _flat(progress.get("arguments", {})), _flat(self.run_args)
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
                 raise ModelError(
-                    f"--resume: {key} differs from the unfinished run ({before.get(key)!r} then, "
-                    f"{self.run_args.get(key)!r} now); rerun with the same arguments, or pass --overwrite to start over"
+                    f"--resume: {key} was {before.get(key)!r} in the unfinished run and is {now.get(key)!r} now; "
+                    "rerun with the same arguments, or pass --overwrite to start over"
                 )
         self.blocks = [i for i in progress["blocks"] if (self.tmp_dir / f"block-{i:05d}.safetensors").is_file()]
         shards = {f"block-{i:05d}.safetensors" for i in self.blocks}
@@ -175,6 +175,17 @@ class CheckpointWriter:
         if t.is_floating_point():
             t = t.to(self.plain_dtype)
         return t.contiguous()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"calibration": {"seed": 0}} → {"calibration.seed": 0}, so a difference is named to the leaf."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
