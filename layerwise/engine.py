@@ -10,6 +10,7 @@ linears are solved from their weights alone, and the report's error is measured 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
 from .lazy import LazyBlocks
+from .linears import (
+    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors, set_weight_out_in, weight_out_in,
+)
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig
 
@@ -66,6 +70,7 @@ class CompressionResult:
     layers: list[LayerReport]
     compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
     seconds: float  # capture + all blocks (no model load, no evaluation)
+    left_out: dict = field(default_factory=dict)  # block weights kept in float16 and why (linears.left_out_summary)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,13 +110,16 @@ class LayerwiseCompressor:
         self.family: Family = resolve_family(model)
         self.blocks: nn.ModuleList = get_module(model, self.family.blocks)
         self.plan = self._plan()
+        self.left_out = left_out_summary(left_out_weights(self.blocks, self.family.blocks, set(self.plan)), self.blocks)
+        _warn_if_mostly_left_out(self.left_out, bool(self.plan))
 
     def _plan(self) -> dict[str, MethodConfig]:
         """Every layer's config, validated against its shape before any work starts."""
         plan = {}
         for i, block in enumerate(self.blocks):
+            refuse_expert_tensors(block, f"{self.family.blocks}.{i}")
             for rel, module in block.named_modules():
-                if isinstance(module, nn.Linear):
+                if is_compressible(module):
                     name = f"{self.family.blocks}.{i}.{rel}"
                     self._add(plan, name, module)
         if self.recipe.names_lm_head():
@@ -126,7 +134,7 @@ class LayerwiseCompressor:
     def _add(self, plan, name, module):
         config = self.recipe.config_for(name)
         if config is not None:
-            config.check_shape(module.out_features, module.in_features, name)
+            config.check_shape(*linear_shape(module), name)
             if _wants_fisher(config) and name not in self.sensitivity:
                 raise RecipeError(
                     f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
@@ -163,26 +171,35 @@ class LayerwiseCompressor:
         done = getattr(writer, "blocks_done", 0)
         reports: list[LayerReport] = []
         kept: dict[str, CompressedWeight] = {}
-        prefix = self.family.blocks + "."
-        stored = _move_outside(self.model, prefix, self.device)
         batches = None
         try:
             if streamed:
-                batches = self._capture(windows)
+                with self._outside_on_device():  # only for the capture: float32 embeddings are big
+                    batches = self._capture(windows)
             self._log_memory_estimate(windows, batches)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None):
                 self._process_block(index, index < done, batches, reports, writer, kept, on_block_output)
             if self.family.lm_head in self.plan and done <= len(self.blocks):
-                head = get_module(self.model, self.family.lm_head)
-                cw = self._compress_lm_head(batches, reports) if streamed else self._solve(self.family.lm_head, head, None, reports)
+                with self._outside_on_device():
+                    head = get_module(self.model, self.family.lm_head)
+                    cw = self._compress_lm_head(batches, reports) if streamed else self._solve(self.family.lm_head, head, None, reports)
                 self._hand_over_head(cw, writer, kept, reports)
         finally:
             if batches is not None:
                 batches.close()
+        return CompressionResult(reports, kept, time.perf_counter() - start, self.left_out)
+
+    @contextlib.contextmanager
+    def _outside_on_device(self):
+        """The tensors outside the blocks on the device in float32, given back (`dtypes.kept_dtype`) after."""
+        prefix = self.family.blocks + "."
+        stored = _move_outside(self.model, prefix, self.device)
+        try:
+            yield
+        finally:
             _move_outside(self.model, prefix, torch.device("cpu"), stored)
-        return CompressionResult(reports, kept, time.perf_counter() - start)
 
     def _process_block(self, index, replay, batches, reports, writer, kept, on_block_output) -> None:
         """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
@@ -194,15 +211,14 @@ class LayerwiseCompressor:
         if replay:
             compressed = writer.read_block(index)
             for name, cw in compressed.items():
-                linear = get_module(self.model, name)
-                linear.weight.data = cw.dequantize().to(device=self.device, dtype=COMPUTE_DTYPE)
+                set_weight_out_in(get_module(self.model, name), cw.dequantize().to(device=self.device, dtype=COMPUTE_DTYPE))
         elif batches is not None:
             compressed = self._compress_block(index, block, batches, reports)
         else:
             compressed = {name: self._solve(name, module, None, reports)
                           for rel, module in block.named_modules() if (name := self._name(index, rel)) in self.plan}
         if batches is not None:  # the next block sees this block's compressed outputs
-            batches.advance(lambda batch: run_block(block, batch))
+            batches.advance(lambda batch: run_block(block, batch, index))
             if on_block_output is not None:
                 on_block_output(index, batches.hidden_states())
         block.to(device="cpu", dtype=keep_dtype)
@@ -216,7 +232,7 @@ class LayerwiseCompressor:
         activations never sit in memory all at once)."""
         batches = Activations(self.offload_dir, self.device)
         for s in range(0, windows.shape[0], self.batch_size):
-            for batch in capture_block_inputs(self.model, self.blocks[0], windows[s : s + self.batch_size],
+            for batch in capture_block_inputs(self.model, self.blocks, windows[s : s + self.batch_size],
                                               self.batch_size, self.device):
                 batches.append(batch)
         return batches
@@ -225,7 +241,7 @@ class LayerwiseCompressor:
         """Working set before starting: one float32 block, the activations, the largest Hessians."""
         block = self.blocks[0]
         block_bytes = 4 * sum(p.numel() for p in block.parameters())
-        widths = sorted({m.in_features for m in block.modules() if isinstance(m, nn.Linear)})
+        widths = sorted({linear_shape(m)[1] for m in block.modules() if is_compressible(m)})
         hessian_bytes = 4 * widths[-1] ** 2 if widths else 0
         act_bytes = batches.nbytes() if batches is not None else 0
         where = f"on disk under {self.offload_dir}" if self.offload_dir is not None else "in memory"
@@ -237,14 +253,15 @@ class LayerwiseCompressor:
         )
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
-        groups = self.family.groups or discover_groups(block, batches[0])
+        groups = self.family.groups or discover_groups(block, index, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
         for stage in stages:
             todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
             if not todo:
                 continue
-            hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=self.family.groups is not None)
+            hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
+                                       stop_early=self.family.groups is not None)
             for group in todo:
                 for rel in group:
                     name = self._name(index, rel)
@@ -253,11 +270,11 @@ class LayerwiseCompressor:
                         compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
         return compressed
 
-    def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
-        """hessian None: data-free (the report's error is then in weight space)."""
+    def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
+        """linear: nn.Linear or Conv1D; hessian None: data-free (the report's error is then in weight space)."""
         config = self.plan[name]
         solver = METHODS[config.method][1]
-        weight = linear.weight.data
+        weight = weight_out_in(linear)  # [out, in]
         t0 = time.perf_counter()
         extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
         solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
@@ -277,7 +294,7 @@ class LayerwiseCompressor:
                 notes=solution.notes,
             )
         )
-        linear.weight.data = dense
+        set_weight_out_in(linear, dense)
         return cw
 
     def _compress_lm_head(self, batches, reports) -> CompressedWeight:
@@ -315,6 +332,11 @@ def _reports_of(reports: list[LayerReport], names) -> dict[str, dict]:
     return {r.name: r.to_dict() for r in reports if r.name in names}
 
 
+def _warn_if_mostly_left_out(left_out: dict, planned: bool) -> None:
+    if planned and left_out["parameters"] * 2 > left_out["block_parameters"]:
+        log.warning("most block weights stay float16: %s", describe_left_out(left_out))
+
+
 def _onload(block: nn.Module, device: torch.device) -> torch.dtype:
     """Move `block` to `device` in float32; returns the dtype to keep it in afterwards (`dtypes.kept_dtype`)."""
     dtype = next(block.parameters()).dtype
@@ -328,9 +350,10 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 
 def collect_hessians(
-    block: nn.Module, names: list[str], batches: list[BlockInput], stop_early: bool = True
+    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Run every batch through `block`, accumulating H of each named linear's input.
+    """Run every batch through `block` (block number `index`, whose captured arguments it is
+    called with), accumulating H of each named linear's input.
 
     With `stop_early` the forward is cut as soon as every named linear has seen its input: the
     rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
@@ -348,13 +371,13 @@ def collect_hessians(
 
     for name in names:
         linear = block.get_submodule(name)
-        accs[name] = acc = HessianAccumulator(linear.in_features, linear.weight.device)
+        accs[name] = acc = HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
         handles.append(linear.register_forward_pre_hook(lambda m, inp, name=name, acc=acc: grab(name, acc, inp[0])))
     try:
         for batch in batches:
             pending.update(names)
             try:
-                run_block(block, batch)
+                run_block(block, batch, index)
             except StopForward:
                 pass
     finally:
@@ -363,18 +386,18 @@ def collect_hessians(
     return {name: acc.hessian for name, acc in accs.items()}
 
 
-def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
+def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
     """Linears grouped by the input tensor they share, in execution order (generic fallback)."""
     seen: dict[tuple, list[str]] = {}
     handles = []
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear):
+        if is_compressible(module):
             def hook(m, inp, out, name=name):
                 x = inp[0]
                 seen.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
             handles.append(module.register_forward_hook(hook))
     try:
-        run_block(block, batch)
+        run_block(block, batch, index)
     finally:
         for h in handles:
             h.remove()

@@ -104,6 +104,8 @@ def compress_to_checkpoint(
                 "compression_seconds": result.seconds,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": versions(),
+                "layers": {},  # filled by the writer with every block's layers, also those of a resumed run
+                "left_uncompressed": result.left_out,  # block weights kept in float16, by reason
             }
             path = writer.commit(model.config, tokenizer, manifest)
     finally:
