@@ -171,7 +171,7 @@ def main() -> None:
     print(section)
     from layerwise.bench import update_results
 
-    update_results(REPO / args.results, "memory", section)
+    update_results(REPO / args.results, "memory-" + args.windows.replace(",", "-"), section)
 
 
 def _clean(out: Path) -> None:
@@ -187,7 +187,7 @@ def render(rows: list[dict], size: int, args, model: Path) -> str:
     load = os.getloadavg()
     cmd = "python benchmarks/memory_bench.py " + " ".join(a for a in sys.argv[1:])
     lines = [
-        "## Memory: models larger than memory (lazy loading)",
+        f"## Memory: models larger than memory (lazy loading), {args.windows} windows",
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Model: random-weight Llama, {size / 1e9:.2f} GB float16 ({CONFIG['num_hidden_layers']} blocks, hidden "
