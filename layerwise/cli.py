@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     c.add_argument("--no-staged", dest="staged", action="store_false", help="collect all Hessians of a block in one pass")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (same arguments) after its last complete block")
+    c.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations memory-mapped on disk next to --out (long windows, many samples)")
+    c.add_argument("--eager-load", action="store_true",
+                   help="load the whole model with from_pretrained instead of reading each block from disk when reached")
 
     q = sub.add_parser("ppl", help="perplexity of a model or checkpoint")
     q.add_argument("model")
@@ -173,6 +179,7 @@ def cmd_compress(args) -> int:
     path, result = compress_to_checkpoint(
         args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
         device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+        lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
     )
     from .inspect import summary
 
