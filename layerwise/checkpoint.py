@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -29,60 +30,125 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, ModelError, RecipeError
+from .errors import CheckpointError, Interrupted, LayerwiseError, ModelError, RecipeError
 from .formats import CompressedWeight
+from .linears import to_module_layout
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
-from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale, temporary_path
+from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "layerwise.json"
 
 
+RUN = ".layerwise-run.json"  # inside the temporary output only: the arguments and every finished block
+
+
 class CheckpointWriter:
     """Writes a checkpoint shard by shard; use as a context manager (`commit()` renames at the end).
 
-    inputs: the paths the run reads; the output may not be, contain or lie inside any of them.
+    The temporary output `.NAME.partial` next to `out_dir` is the unit of progress: a block shard
+    appears there only once complete (written under a temporary name, then renamed), and `RUN`
+    records the run's arguments and each finished block's layers. A crash, kill or Ctrl-C leaves it
+    in place; `resume=True` continues after its last complete block when the arguments are the same.
     """
 
     def __init__(self, out_dir: str | Path, overwrite: bool = False, plain_dtype: torch.dtype = torch.float16,
-                 inputs: tuple = ()):
+                 resume: bool = False, run_args: dict | None = None, inputs: tuple = ()):
+        """inputs: the paths the run reads; the output may not be, contain or lie inside any of them."""
         self.out_dir = check_output(out_dir, overwrite, inputs)
-        self.tmp_dir = temporary_path(self.out_dir)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.plain_dtype = plain_dtype
-        self.layers: dict[str, dict] = {}
+        self.layers: dict[str, dict] = {}  # name → shard and CompressedWeight meta
+        self.reports: dict[str, dict] = {}  # name → per-layer report, in block order
+        self.blocks: list[int] = []  # indices of the complete shards, in order
         self.overwrite = overwrite
+        self.resume = resume
+        self.run_args = json.loads(json.dumps(run_args or {}))  # as it reads back from JSON
 
     def __enter__(self):
         with os_errors(self.out_dir):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             remove_stale(self.out_dir)
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            self.tmp_dir.mkdir()
+            self._start()
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+    def _start(self) -> None:
+        if self.tmp_dir.exists() and self.resume:
+            self._load_progress()
+        elif self.resume:
+            raise ModelError(f"--resume: there is no unfinished run for {self.out_dir} (no {self.tmp_dir.name}); "
+                             "run without --resume")
+        elif self.tmp_dir.exists() and not self.overwrite and (self.tmp_dir / RUN).is_file():
+            done = len(json.loads((self.tmp_dir / RUN).read_text()).get("blocks", []))
+            raise ModelError(f"{self.tmp_dir} holds an unfinished run ({done} blocks written); add --resume to continue "
+                             "it, or --overwrite to start over")
+        else:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            failure = environment_failure(exc, self.out_dir)
-            if failure is not None:  # disk full, read-only, …: one line instead of a traceback
-                raise failure from None
+            self.tmp_dir.mkdir()
+            self._save_progress()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        left = None
+        if not self.blocks:  # nothing worth resuming
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        else:
+            left = (f"{len(self.blocks)} complete block shards kept in {self.tmp_dir}; run the same command with "
+                    "--resume to continue after them")
+        # the CLI prints one line: the problem, then what is left and how to resume
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(*exc.args, left=left) from None
+        failure = environment_failure(exc, self.out_dir) or exc
+        if isinstance(failure, LayerwiseError):
+            raise type(failure)(f"{failure}; {left}" if left else str(failure)) from None
+        if left:
+            log.warning("stopped: %s", left)
         return False
 
-    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor]) -> None:
+    @property
+    def blocks_done(self) -> int:
+        """How many shards from block 0 on are complete (the engine starts after them)."""
+        n = 0
+        while n in self.blocks:
+            n += 1
+        return n
+
+    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor],
+                    reports: dict[str, dict] | None = None) -> None:
+        """Write shard `index` (complete or not at all), then record it as done."""
+        shard = f"block-{index:05d}.safetensors"
         tensors = {name: self._plain(t) for name, t in plain.items()}
+        layers = {}
         for name, cw in compressed.items():
             if cw.bits_per_weight() > 16:
                 raise RecipeError(f"{name}: the recipe's method stores {cw.bits_per_weight():.2f} bits per weight, more "
                                   "than the float16 layer; choose fewer bits, more sparsity or leave the layer alone")
-            self.layers[name] = {"shard": f"block-{index:05d}.safetensors", **cw.meta()}
+            layers[name] = {"shard": shard, **cw.meta()}
             for part, t in cw.to_tensors().items():
                 tensors[f"{name}.weight.{part}"] = t
-        save_shard(tensors, self.tmp_dir / f"block-{index:05d}.safetensors")
+        _save_atomic(tensors, self.tmp_dir / shard)
+        self.layers.update(layers)
+        self.reports.update(reports or {})
+        self.blocks.append(index)
+        self._save_progress()
+
+    def read_block(self, index: int) -> dict[str, CompressedWeight]:
+        """The compressed layers of a complete shard (a resumed run streams through them)."""
+        shard = f"block-{index:05d}.safetensors"
+        names = [name for name, meta in self.layers.items() if meta["shard"] == shard]
+        parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+        with safe_open(self.tmp_dir / shard, framework="pt") as f:
+            for key in f.keys():
+                layer, sep, part = key.rpartition(".weight.")
+                if sep and layer in parts:
+                    parts[layer][part] = f.get_tensor(key)
+        return {name: CompressedWeight.from_tensors(self.layers[name], parts[name]) for name in names}
 
     def write_rest(self, plain: dict[str, torch.Tensor]) -> None:
         tensors = {name: self._plain(t) for name, t in plain.items()}
-        save_shard(tensors, self.tmp_dir / "rest.safetensors")
+        _save_atomic(tensors, self.tmp_dir / "rest.safetensors")
 
     def commit(self, config, tokenizer, manifest: dict) -> Path:
         """Write config, tokenizer and manifest (with each shard's sha256), then move the directory into place."""
@@ -91,11 +157,41 @@ class CheckpointWriter:
             tokenizer.save_pretrained(self.tmp_dir)
         manifest = {"format": FORMAT, **manifest}
         layers = manifest.setdefault("layers", {})
+        for name, report in self.reports.items():
+            layers.setdefault(name, {})["report"] = report
         for name, meta in self.layers.items():
             layers.setdefault(name, {}).update(meta)
         manifest["shards"] = {p.name: sha256_file(p) for p in sorted(self.tmp_dir.glob("*.safetensors"))}
         (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        (self.tmp_dir / RUN).unlink(missing_ok=True)
         return publish(self.tmp_dir, self.out_dir, "checkpoint")
+
+    def _save_progress(self) -> None:
+        progress = {"arguments": self.run_args, "blocks": self.blocks, "layers": self.layers, "reports": self.reports}
+        tmp = self.tmp_dir / f"{RUN}.tmp"
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self.tmp_dir / RUN)
+
+    def _load_progress(self) -> None:
+        """Trust only what `RUN` lists and what exists on disk; refuse other arguments by name."""
+        try:
+            progress = json.loads((self.tmp_dir / RUN).read_text())
+        except (OSError, ValueError):
+            raise ModelError(f"--resume: {self.tmp_dir} has no readable {RUN}; pass --overwrite to start over") from None
+        before, now = _flat(progress.get("arguments", {})), _flat(self.run_args)
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                raise ModelError(
+                    f"--resume: {key} was {before.get(key)!r} in the unfinished run and is {now.get(key)!r} now; "
+                    "rerun with the same arguments, or pass --overwrite to start over"
+                )
+        self.blocks = [i for i in progress["blocks"] if (self.tmp_dir / f"block-{i:05d}.safetensors").is_file()]
+        shards = {f"block-{i:05d}.safetensors" for i in self.blocks}
+        self.layers = {n: m for n, m in progress["layers"].items() if m["shard"] in shards}
+        self.reports = {n: r for n, r in progress["reports"].items() if n in self.layers}
+        for stray in self.tmp_dir.glob(".*.tmp-*"):  # a shard that was being written when the run died
+            stray.unlink()
+        log.info("resuming %s: %d complete block shards kept", self.out_dir, len(self.blocks))
 
     def _plain(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().cpu()
@@ -104,8 +200,22 @@ class CheckpointWriter:
         return t.contiguous()
 
 
-def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, path, metadata={"format": "pt"})
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"calibration": {"seed": 0}} → {"calibration.seed": 0}, so a difference is named to the leaf."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file under a hidden temporary name, renamed once complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -212,7 +322,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
         model = AutoModelForCausalLM.from_config(config)
     state = dict(plain)
     for name, cw in compressed.items():
-        state[f"{name}.weight"] = cw.dequantize()
+        state[f"{name}.weight"] = to_module_layout(model.get_submodule(name), cw.dequantize())  # Conv1D: [in, out]
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in result.missing_keys if _is_tied(model, k)}

@@ -27,3 +27,11 @@ class OutputError(LayerwiseError, OSError):
 
 class CheckpointError(ModelError):
     """A layerwise checkpoint whose manifest or tensors are damaged or do not agree."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (args[0]: the signal number, if known), with what is left on disk."""
+
+    def __init__(self, *args, left: str | None = None):
+        super().__init__(*args)
+        self.left = left

@@ -80,6 +80,35 @@ def _load_hf(name_or_path: str, dtype: str, trust_remote_code: bool):
         raise
 
 
+def open_for_compress(name_or_path: str, lazy: bool | None = None, trust_remote_code: bool = False,
+                      allow_non_finite: bool = False):
+    """(model, lazy block reader or None, local directory) for `compress`.
+
+    lazy None: lazy for a Hugging Face model (local directory or Hub id; its weights must be
+    safetensors, a pickle-only model is refused with how to convert it), eager for a layerwise
+    checkpoint (its weights are compressed already). The tensors in memory are checked for NaN/Inf
+    here (unless allow_non_finite); a lazy block's when it is read (`LazyBlocks.finite_names`).
+    """
+    from .lazy import open_lazy, resolve_local
+
+    if lazy is None:
+        lazy = not is_checkpoint(name_or_path)
+    if not lazy:
+        model = load_model(name_or_path, trust_remote_code=trust_remote_code, allow_non_finite=allow_non_finite)
+        return model, None, name_or_path
+    _check_looks_reachable(name_or_path)
+    local = resolve_local(name_or_path)
+    try:
+        model, blocks = open_lazy(str(local), trust_remote_code=trust_remote_code)
+    except ModelError:
+        _refuse_custom_code(str(local), trust_remote_code)
+        raise
+    check_causal(model, name_or_path)
+    if not allow_non_finite:
+        check_finite(model.named_parameters(), name_or_path)
+    return model, blocks, str(local)
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
