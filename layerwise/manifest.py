@@ -39,6 +39,13 @@ def validate_manifest(manifest, where) -> dict:
         for k, v in shards.items())), where, "shards", "must map shard file names to sha256 hex digests")
     _require(manifest.get("compression_seconds") is None or _is_number(manifest["compression_seconds"]),
              where, "compression_seconds", "must be a number")
+    left = manifest.get("left_uncompressed")  # block weights kept in float16 (inspect's summary line)
+    _require(left is None or (
+        isinstance(left, dict) and all(_is_int(left.get(k)) and left[k] >= 0
+                                       for k in ("weights", "parameters", "block_weights", "block_parameters"))
+        and isinstance(left.get("reasons"), dict)
+        and all(isinstance(r, dict) and isinstance(r.get("kinds"), list) and all(isinstance(k, str) for k in r["kinds"])
+                for r in left["reasons"].values())), where, "left_uncompressed", "is not a summary of float16 block weights")
     for name, meta in layers.items():
         validate_layer(name, meta, where)
     return manifest

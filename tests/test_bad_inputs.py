@@ -368,7 +368,15 @@ def test_disk_full_or_read_only_while_writing(work, tmp_path, capsys, monkeypatc
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(checkpoint, "save_file", failing)
-    refused(capsys, ["compress", str(work / "model"), "--out", str(tmp_path / "o"), *RTN], message, tmp_path)
+    before = snapshot(tmp_path)
+    assert main(["compress", str(work / "model"), "--out", str(tmp_path / "o"), *RTN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and message in err and "Traceback" not in err
+    # the complete first block is kept for --resume (the message says so); no output appears
+    assert "1 complete block shards kept" in err and "--resume" in err
+    assert not (tmp_path / "o").exists()
+    shutil.rmtree(tmp_path / ".o.partial")
+    assert snapshot(tmp_path) == before
 
     import layerwise.outputs as outputs
 
@@ -406,13 +414,17 @@ def test_sigterm_stops_cleanly_like_sigint(work, tmp_path):
                              "--bits", "4", "--nsamples", "256", "--seqlen", "128", "--batch-size", "1"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".o.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+    while not (tmp_path / ".o.partial").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1].strip()
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert err.splitlines() == [err] and "SIGTERM" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert err.splitlines() == [err] and "stopped by SIGTERM" in err and "Traceback" not in err
+    assert not out.exists()
+    if (tmp_path / ".o.partial").exists():  # complete blocks are kept, and the line says how to go on
+        assert "--resume" in err
+    else:
+        assert "incomplete outputs were removed" in err and list(tmp_path.iterdir()) == []
 
 
 def test_a_real_bug_shows_the_traceback_and_exit_1(work, capsys, monkeypatch):
