@@ -32,13 +32,17 @@ def check_state_memory(config, context: int) -> None:
 def export_model(model_path: str, out_path: str | Path, context: int = 512, multifunction: bool = False,
                  prefill_length: int = 64, last_logits_only: bool = False, overwrite: bool = False,
                  trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
-    from .coreml import export_mlpackage
-
+    if Path(out_path).suffix != ".mlpackage":  # checked here too: importing coremltools prints noise
+        raise ModelError(f"--out {out_path} must end in .mlpackage")
+    if multifunction and not 1 <= prefill_length <= context:
+        raise ModelError(f"--prefill-length {prefill_length} must lie in [1, --context {context}]")
     out_path = check_output(out_path, overwrite, inputs=(model_path,))
     tokenizer_dir = check_output(tokenizer_dir_for(out_path), overwrite, inputs=(model_path,), flag="tokenizer folder")
     model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify)
     check_length(model.config, context, "--context", allow_long_context)
     check_state_memory(model.config, context)
+    from .coreml import export_mlpackage
+
     compressed = getattr(model, "layerwise_compressed", {})
     manifest = getattr(model, "layerwise_manifest", None)
     metadata = {"layerwise.source_model": str(model_path)}

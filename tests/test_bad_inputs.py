@@ -518,3 +518,14 @@ def test_checkpoint_config_damaged(work, tmp_path, capsys, damage):
 def test_absent_device(work, tmp_path, capsys):
     refused(capsys, ["ppl", str(work / "model"), "--data", str(work / "calib.txt"), "--device", "cuda"], "no CUDA GPU", tmp_path)
     refused(capsys, ["ppl", str(work / "model"), "--data", str(work / "calib.txt"), "--device", "tpu"], "unknown", tmp_path)
+
+
+def test_export_checks_before_converting(work, tmp_path, capsys):
+    """Mistakes in export's arguments are one line before coremltools is even imported (it prints noise)."""
+    foreign = tmp_path / "Someone.mlpackage"
+    foreign.mkdir()
+    (foreign / "Manifest.json").write_text("{}")
+    refused(capsys, ["export", str(work / "ck"), "--out", str(foreign), "--overwrite"], "was not written by layerwise", tmp_path)
+    refused(capsys, ["export", str(work / "ck"), "--out", str(tmp_path / "model.bin")], "must end in .mlpackage", tmp_path)
+    refused(capsys, ["export", str(work / "ck"), "--out", str(tmp_path / "M.mlpackage"), "--multifunction",
+                     "--context", "32", "--prefill-length", "64"], "--prefill-length 64 must lie in", tmp_path)
