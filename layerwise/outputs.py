@@ -186,6 +186,8 @@ def environment_failure(exc: BaseException, out, writing: bool = True) -> Output
     if not isinstance(exc, OSError) or isinstance(exc, OutputError) or exc.errno not in known:
         return None
     problem, fix = known[exc.errno]
+    if not writing:  # raised somewhere in a command: it may have been a read
+        return OutputError(f"{problem}: {exc.filename or out}; check that path, or {fix}")
     return OutputError(f"cannot write {out}: {problem} ({exc.filename or out}); {fix}")
 
 
