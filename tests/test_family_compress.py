@@ -127,6 +127,8 @@ def test_summary_says_which_block_weights_stay_float16(tmp_path, capsys):
             "model.layers.*.mlp.up_proj.weight, model.layers.*.mlp.down_proj.weight (recipe: none)") in line
     left = json.loads((out / "layerwise.json").read_text())["left_uncompressed"]
     assert left["parameters"] == 2 * 3 * 128 * 64 and left["block_parameters"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_uncompressed"] == left
 
 
 def test_non_linear_block_matrices_are_reported():
