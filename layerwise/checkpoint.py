@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from .errors import ModelError
 from .formats import CompressedWeight
+from .linears import to_module_layout
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
         model = AutoModelForCausalLM.from_config(config)
     state = dict(plain)
     for name, cw in compressed.items():
-        state[f"{name}.weight"] = cw.dequantize()
+        state[f"{name}.weight"] = to_module_layout(model.get_submodule(name), cw.dequantize())  # Conv1D: [in, out]
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in result.missing_keys if _is_tied(model, k)}

@@ -25,6 +25,9 @@ from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
+from .linears import (
+    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors, set_weight_out_in, weight_out_in,
+)
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig
 
@@ -54,6 +57,7 @@ class CompressionResult:
     layers: list[LayerReport]
     compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
     seconds: float  # capture + all blocks (no model load, no evaluation)
+    left_out: dict = field(default_factory=dict)  # block weights kept in float16 and why (linears.left_out_summary)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,13 +92,16 @@ class LayerwiseCompressor:
         self.family: Family = resolve_family(model)
         self.blocks: nn.ModuleList = get_module(model, self.family.blocks)
         self.plan = self._plan()
+        self.left_out = left_out_summary(left_out_weights(self.blocks, self.family.blocks, set(self.plan)), self.blocks)
+        _warn_if_mostly_left_out(self.left_out, bool(self.plan))
 
     def _plan(self) -> dict[str, MethodConfig]:
         """Every layer's config, validated against its shape before any work starts."""
         plan = {}
         for i, block in enumerate(self.blocks):
+            refuse_expert_tensors(block, f"{self.family.blocks}.{i}")
             for rel, module in block.named_modules():
-                if isinstance(module, nn.Linear):
+                if is_compressible(module):
                     name = f"{self.family.blocks}.{i}.{rel}"
                     self._add(plan, name, module)
         if self.recipe.names_lm_head():
@@ -109,7 +116,7 @@ class LayerwiseCompressor:
     def _add(self, plan, name, module):
         config = self.recipe.config_for(name)
         if config is not None:
-            config.check_shape(module.out_features, module.in_features, name)
+            config.check_shape(*linear_shape(module), name)
             if _wants_fisher(config) and name not in self.sensitivity:
                 raise RecipeError(
                     f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
@@ -143,7 +150,7 @@ class LayerwiseCompressor:
             result = self._compress_data_free(writer, start)
             _move_outside(self.model, prefix, torch.device("cpu"), stored)
             return result
-        batches = capture_block_inputs(self.model, self.blocks[0], windows, self.batch_size, self.device)
+        batches = capture_block_inputs(self.model, self.blocks, windows, self.batch_size, self.device)
         reports: list[LayerReport] = []
         kept: dict[str, CompressedWeight] = {}
         for index in tqdm(range(len(self.blocks)), desc="compressing blocks", unit="block", disable=None):
@@ -151,7 +158,7 @@ class LayerwiseCompressor:
             keep_dtype = _onload(block, self.device)
             compressed = self._compress_block(index, block, batches, reports)
             for batch in batches:  # the next block sees this block's compressed outputs
-                batch.hidden = run_block(block, batch)
+                batch.hidden = run_block(block, batch, index)
             if on_block_output is not None:
                 on_block_output(index, [b.hidden for b in batches])
             block.to(device="cpu", dtype=keep_dtype)
@@ -159,7 +166,7 @@ class LayerwiseCompressor:
         if self.family.lm_head in self.plan:
             self._hand_over_head(self._compress_lm_head(batches, reports), writer, kept)
         _move_outside(self.model, prefix, torch.device("cpu"), stored)
-        return CompressionResult(reports, kept, time.perf_counter() - start)
+        return CompressionResult(reports, kept, time.perf_counter() - start, self.left_out)
 
     def _compress_data_free(self, writer, start) -> CompressionResult:
         reports: list[LayerReport] = []
@@ -177,17 +184,18 @@ class LayerwiseCompressor:
         if self.family.lm_head in self.plan:
             head = get_module(self.model, self.family.lm_head)
             self._hand_over_head(self._solve(self.family.lm_head, head, None, reports), writer, kept)
-        return CompressionResult(reports, kept, time.perf_counter() - start)
+        return CompressionResult(reports, kept, time.perf_counter() - start, self.left_out)
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
-        groups = self.family.groups or discover_groups(block, batches[0])
+        groups = self.family.groups or discover_groups(block, index, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
         for stage in stages:
             todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
             if not todo:
                 continue
-            hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=self.family.groups is not None)
+            hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
+                                       stop_early=self.family.groups is not None)
             for group in todo:
                 for rel in group:
                     name = self._name(index, rel)
@@ -196,11 +204,11 @@ class LayerwiseCompressor:
                         compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
         return compressed
 
-    def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
-        """hessian None: data-free (the report's error is then in weight space)."""
+    def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
+        """linear: nn.Linear or Conv1D; hessian None: data-free (the report's error is then in weight space)."""
         config = self.plan[name]
         solver = METHODS[config.method][1]
-        weight = linear.weight.data
+        weight = weight_out_in(linear)  # [out, in]
         t0 = time.perf_counter()
         extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
         solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
@@ -220,7 +228,7 @@ class LayerwiseCompressor:
                 notes=solution.notes,
             )
         )
-        linear.weight.data = dense
+        set_weight_out_in(linear, dense)
         return cw
 
     def _compress_lm_head(self, batches, reports) -> CompressedWeight:
@@ -252,6 +260,11 @@ class LayerwiseCompressor:
         return f"{self.family.blocks}.{index}.{rel}"
 
 
+def _warn_if_mostly_left_out(left_out: dict, planned: bool) -> None:
+    if planned and left_out["parameters"] * 2 > left_out["block_parameters"]:
+        log.warning("most block weights stay float16: %s", describe_left_out(left_out))
+
+
 def _onload(block: nn.Module, device: torch.device) -> torch.dtype:
     """Move `block` to `device` in float32; returns the dtype to store it in afterwards (bfloat16
     comes back as float32: the compressed float16 values are not bfloat16-exact)."""
@@ -266,9 +279,10 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 
 def collect_hessians(
-    block: nn.Module, names: list[str], batches: list[BlockInput], stop_early: bool = True
+    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Run every batch through `block`, accumulating H of each named linear's input.
+    """Run every batch through `block` (block number `index`, whose captured arguments it is
+    called with), accumulating H of each named linear's input.
 
     With `stop_early` the forward is cut as soon as every named linear has seen its input: the
     rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
@@ -286,13 +300,13 @@ def collect_hessians(
 
     for name in names:
         linear = block.get_submodule(name)
-        accs[name] = acc = HessianAccumulator(linear.in_features, linear.weight.device)
+        accs[name] = acc = HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
         handles.append(linear.register_forward_pre_hook(lambda m, inp, name=name, acc=acc: grab(name, acc, inp[0])))
     try:
         for batch in batches:
             pending.update(names)
             try:
-                run_block(block, batch)
+                run_block(block, batch, index)
             except StopForward:
                 pass
     finally:
@@ -301,18 +315,18 @@ def collect_hessians(
     return {name: acc.hessian for name, acc in accs.items()}
 
 
-def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
+def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
     """Linears grouped by the input tensor they share, in execution order (generic fallback)."""
     seen: dict[tuple, list[str]] = {}
     handles = []
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear):
+        if is_compressible(module):
             def hook(m, inp, out, name=name):
                 x = inp[0]
                 seen.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
             handles.append(module.register_forward_hook(hook))
     try:
-        run_block(block, batch)
+        run_block(block, batch, index)
     finally:
         for h in handles:
             h.remove()

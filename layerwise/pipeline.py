@@ -86,6 +86,7 @@ def compress_to_checkpoint(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
             "layers": {r.name: {"report": _report_dict(r)} for r in result.layers},
+            "left_uncompressed": result.left_out,  # block weights kept in float16, by reason
         }
         path = writer.commit(model.config, tokenizer, manifest)
     log.info("wrote %s (%d layers compressed in %.1f s)", path, len(result.layers), result.seconds)

@@ -17,6 +17,7 @@ from enum import Enum
 import torch.nn as nn
 
 from layerwise.errors import ModelError
+from layerwise.linears import is_compressible
 
 LinearGroup = tuple[str, ...]  # linear names (relative to a block) fed the same input tensor
 
@@ -292,7 +293,7 @@ def _is_block_list(m: nn.Module) -> bool:
     if not isinstance(m, nn.ModuleList) or len(m) == 0:
         return False
     kinds = {type(b) for b in m}
-    return len(kinds) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules())
+    return len(kinds) == 1 and any(is_compressible(x) for x in m[0].modules())  # nn.Linear or GPT-2's Conv1D
 
 
 def _has(root: nn.Module, path: str) -> bool:
