@@ -22,8 +22,8 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 256, batch_size: in
     if n_windows < 1:
         raise DataError(f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = token_ids[: n_windows * seqlen].reshape(n_windows, seqlen)
-    if torch.device(device).type == "cpu":  # float32 logits of one batch, about three copies (logits, softmax)
-        vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if torch.device(device).type == "cpu" and isinstance(vocab, int):  # float32 logits of a batch, ~3 copies
         check_fits(3 * 4 * min(batch_size, n_windows) * seqlen * vocab, f"--batch-size {batch_size} x --seqlen {seqlen}",
                    "lower --batch-size")
     model.eval()
