@@ -26,7 +26,8 @@ from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
 from .recipe import Recipe
-from .solvers import METHODS, MethodConfig
+from .solvers import GROUP_SOLVERS, METHODS, MethodConfig
+from .stacking import stack_runs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class LayerReport:
     name: str
     method: str
     rel_error: float  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs this layer saw
-    seconds: float  # solver time
+    seconds: float  # solver time (a stacked group's time shared out by rows)
     bits_per_weight: float  # packed payload bits / weights (codes, scales, LUTs, mask)
     damping: float | None
     sparsity: float
@@ -76,9 +77,11 @@ class LayerwiseCompressor:
     """Compress `model` in place, block by block, with the methods `recipe` assigns."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
-                 sensitivity: dict[str, torch.Tensor] | None = None):
+                 sensitivity: dict[str, torch.Tensor] | None = None, stack: bool = True):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
-        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`."""
+        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`. stack: solve the
+        layers of one input group with one config as one stacked matrix (stacking.py; same result)."""
+        self.stack = stack
         self.model = model
         self.sensitivity = sensitivity or {}
         self.recipe = recipe
@@ -189,22 +192,42 @@ class LayerwiseCompressor:
                 continue
             hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=self.family.groups is not None)
             for group in todo:
-                for rel in group:
-                    name = self._name(index, rel)
-                    if name in self.plan:
-                        linear = block.get_submodule(rel)
-                        compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
+                linears = {self._name(index, rel): block.get_submodule(rel) for rel in group}
+                compressed.update(self._solve_group({n: m for n, m in linears.items() if n in self.plan},
+                                                    hessians[group[0]], reports))
         return compressed
 
     def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
         """hessian None: data-free (the report's error is then in weight space)."""
-        config = self.plan[name]
-        solver = METHODS[config.method][1]
-        weight = linear.weight.data
+        return self._solve_group({name: linear}, hessian, reports)[name]
+
+    def _solve_group(self, linears: dict[str, nn.Linear], hessian, reports) -> dict[str, CompressedWeight]:
+        """Solve layers sharing one input (stacked where stack_runs allows); reports in their order."""
+        solved = {}
+        for run in stack_runs(list(linears), self.plan, self.stack):
+            solved.update(self._solve_run(run, linears, hessian))
+        return {name: self._record(name, linears[name], hessian, *solved[name], reports) for name in linears}
+
+    def _solve_run(self, run: list[str], linears, hessian) -> dict:
+        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows."""
+        config = self.plan[run[0]]
+        fisher = _wants_fisher(config)
+        hessian = hessian if config.needs_hessian else None
         t0 = time.perf_counter()
-        extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
-        solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
+        if len(run) > 1:
+            extra = {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
+            solutions = GROUP_SOLVERS[config.method]([linears[n].weight.data for n in run], hessian, config, **extra)
+        else:
+            extra = {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
+            solutions = [METHODS[config.method][1](linears[run[0]].weight.data, hessian, config, **extra)]
         seconds = time.perf_counter() - t0
+        rows = [linears[n].out_features for n in run]
+        return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
+
+    def _record(self, name, linear, hessian, solution, seconds, reports) -> CompressedWeight:
+        """Report the layer's solution and put its dense view into the model (later stages see it)."""
+        config = self.plan[name]
+        weight = linear.weight.data
         cw = solution.compressed
         dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
         reports.append(
