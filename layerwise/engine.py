@@ -25,6 +25,7 @@ from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
+from .lockstep import lockstep_block
 from .recipe import Recipe
 from .solvers import GROUP_SOLVERS, METHODS, MethodConfig
 from .stacking import stack_runs
@@ -77,11 +78,14 @@ class LayerwiseCompressor:
     """Compress `model` in place, block by block, with the methods `recipe` assigns."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
-                 sensitivity: dict[str, torch.Tensor] | None = None, stack: bool = True):
+                 sensitivity: dict[str, torch.Tensor] | None = None, stack: bool = True, lockstep: bool = True):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`. stack: solve the
-        layers of one input group with one config as one stacked matrix (stacking.py; same result)."""
+        layers of one input group with one config as one stacked matrix (stacking.py; same result).
+        lockstep: staged solving of a declared family in one forward per block (lockstep.py; same
+        result, every batch's block activations in memory at once); off: one forward per stage."""
         self.stack = stack
+        self.lockstep = lockstep
         self.model = model
         self.sensitivity = sensitivity or {}
         self.recipe = recipe
@@ -152,9 +156,9 @@ class LayerwiseCompressor:
         for index in tqdm(range(len(self.blocks)), desc="compressing blocks", unit="block", disable=None):
             block = self.blocks[index]
             keep_dtype = _onload(block, self.device)
-            compressed = self._compress_block(index, block, batches, reports)
-            for batch in batches:  # the next block sees this block's compressed outputs
-                batch.hidden = run_block(block, batch)
+            compressed, outputs = self._compress_block(index, block, batches, reports)
+            for i, batch in enumerate(batches):  # the next block sees this block's compressed outputs
+                batch.hidden = run_block(block, batch) if outputs is None else outputs[i]
             if on_block_output is not None:
                 on_block_output(index, [b.hidden for b in batches])
             block.to(device="cpu", dtype=keep_dtype)
@@ -182,7 +186,11 @@ class LayerwiseCompressor:
             self._hand_over_head(self._solve(self.family.lm_head, head, None, reports), writer, kept)
         return CompressionResult(reports, kept, time.perf_counter() - start)
 
-    def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
+    def _compress_block(self, index, block, batches, reports) -> tuple[dict[str, CompressedWeight], list | None]:
+        """The block's compressed layers, and its compressed outputs per batch when the lockstep
+        forward already produced them (None: the caller runs the block again)."""
+        if self.staged and self.lockstep and self.family.groups is not None:
+            return self._compress_block_lockstep(index, block, batches, reports)
         groups = self.family.groups or discover_groups(block, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
@@ -195,7 +203,18 @@ class LayerwiseCompressor:
                 linears = {self._name(index, rel): block.get_submodule(rel) for rel in group}
                 compressed.update(self._solve_group({n: m for n, m in linears.items() if n in self.plan},
                                                     hessians[group[0]], reports))
-        return compressed
+        return compressed, None
+
+    def _compress_block_lockstep(self, index, block, batches, reports):
+        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in self.plan for n in g)}
+        compressed = {}
+
+        def solve(leader, hessian):
+            linears = {self._name(index, rel): block.get_submodule(rel) for rel in groups[leader]}
+            compressed.update(self._solve_group({n: m for n, m in linears.items() if n in self.plan}, hessian, reports))
+
+        outputs = lockstep_block(block, batches, list(groups), solve)
+        return compressed, outputs
 
     def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
         """hessian None: data-free (the report's error is then in weight space)."""
