@@ -3,7 +3,7 @@
 next block, and the rest; optionally one float forward and the coremltools peer, back to back.
 
     python benchmarks/profile_compress.py ~/.cache/smollm2-135m --recipe '{"method": "gptq", "bits": 3, "block_size": 32, "sym": true}' \\
-        --nsamples 32 --peer ct-gptq-3bit-block32 --forward
+        --nsamples 32 --peer ct-gptq-3bit-block32 --forward --threads 1
 
 Times are wall seconds and this process's CPU seconds (the CPU column is less disturbed by other
 work on a shared machine). The solver's parts are exclusive: a grid fit inside the sweep counts as
@@ -78,7 +78,10 @@ def main():
     ap.add_argument("--forward", action="store_true", help="also time one float forward over the windows")
     ap.add_argument("--no-stack", action="store_true")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--threads", type=int, help="torch threads for ours and the peer alike (1: stable timings on a busy machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from layerwise.calib_data import calibration_windows
     from layerwise.engine import LayerwiseCompressor
