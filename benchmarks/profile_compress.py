@@ -52,6 +52,7 @@ def instrument(clock: Clock) -> None:
 
     clock.patch(engine, "capture_block_inputs", "capture (embeddings, block-0 inputs)")
     clock.patch(engine, "collect_hessians", "Hessian collection (staged forwards)")
+    clock.patch(engine, "lockstep_block", "block forwards + Hessians (lockstep, one forward per block)")
     clock.patch(engine, "run_block", "block forwards (next block's inputs)")
     clock.patch(engine, "relative_error", "report (relative error)")
     for mod in (gptq, sparsegpt, palettize, rtn):

@@ -14,7 +14,7 @@ hidden states).
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ import torch.nn as nn
 from .capture import BlockInput, run_block
 from .errors import ModelError
 from .hessian import HessianAccumulator
+from .linears import linear_shape
 
 
 class _Abort(BaseException):
@@ -32,9 +33,9 @@ class _Batch(threading.Thread):
     """One batch's forward through the block, run as a coroutine: `step` lets it run until it
     pauses at the next group input (or finishes); `pause` is called from its hooks."""
 
-    def __init__(self, block: nn.Module, batch: BlockInput):
+    def __init__(self, block: nn.Module, index: int, batch: BlockInput):
         super().__init__(daemon=True)
-        self.block, self.batch = block, batch
+        self.block, self.index, self.batch = block, index, batch
         self.go, self.back = threading.Semaphore(0), threading.Semaphore(0)
         self.at: str | None = None  # the group it is paused at
         self.output: torch.Tensor | None = None
@@ -46,7 +47,7 @@ class _Batch(threading.Thread):
         try:
             if not self.aborted:
                 with torch.no_grad():  # grad mode is per thread
-                    self.output = run_block(self.block, self.batch)
+                    self.output = run_block(self.block, self.batch, self.index)
         except BaseException as e:  # handed to the coordinating thread
             self.error = e
         self.at = None
@@ -68,16 +69,17 @@ class _Batch(threading.Thread):
 
 def lockstep_block(
     block: nn.Module,
-    batches: list[BlockInput],
+    index: int,
+    batches: Iterable[BlockInput],
     leaders: list[str],
     solve: Callable[[str, torch.Tensor], None],
 ) -> list[torch.Tensor]:
-    """Run `block` over `batches`, solving each group at its input: `leaders` are the first linear
+    """Run `block` (block number `index`, whose captured arguments each batch holds) over `batches`, solving each group at its input: `leaders` are the first linear
     of every group to solve (its input is the group's input), in any order; `solve(leader,
     hessian)` compresses the group in place. Returns the block's outputs per batch (compressed)."""
-    threads = [_Batch(block, b) for b in batches]
+    threads = [_Batch(block, index, b) for b in batches]
     current = {}
-    accs = {name: HessianAccumulator(block.get_submodule(name).in_features, block.get_submodule(name).weight.device)
+    accs = {name: HessianAccumulator(linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device)
             for name in leaders}
 
     def hook(name):

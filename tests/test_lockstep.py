@@ -38,23 +38,23 @@ def test_lockstep_equals_one_forward_per_stage(kind, raw):
 def test_a_linear_running_twice_is_a_clear_error():
     model = build_tiny_model("llama", dtype=torch.float32)
     block = model.model.layers[0]
-    batches = capture_block_inputs(model, block, ids(4), 2, torch.device("cpu"))
+    batches = capture_block_inputs(model, model.model.layers, ids(4), 2, torch.device("cpu"))
     mlp = block.mlp
     original = mlp.forward
     mlp.forward = lambda x: original(x) + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
     with pytest.raises(ModelError, match="once per forward"):
-        lockstep_block(block, batches, ["mlp.gate_proj"], lambda name, h: None)
+        lockstep_block(block, 0, batches, ["mlp.gate_proj"], lambda name, h: None)
 
 
 def test_an_error_in_a_solve_unwinds_every_batch():
     model = build_tiny_model("llama", dtype=torch.float32)
     block = model.model.layers[0]
-    batches = capture_block_inputs(model, block, ids(6), 2, torch.device("cpu"))
+    batches = capture_block_inputs(model, model.model.layers, ids(6), 2, torch.device("cpu"))
 
     def fail(name, hessian):
         raise RuntimeError("solver failed")
 
     with pytest.raises(RuntimeError, match="solver failed"):
-        lockstep_block(block, batches, ["self_attn.q_proj"], fail)
-    out = lockstep_block(block, batches, ["self_attn.q_proj"], lambda name, h: None)  # hooks were removed
+        lockstep_block(block, 0, batches, ["self_attn.q_proj"], fail)
+    out = lockstep_block(block, 0, batches, ["self_attn.q_proj"], lambda name, h: None)  # hooks were removed
     assert len(out) == 3
