@@ -46,9 +46,14 @@ class Clock:
 
 
 def instrument(clock: Clock) -> None:
+    import importlib
+
     import layerwise.engine as engine
     import layerwise.solvers as solvers
-    from layerwise.solvers import gptq, palettize, rtn, sparsegpt
+
+    # the modules (the package's attributes of the same names are the solver functions)
+    gptq, palettize, rtn, sparsegpt = (importlib.import_module(f"layerwise.solvers.{m}")
+                                       for m in ("gptq", "palettize", "rtn", "sparsegpt"))
 
     clock.patch(engine, "capture_block_inputs", "capture (embeddings, block-0 inputs)")
     clock.patch(engine, "collect_hessians", "Hessian collection (staged forwards)")

@@ -104,7 +104,7 @@ def _smollm2_rows():
             + pair("ct-gptq-4bit-per-channel", _q("rtn", 4, sym=True))
             + pair("ct-sparsegpt-50", {"method": "magnitude", "sparsity": 0.5})
             + pair("ct-skm-3bit-g16", _pal("kmeans", 3, 16)) + [_peer("ct-ptp-3bit-g16")]
-            + pair("ct-gptq-2bit-block32", _q("rtn", 2, 32, sym=True))
+            + [_q("gptq", 2, 32, sym=True), _q("rtn", 2, 32, sym=True)]  # coremltools' GPTQ has no uint2
             + pair("ct-sparsegpt-2:4", {"method": "magnitude", "nm": "2:4"}))
 
 

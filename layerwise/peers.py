@@ -47,16 +47,11 @@ PEERS: dict[str, dict] = {
         "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint4 symmetric per-block 32",
         "config": {"algorithm": "gptq", "weight_dtype": "uint4", "granularity": "per_block", "block_size": 32},
     },
-    # uint3 / uint2: coremltools' GPTQ reads the bit width from the dtype's name and quantizes to it
+    # uint3: coremltools' GPTQ reads the bit width from the dtype's name (it has no uint2)
     "ct-gptq-3bit-block32": {
         "ours": {"method": "gptq", "bits": 3, "block_size": 32, "sym": True},
         "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint3 symmetric per-block 32",
         "config": {"algorithm": "gptq", "weight_dtype": "uint3", "granularity": "per_block", "block_size": 32},
-    },
-    "ct-gptq-2bit-block32": {
-        "ours": {"method": "gptq", "bits": 2, "block_size": 32, "sym": True},
-        "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint2 symmetric per-block 32",
-        "config": {"algorithm": "gptq", "weight_dtype": "uint2", "granularity": "per_block", "block_size": 32},
     },
     # weight_dtype float32 = no quantization (the default uint8 would also quantize to 8 bits)
     "ct-sparsegpt-50": {

@@ -74,9 +74,9 @@ def test_unknown_peer_keeps_its_row_with_the_error(tiny):
     assert row["peer"] is True and row["error"].startswith("KeyError: ")
 
 
-@pytest.mark.parametrize("name, levels", [("ct-gptq-3bit-block32", 8), ("ct-gptq-2bit-block32", 4)])
+@pytest.mark.parametrize("name, levels", [("ct-gptq-3bit-block32", 8)])
 def test_low_bit_gptq_peers_quantize_to_their_bits(tiny, name, levels):
-    """coremltools reads the bit width from the dtype's name: uint3 / uint2 really are 3 / 2 bits."""
+    """coremltools reads the bit width from the dtype's name: uint3 really is 3 bits."""
     path, _ = tiny
     tokenizer = load_tokenizer(str(path))
     windows, _ = calibration_windows(BUNDLED_CALIBRATION, tokenizer, NSAMPLES, SEQLEN, 0)
