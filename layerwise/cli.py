@@ -341,8 +341,6 @@ def cmd_bench(args) -> int:
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
-    if args.repeat < 1:
-        raise RecipeError(f"--repeat {args.repeat} must be at least 1")
     if args.eval_tokens is not None and args.eval_tokens < args.seqlen:
         raise RecipeError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     results = Path(args.results)
