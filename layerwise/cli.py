@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
-    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | quick")
+    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 | quick")
     b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
     b.add_argument("--calib", default=BUNDLED_CALIBRATION)
     b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=non_negative, default=0)
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeat", type=positive, default=1, help="runs per row; times reported as medians")
+    b.add_argument("--eval-tokens", type=positive, help="evaluate on the first N tokens of the evaluation text only (slow machines)")
     b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     _add_generate_and_families(sub)
@@ -340,6 +341,8 @@ def cmd_bench(args) -> int:
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
+    if args.eval_tokens is not None and args.eval_tokens < args.seqlen:
+        raise RecipeError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
     command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])
@@ -347,7 +350,8 @@ def cmd_bench(args) -> int:
 
     def publish(rows, done):
         paths = write_outputs(rows, out_dir, f"bench-{grid}")
-        section = render_section(grid, rows, command, args.model, args.calib, args.eval_text, args.nsamples,
+        evaluated = args.eval_text + (f" (first {args.eval_tokens} tokens)" if args.eval_tokens else "")
+        section = render_section(grid, rows, command, args.model, args.calib, evaluated, args.nsamples,
                                  args.seqlen, args.seed, paths["png"])
         if not done:
             section += f"\n\n(partial: {len(rows)} of {total} rows so far)"
@@ -355,7 +359,8 @@ def cmd_bench(args) -> int:
         return section
 
     rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
-                    args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat)
+                    args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat,
+                    eval_tokens=args.eval_tokens)
     print(publish(rows, True))
     return 1 if any(r.get("error") for r in rows) else 0
 

@@ -29,13 +29,15 @@ from .dtypes import COMPUTE_DTYPE, kept_dtype
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
+from .lockstep import lockstep_block
 from .lazy import LazyBlocks
 from .linears import (
     describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
     set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
-from .solvers import METHODS, MethodConfig
+from .solvers import GROUP_SOLVERS, METHODS, MethodConfig
+from .stacking import stack_runs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class LayerReport:
     name: str
     method: str
     rel_error: float  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs this layer saw
-    seconds: float  # solver time
+    seconds: float  # solver time (a stacked group's time shared out by rows)
     bits_per_weight: float  # packed payload bits / weights (codes, scales, LUTs, mask)
     damping: float | None
     sparsity: float
@@ -95,11 +97,17 @@ class LayerwiseCompressor:
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
-                 offload_dir: str | Path | None = None):
+                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool = True):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
-        blocks are in memory. offload_dir: keep the calibration activations memory-mapped there."""
+        blocks are in memory. offload_dir: keep the calibration activations memory-mapped there.
+        stack: solve the layers of one input group with one config as one stacked matrix
+        (stacking.py; same result). lockstep: staged solving of a declared family in one forward per
+        block (lockstep.py; same result, every batch's block activations in memory at once; not with
+        offload_dir); off: one forward per stage."""
+        self.stack = stack
+        self.lockstep = lockstep and offload_dir is None
         self.model = model
         self.lazy = lazy
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -209,17 +217,22 @@ class LayerwiseCompressor:
         if self.lazy is not None:
             self.lazy.load(index, block)
         keep_dtype = _onload(block, self.device)
+        outputs = None
         if replay:
             compressed = writer.read_block(index)
             for name, cw in compressed.items():
                 set_weight_out_in(get_module(self.model, name), cw.dequantize().to(device=self.device, dtype=COMPUTE_DTYPE))
         elif batches is not None:
-            compressed = self._compress_block(index, block, batches, reports)
+            compressed, outputs = self._compress_block(index, block, batches, reports)
         else:
             compressed = {name: self._solve(name, module, None, reports)
                           for rel, module in block.named_modules() if (name := self._name(index, rel)) in self.plan}
         if batches is not None:  # the next block sees this block's compressed outputs
-            batches.advance(lambda batch: run_block(block, batch, index))
+            if outputs is None:
+                batches.advance(lambda batch: run_block(block, batch, index))
+            else:  # the lockstep forward made them already
+                ready = iter(outputs)
+                batches.advance(lambda batch: next(ready))
             if on_block_output is not None:
                 on_block_output(index, batches.hidden_states())
         block.to(device="cpu", dtype=keep_dtype)
@@ -253,7 +266,11 @@ class LayerwiseCompressor:
             where, hessian_bytes / 1e6,
         )
 
-    def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
+    def _compress_block(self, index, block, batches, reports) -> tuple[dict[str, CompressedWeight], list | None]:
+        """The block's compressed layers, and its compressed outputs per batch when the lockstep
+        forward already produced them (None: the caller runs the block again)."""
+        if self.staged and self.lockstep and self.family.groups is not None:
+            return self._compress_block_lockstep(index, block, batches, reports)
         groups = self.family.groups or discover_groups(block, index, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
@@ -264,22 +281,56 @@ class LayerwiseCompressor:
             hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
                                        stop_early=self.family.groups is not None)
             for group in todo:
-                for rel in group:
-                    name = self._name(index, rel)
-                    if name in self.plan:
-                        linear = block.get_submodule(rel)
-                        compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
-        return compressed
+                compressed.update(self._solve_group(index, block, group, hessians[group[0]], reports))
+        return compressed, None
+
+    def _compress_block_lockstep(self, index, block, batches, reports):
+        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in self.plan for n in g)}
+        compressed = {}
+
+        def solve(leader, hessian):
+            compressed.update(self._solve_group(index, block, groups[leader], hessian, reports))
+
+        outputs = lockstep_block(block, index, batches, list(groups), solve)
+        return compressed, outputs
+
+    def _solve_group(self, index, block, group, hessian, reports) -> dict[str, CompressedWeight]:
+        """Solve the planned layers of one input group (stacked where stack_runs allows)."""
+        linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in self.plan}
+        return self._solve_linears(linears, hessian, reports)
 
     def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
         """linear: nn.Linear or Conv1D; hessian None: data-free (the report's error is then in weight space)."""
-        config = self.plan[name]
-        solver = METHODS[config.method][1]
-        weight = weight_out_in(linear)  # [out, in]
+        return self._solve_linears({name: linear}, hessian, reports)[name]
+
+    def _solve_linears(self, linears: dict[str, nn.Module], hessian, reports) -> dict[str, CompressedWeight]:
+        """Solve layers sharing one input; reports in their order."""
+        solved = {}
+        for run in stack_runs(list(linears), self.plan, self.stack):
+            solved.update(self._solve_run(run, linears, hessian))
+        return {name: self._record(name, linears[name], hessian, *solved[name], reports) for name in linears}
+
+    def _solve_run(self, run: list[str], linears, hessian) -> dict:
+        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows."""
+        config = self.plan[run[0]]
+        fisher = _wants_fisher(config)
+        hessian = hessian if config.needs_hessian else None
+        weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
         t0 = time.perf_counter()
-        extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
-        solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
+        if len(run) > 1:
+            extra = {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
+            solutions = GROUP_SOLVERS[config.method](weights, hessian, config, **extra)
+        else:
+            extra = {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
+            solutions = [METHODS[config.method][1](weights[0], hessian, config, **extra)]
         seconds = time.perf_counter() - t0
+        rows = [w.shape[0] for w in weights]
+        return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
+
+    def _record(self, name, linear, hessian, solution, seconds, reports) -> CompressedWeight:
+        """Report the layer's solution and put its dense view into the model (later stages see it)."""
+        config = self.plan[name]
+        weight = weight_out_in(linear)  # [out, in]
         cw = solution.compressed
         dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
         reports.append(
