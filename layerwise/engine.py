@@ -185,11 +185,15 @@ class LayerwiseCompressor:
             if streamed:
                 with self._outside_on_device():  # only for the capture: float32 embeddings are big
                     batches = self._capture(windows)
+            if self.lazy is not None:
+                self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, batches)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None):
                 self._process_block(index, index < done, batches, reports, writer, kept, on_block_output)
+            if self.lazy is not None:
+                self.lazy.load_outside()
             if self.family.lm_head in self.plan and done <= len(self.blocks):
                 with self._outside_on_device():
                     head = get_module(self.model, self.family.lm_head)
