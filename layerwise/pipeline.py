@@ -48,6 +48,7 @@ def compress_to_checkpoint(
     model=None,
     tokenizer=None,
     windows: torch.Tensor | None = None,
+    manifest_extra: dict | None = None,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
@@ -86,6 +87,7 @@ def compress_to_checkpoint(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
             "layers": {r.name: {"report": _report_dict(r)} for r in result.layers},
+            **(manifest_extra or {}),
         }
         path = writer.commit(model.config, tokenizer, manifest)
     log.info("wrote %s (%d layers compressed in %.1f s)", path, len(result.layers), result.seconds)
