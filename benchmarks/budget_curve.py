@@ -33,7 +33,8 @@ from layerwise.evaluate import perplexity
 from layerwise.loading import load_model, load_tokenizer
 from layerwise.recipe import Recipe, Rule, recipe_from_dict
 
-UNIFORM = [(2, 32), (3, None), (3, 128), (3, 32), (4, None), (4, 128)]  # bits, block (None: per-channel)
+# bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first
+UNIFORM = [(3, 32), (2, 32), (4, None), (3, None), (3, 128), (4, 128)]
 
 
 def uniform_recipe(model, method: str, bits: int, block: int | None) -> Recipe:
@@ -68,9 +69,9 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=0, help="first N windows of the evaluation text (0: all)")
     p.add_argument("--scale-windows", type=int, default=16)
     p.add_argument("--results", default="benchmarks/RESULTS.md")
+    p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
     args = p.parse_args()
     torch.manual_seed(0)
-    out_dir = Path(args.results).parent
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     windows, _ = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, 0)
@@ -80,34 +81,46 @@ def main() -> None:
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
     fp16 = perplexity(copy.deepcopy(model).float(), eval_ids, seqlen=args.seqlen, batch_size=8)["ppl"]
     log(f"float16 ppl {fp16:.3f}")
-    rows = []
-    for bits, block in UNIFORM:
-        for method in ("gptq", "rtn"):
-            row = run_point(model, uniform_recipe(model, method, bits, block), windows, eval_ids, args)
-            rows.append({"curve": f"{method}-uniform", "settings": f"{bits}-bit {'per-channel' if block is None else f'block {block}'}", **row})
-            log(rows[-1])
     t0 = time.perf_counter()
     menus = layer_menus(model, menu_recipe({"method": "gptq"}))
     table = measure_candidates(model, menus, windows, device="cpu")
     scales = output_fisher_scales(model, list(menus), windows[: args.scale_windows], device="cpu")
     measure_s = time.perf_counter() - t0
     log(f"measured {sum(len(v) for v in table.values())} candidates in {measure_s:.0f} s")
-    for row in [r for r in rows if r["curve"] == "gptq-uniform"]:
-        allocation = allocate_from_table(model, table, scales, Target(bits=row["bits_per_weight"]))
-        point = run_point(model, allocation.recipe, windows, eval_ids, args)
-        mix = {}
-        for name, k in allocation.chosen.items():
-            c = table[name][k].config
-            key = f"{c.bits}b{'pc' if c.block_size is None else c.block_size}"
-            mix[key] = mix.get(key, 0) + 1
-        rows.append({"curve": "gptq-mixed", "settings": f"target {row['bits_per_weight']:.3f}", **point,
-                     "predicted_dloss": allocation.predicted_dloss, "mix": mix})
-        log(rows[-1])
-    for r in rows:
-        r["dppl"] = r["ppl"] - fp16
     command = "python " + " ".join(sys.argv)
     data = {"model": args.model, "fp16_ppl": fp16, "measure_s": measure_s, "command": command,
-            "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": int(eval_ids.numel()), "rows": rows}
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": int(eval_ids.numel()), "rows": []}
+    rows = data["rows"]
+    for bits, block in UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
+        settings = f"{bits}-bit {'per-channel' if block is None else f'block {block}'}"
+        row = run_point(model, uniform_recipe(model, "gptq", bits, block), windows, eval_ids, args)
+        rows.append({"curve": "gptq-uniform", "settings": settings, **row})
+        log(rows[-1])
+        allocation = allocate_from_table(model, table, scales, Target(bits=row["bits_per_weight"]))
+        point = run_point(model, allocation.recipe, windows, eval_ids, args)
+        rows.append({"curve": "gptq-mixed", "settings": f"target {row['bits_per_weight']:.3f}", **point,
+                     "predicted_dloss": allocation.predicted_dloss, "mix": mix_of(allocation, table)})
+        log(rows[-1])
+        rows.append({"curve": "rtn-uniform", "settings": settings,
+                     **run_point(model, uniform_recipe(model, "rtn", bits, block), windows, eval_ids, args)})
+        log(rows[-1])
+        publish(data, args)
+
+
+def mix_of(allocation, table) -> dict:
+    """{"3b32": layers, …}: how many layers took each config."""
+    mix = {}
+    for name, k in allocation.chosen.items():
+        c = table[name][k].config
+        key = f"{c.bits}b{'pc' if c.block_size is None else c.block_size}"
+        mix[key] = mix.get(key, 0) + 1
+    return mix
+
+
+def publish(data: dict, args) -> None:
+    for r in data["rows"]:
+        r["dppl"] = r["ppl"] - data["fp16_ppl"]
+    out_dir = Path(args.results).parent
     (out_dir / f"budget-{args.tag}.json").write_text(json.dumps(data, indent=1))
     plot(data, out_dir / f"budget-{args.tag}.png")
     update_results(Path(args.results), f"budget-{args.tag}", render(data, f"budget-{args.tag}.png"))

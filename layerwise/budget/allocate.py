@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..coreml.layout import blob_bytes
+from ..coreml.layout import BLOB_HEADER_BYTES, blob_bytes
 from ..errors import RecipeError
 from ..recipe import Recipe, Rule
 from .knapsack import choose
@@ -132,8 +132,14 @@ def allocate_from_table(model: nn.Module, table: dict[str, list[Candidate]], sca
 
 
 def fixed_export_bytes(model: nn.Module, budgeted: list[str]) -> int:
-    """Package bytes that do not depend on the choice: every other tensor as float16 (tied ones
-    once), the rotary tables of a context of EXPORT_CONTEXT, and the program text."""
+    """Package bytes that do not depend on the choice: the weight file's other blobs and the program text."""
+    blocks = model.config.num_hidden_layers
+    return other_blob_bytes(model, budgeted) + PROGRAM_BYTES_FIXED + PROGRAM_BYTES_PER_BLOCK * blocks
+
+
+def other_blob_bytes(model: nn.Module, budgeted: list[str]) -> int:
+    """Weight-file bytes besides the budgeted layers: every other tensor as float16 (tied ones
+    once), the rotary tables of a context of EXPORT_CONTEXT, and the file's 64-byte header."""
     skip = {f"{n}.weight" for n in budgeted}
     seen, total = set(), 0
     for name, tensor in model.state_dict().items():
@@ -144,8 +150,7 @@ def fixed_export_bytes(model: nn.Module, budgeted: list[str]) -> int:
         total += blob_bytes(tensor.numel(), 16)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    total += 2 * blob_bytes(EXPORT_CONTEXT * head_dim, 16)
-    return total + PROGRAM_BYTES_FIXED + PROGRAM_BYTES_PER_BLOCK * config.num_hidden_layers
+    return total + 2 * blob_bytes(EXPORT_CONTEXT * head_dim, 16) + BLOB_HEADER_BYTES
 
 
 def _numel(model: nn.Module, name: str) -> int:
