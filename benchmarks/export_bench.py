@@ -28,7 +28,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests" / "coreml"))
     from test_export import assert_bit_exact, load_program, op_types  # the same decoder the tests use
 
-    from layerwise.bench import update_results
+    from layerwise.bench import display_path, update_results
     from layerwise.checkpoint import load_compressed
     from layerwise.cli import main as cli
     from layerwise.export import export_model
@@ -57,7 +57,7 @@ def main() -> int:
         "",
         "Reproduce: `python benchmarks/export_bench.py`",
         "",
-        f"`layerwise export CHECKPOINT --out Model.mlpackage --context 512` of checkpoints of `{MODEL}` "
+        f"`layerwise export CHECKPOINT --out Model.mlpackage --context 512` of checkpoints of `{display_path(MODEL)}` "
         "(128 × 256-token windows of WikiText-2 valid, seed 0). Conversion seconds are one run each "
         "(trace + convert + constexpr hand-over + save). Checkpoint MB is all its safetensors files; the "
         "package additionally holds the float16 rotary tables (2 × 512 × 64 entries). "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import multiprocessing as mp
 import platform
 import resource
@@ -386,9 +387,23 @@ def _runs_note(rows: list[dict]) -> str:
     return f"{runs} runs per row, each in a fresh process: times are medians, peak memory the largest."
 
 
+def display_path(path: str) -> str:
+    """A path as RESULTS.md shows it: relative to the working directory (the repository, where the
+    benchmarks run) or to the home directory, never this machine's absolute path; names pass through."""
+    if not os.path.isabs(path):
+        return path
+    rel = os.path.relpath(path)
+    if not rel.startswith(os.path.join(os.pardir, os.pardir)):  # inside the repo or beside it (../shared)
+        return rel
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if path.startswith(home + os.sep) else os.path.basename(path)
+
+
 def render_section(grid: str, rows: list[dict], command: str, model: str, calib: str, eval_text: str,
                    nsamples: int, seqlen: int, seed: int, png: Path | None) -> str:
     from .pipeline import versions
+
+    model, calib, eval_text = display_path(model), display_path(calib), display_path(eval_text)
 
     v = versions()
     forward = [r["forward_s"] for r in rows if r.get("forward_s")]

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from .errors import ModelError
 from .formats import CompressedWeight
+from .linears import to_module_layout
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +36,98 @@ MANIFEST = "layerwise.json"
 FORMAT = "layerwise-checkpoint/1"
 
 
-class CheckpointWriter:
-    """Writes a checkpoint shard by shard; use as a context manager (`commit()` renames at the end)."""
+RUN = ".layerwise-run.json"  # inside the temporary output only: the arguments and every finished block
 
-    def __init__(self, out_dir: str | Path, overwrite: bool = False, plain_dtype: torch.dtype = torch.float16):
+
+class CheckpointWriter:
+    """Writes a checkpoint shard by shard; use as a context manager (`commit()` renames at the end).
+
+    The temporary output `.NAME.partial` next to `out_dir` is the unit of progress: a block shard
+    appears there only once complete (written under a temporary name, then renamed), and `RUN`
+    records the run's arguments and each finished block's layers. A crash, kill or Ctrl-C leaves it
+    in place; `resume=True` continues after its last complete block when the arguments are the same.
+    """
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False, plain_dtype: torch.dtype = torch.float16,
+                 resume: bool = False, run_args: dict | None = None):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise ModelError(f"output {self.out_dir} already exists; choose another --out or pass --overwrite")
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.plain_dtype = plain_dtype
-        self.layers: dict[str, dict] = {}
+        self.layers: dict[str, dict] = {}  # name → shard and CompressedWeight meta
+        self.reports: dict[str, dict] = {}  # name → per-layer report, in block order
+        self.blocks: list[int] = []  # indices of the complete shards, in order
         self.overwrite = overwrite
+        self.resume = resume
+        self.run_args = json.loads(json.dumps(run_args or {}))  # as it reads back from JSON
 
     def __enter__(self):
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir()
+        if self.tmp_dir.exists() and self.resume:
+            self._load_progress()
+        elif self.resume:
+            raise ModelError(f"--resume: there is no unfinished run for {self.out_dir} (no {self.tmp_dir.name}); "
+                             "run without --resume")
+        elif self.tmp_dir.exists() and not self.overwrite and (self.tmp_dir / RUN).is_file():
+            done = len(json.loads((self.tmp_dir / RUN).read_text()).get("blocks", []))
+            raise ModelError(f"{self.tmp_dir} holds an unfinished run ({done} blocks written); add --resume to continue "
+                             "it, or --overwrite to start over")
+        else:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir.mkdir()
+            self._save_progress()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if exc_type is None:
+            return False
+        if not self.blocks:  # nothing worth resuming
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        else:
+            log.warning("stopped with %d complete block shards kept in %s; run the same command with --resume to "
+                        "continue after them", len(self.blocks), self.tmp_dir)
         return False
 
-    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor]) -> None:
+    @property
+    def blocks_done(self) -> int:
+        """How many shards from block 0 on are complete (the engine starts after them)."""
+        n = 0
+        while n in self.blocks:
+            n += 1
+        return n
+
+    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor],
+                    reports: dict[str, dict] | None = None) -> None:
+        """Write shard `index` (complete or not at all), then record it as done."""
+        shard = f"block-{index:05d}.safetensors"
         tensors = {name: self._plain(t) for name, t in plain.items()}
+        layers = {}
         for name, cw in compressed.items():
-            self.layers[name] = {"shard": f"block-{index:05d}.safetensors", **cw.meta()}
+            layers[name] = {"shard": shard, **cw.meta()}
             for part, t in cw.to_tensors().items():
                 tensors[f"{name}.weight.{part}"] = t
-        save_file(tensors, self.tmp_dir / f"block-{index:05d}.safetensors", metadata={"format": "pt"})
+        _save_atomic(tensors, self.tmp_dir / shard)
+        self.layers.update(layers)
+        self.reports.update(reports or {})
+        self.blocks.append(index)
+        self._save_progress()
+
+    def read_block(self, index: int) -> dict[str, CompressedWeight]:
+        """The compressed layers of a complete shard (a resumed run streams through them)."""
+        shard = f"block-{index:05d}.safetensors"
+        names = [name for name, meta in self.layers.items() if meta["shard"] == shard]
+        parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+        with safe_open(self.tmp_dir / shard, framework="pt") as f:
+            for key in f.keys():
+                layer, sep, part = key.rpartition(".weight.")
+                if sep and layer in parts:
+                    parts[layer][part] = f.get_tensor(key)
+        return {name: CompressedWeight.from_tensors(self.layers[name], parts[name]) for name in names}
 
     def write_rest(self, plain: dict[str, torch.Tensor]) -> None:
         tensors = {name: self._plain(t) for name, t in plain.items()}
-        save_file(tensors, self.tmp_dir / "rest.safetensors", metadata={"format": "pt"})
+        _save_atomic(tensors, self.tmp_dir / "rest.safetensors")
 
     def commit(self, config, tokenizer, manifest: dict) -> Path:
         """Write config, tokenizer and manifest, then atomically move the directory into place."""
@@ -77,16 +136,64 @@ class CheckpointWriter:
             tokenizer.save_pretrained(self.tmp_dir)
         manifest = {"format": FORMAT, **manifest}
         layers = manifest.setdefault("layers", {})
+        for name, report in self.reports.items():
+            layers.setdefault(name, {})["report"] = report
         for name, meta in self.layers.items():
             layers.setdefault(name, {}).update(meta)
         (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        (self.tmp_dir / RUN).unlink(missing_ok=True)
         return _replace_dir(self.tmp_dir, self.out_dir)
+
+    def _save_progress(self) -> None:
+        progress = {"arguments": self.run_args, "blocks": self.blocks, "layers": self.layers, "reports": self.reports}
+        tmp = self.tmp_dir / f"{RUN}.tmp"
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self.tmp_dir / RUN)
+
+    def _load_progress(self) -> None:
+        """Trust only what `RUN` lists and what exists on disk; refuse other arguments by name."""
+        try:
+            progress = json.loads((self.tmp_dir / RUN).read_text())
+        except (OSError, ValueError):
+            raise ModelError(f"--resume: {self.tmp_dir} has no readable {RUN}; pass --overwrite to start over") from None
+        before, now = _flat(progress.get("arguments", {})), _flat(self.run_args)
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                raise ModelError(
+                    f"--resume: {key} was {before.get(key)!r} in the unfinished run and is {now.get(key)!r} now; "
+                    "rerun with the same arguments, or pass --overwrite to start over"
+                )
+        self.blocks = [i for i in progress["blocks"] if (self.tmp_dir / f"block-{i:05d}.safetensors").is_file()]
+        shards = {f"block-{i:05d}.safetensors" for i in self.blocks}
+        self.layers = {n: m for n, m in progress["layers"].items() if m["shard"] in shards}
+        self.reports = {n: r for n, r in progress["reports"].items() if n in self.layers}
+        for stray in self.tmp_dir.glob(".*.tmp-*"):  # a shard that was being written when the run died
+            stray.unlink()
+        log.info("resuming %s: %d complete block shards kept", self.out_dir, len(self.blocks))
 
     def _plain(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().cpu()
         if t.is_floating_point():
             t = t.to(self.plain_dtype)
         return t.contiguous()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"calibration": {"seed": 0}} → {"calibration.seed": 0}, so a difference is named to the leaf."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file under a hidden temporary name, renamed once complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
 
 
 def _replace_dir(tmp: Path, target: Path) -> Path:
@@ -151,7 +258,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
         model = AutoModelForCausalLM.from_config(config)
     state = dict(plain)
     for name, cw in compressed.items():
-        state[f"{name}.weight"] = cw.dequantize()
+        state[f"{name}.weight"] = to_module_layout(model.get_submodule(name), cw.dequantize())  # Conv1D: [in, out]
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in result.missing_keys if _is_tied(model, k)}

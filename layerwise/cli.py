@@ -1,4 +1,4 @@
-"""`layerwise compress | ppl | decompress | inspect | export | bench`.
+"""`layerwise compress | ppl | decompress | inspect | export | bench | generate | families`.
 
 A user mistake (a LayerwiseError) prints one line and exits with status 2, never a traceback.
 """
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     c.add_argument("--no-staged", dest="staged", action="store_false", help="collect all Hessians of a block in one pass")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (same arguments) after its last complete block")
+    c.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations memory-mapped on disk next to --out (long windows, many samples)")
+    c.add_argument("--eager-load", action="store_true",
+                   help="load the whole model with from_pretrained instead of reading each block from disk when reached")
 
     q = sub.add_parser("ppl", help="perplexity of a model or checkpoint")
     q.add_argument("model")
@@ -106,7 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=1, help="runs per row; times reported as medians")
     b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
+    _add_generate_and_families(sub)
     return p
+
+
+def _add_generate_and_families(sub) -> None:
+    g = sub.add_parser("generate", help="stream text through the export wrapper (or an mlpackage on macOS)")
+    g.add_argument("model", help="HF model directory / Hub id, layerwise checkpoint, or Model.mlpackage")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    g.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
+                   help="KV-cache dtype of the wrapper (the exported package holds float16)")
+    f = sub.add_parser("families", help="the supported architectures and what each supports")
+    f.add_argument("--json", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +186,7 @@ def cmd_compress(args) -> int:
     path, result = compress_to_checkpoint(
         args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
         device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+        lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
     )
     from .inspect import summary
 
@@ -257,7 +278,41 @@ def cmd_bench(args) -> int:
     return 1 if any(r.get("error") for r in rows) else 0
 
 
+def cmd_generate(args) -> int:
+    from .generate import generate, stats_line
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    write(args.prompt)
+    _, stats = generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed,
+                        args.cache_dtype, write=write)
+    sys.stdout.write("\n")
+    print(stats_line(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_families(args) -> int:
+    from .models.families import FAMILIES
+
+    rows = [{"family": f.name, "model_types": list(f.model_types), "covers": list(f.aliases),
+             "supports": list(f.supports()), "traits": f.traits()} for f in FAMILIES]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'family':<12} {'compress':<9} {'export':<7} {'generate':<9} {'covers':<34} traits")
+    for r in rows:
+        marks = ["✓" if s in r["supports"] else "-" for s in ("compress", "export", "generate")]
+        print(f"{r['family']:<12} {marks[0]:<9} {marks[1]:<7} {marks[2]:<9} {', '.join(r['covers']):<34} "
+              f"{' '.join(r['traits'])}")
+    print("other decoders with their blocks in one nn.ModuleList: compress only (generic fallback)")
+    return 0
+
+
 COMMANDS = {"bench": cmd_bench, "export": cmd_export, "compress": cmd_compress, "ppl": cmd_ppl, "decompress": cmd_decompress, "inspect": cmd_inspect}
+
+COMMANDS.update(generate=cmd_generate, families=cmd_families)
 
 if __name__ == "__main__":
     sys.exit(main())

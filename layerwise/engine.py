@@ -10,8 +10,10 @@ linears are solved from their weights alone, and the report's error is measured 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -21,10 +23,16 @@ from tqdm.auto import tqdm
 
 from layerwise.models.families import Family, get_module, resolve_family
 
+from .activations import Activations
 from .capture import BlockInput, StopForward, capture_block_inputs, run_block
+from .dtypes import COMPUTE_DTYPE, kept_dtype
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
+from .lazy import LazyBlocks
+from .linears import (
+    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors, set_weight_out_in, weight_out_in,
+)
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig
 
@@ -48,12 +56,21 @@ class LayerReport:
     # "output": rel_error as above; "weight": |ΔW|² / |W|² (data-free recipe, no inputs streamed)
     error_space: str = "output"
 
+    def to_dict(self) -> dict:
+        """The manifest's form (the name is its key there)."""
+        return {
+            "method": self.method, "rel_error": self.rel_error, "error_space": self.error_space, "seconds": self.seconds,
+            "bits_per_weight": self.bits_per_weight, "damping": self.damping, "sparsity": self.sparsity,
+            "notes": self.notes,
+        }
+
 
 @dataclass
 class CompressionResult:
     layers: list[LayerReport]
     compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
     seconds: float  # capture + all blocks (no model load, no evaluation)
+    left_out: dict = field(default_factory=dict)  # block weights kept in float16 and why (linears.left_out_summary)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -76,10 +93,15 @@ class LayerwiseCompressor:
     """Compress `model` in place, block by block, with the methods `recipe` assigns."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
-                 sensitivity: dict[str, torch.Tensor] | None = None):
+                 sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
+                 offload_dir: str | Path | None = None):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
-        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`."""
+        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
+        lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
+        blocks are in memory. offload_dir: keep the calibration activations memory-mapped there."""
         self.model = model
+        self.lazy = lazy
+        self.offload_dir = Path(offload_dir) if offload_dir is not None else None
         self.sensitivity = sensitivity or {}
         self.recipe = recipe
         self.device = resolve_device(device)
@@ -88,13 +110,16 @@ class LayerwiseCompressor:
         self.family: Family = resolve_family(model)
         self.blocks: nn.ModuleList = get_module(model, self.family.blocks)
         self.plan = self._plan()
+        self.left_out = left_out_summary(left_out_weights(self.blocks, self.family.blocks, set(self.plan)), self.blocks)
+        _warn_if_mostly_left_out(self.left_out, bool(self.plan))
 
     def _plan(self) -> dict[str, MethodConfig]:
         """Every layer's config, validated against its shape before any work starts."""
         plan = {}
         for i, block in enumerate(self.blocks):
+            refuse_expert_tensors(block, f"{self.family.blocks}.{i}")
             for rel, module in block.named_modules():
-                if isinstance(module, nn.Linear):
+                if is_compressible(module):
                     name = f"{self.family.blocks}.{i}.{rel}"
                     self._add(plan, name, module)
         if self.recipe.names_lm_head():
@@ -109,7 +134,7 @@ class LayerwiseCompressor:
     def _add(self, plan, name, module):
         config = self.recipe.config_for(name)
         if config is not None:
-            config.check_shape(module.out_features, module.in_features, name)
+            config.check_shape(*linear_shape(module), name)
             if _wants_fisher(config) and name not in self.sensitivity:
                 raise RecipeError(
                     f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
@@ -131,63 +156,112 @@ class LayerwiseCompressor:
         on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> CompressionResult:
         """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
-        per-layer report (and the weights, without a writer)."""
+        per-layer report (and the weights, without a writer).
+
+        One loop for every recipe: with calibration batches each block is solved on its inputs and
+        then forwarded to make the next block's; a data-free recipe skips both. A writer that has
+        `blocks_done` > 0 (a resumed run) gets only the blocks after those; the calibration batches
+        are streamed through the already-written compressed blocks to rebuild the next block's inputs.
+        """
         start = time.perf_counter()
         self.model.eval()
-        data_free = not self.needs_data and on_block_output is None
-        if windows is None and not data_free:
+        streamed = self.needs_data or on_block_output is not None
+        if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
+        done = getattr(writer, "blocks_done", 0)
+        reports: list[LayerReport] = []
+        kept: dict[str, CompressedWeight] = {}
+        batches = None
+        try:
+            if streamed:
+                with self._outside_on_device():  # only for the capture: float32 embeddings are big
+                    batches = self._capture(windows)
+            self._log_memory_estimate(windows, batches)
+            todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
+            desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
+            for index in tqdm(todo, desc=desc, unit="block", disable=None):
+                self._process_block(index, index < done, batches, reports, writer, kept, on_block_output)
+            if self.family.lm_head in self.plan and done <= len(self.blocks):
+                with self._outside_on_device():
+                    head = get_module(self.model, self.family.lm_head)
+                    cw = self._compress_lm_head(batches, reports) if streamed else self._solve(self.family.lm_head, head, None, reports)
+                self._hand_over_head(cw, writer, kept, reports)
+        finally:
+            if batches is not None:
+                batches.close()
+        return CompressionResult(reports, kept, time.perf_counter() - start, self.left_out)
+
+    @contextlib.contextmanager
+    def _outside_on_device(self):
+        """The tensors outside the blocks on the device in float32, given back (`dtypes.kept_dtype`) after."""
         prefix = self.family.blocks + "."
         stored = _move_outside(self.model, prefix, self.device)
-        if data_free:
-            result = self._compress_data_free(writer, start)
+        try:
+            yield
+        finally:
             _move_outside(self.model, prefix, torch.device("cpu"), stored)
-            return result
-        batches = capture_block_inputs(self.model, self.blocks[0], windows, self.batch_size, self.device)
-        reports: list[LayerReport] = []
-        kept: dict[str, CompressedWeight] = {}
-        for index in tqdm(range(len(self.blocks)), desc="compressing blocks", unit="block", disable=None):
-            block = self.blocks[index]
-            keep_dtype = _onload(block, self.device)
-            compressed = self._compress_block(index, block, batches, reports)
-            for batch in batches:  # the next block sees this block's compressed outputs
-                batch.hidden = run_block(block, batch)
-            if on_block_output is not None:
-                on_block_output(index, [b.hidden for b in batches])
-            block.to(device="cpu", dtype=keep_dtype)
-            self._hand_over(index, block, compressed, writer, kept)
-        if self.family.lm_head in self.plan:
-            self._hand_over_head(self._compress_lm_head(batches, reports), writer, kept)
-        _move_outside(self.model, prefix, torch.device("cpu"), stored)
-        return CompressionResult(reports, kept, time.perf_counter() - start)
 
-    def _compress_data_free(self, writer, start) -> CompressionResult:
-        reports: list[LayerReport] = []
-        kept: dict[str, CompressedWeight] = {}
-        for index in tqdm(range(len(self.blocks)), desc="compressing blocks (data-free)", unit="block", disable=None):
-            block = self.blocks[index]
-            keep_dtype = _onload(block, self.device)
-            compressed = {}
-            for rel, module in block.named_modules():
-                name = self._name(index, rel)
-                if name in self.plan:
-                    compressed[name] = self._solve(name, module, None, reports)
-            block.to(device="cpu", dtype=keep_dtype)
-            self._hand_over(index, block, compressed, writer, kept)
-        if self.family.lm_head in self.plan:
-            head = get_module(self.model, self.family.lm_head)
-            self._hand_over_head(self._solve(self.family.lm_head, head, None, reports), writer, kept)
-        return CompressionResult(reports, kept, time.perf_counter() - start)
+    def _process_block(self, index, replay, batches, reports, writer, kept, on_block_output) -> None:
+        """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
+        the next block's inputs, offload it and hand it to the writer."""
+        block = self.blocks[index]
+        if self.lazy is not None:
+            self.lazy.load(index, block)
+        keep_dtype = _onload(block, self.device)
+        if replay:
+            compressed = writer.read_block(index)
+            for name, cw in compressed.items():
+                set_weight_out_in(get_module(self.model, name), cw.dequantize().to(device=self.device, dtype=COMPUTE_DTYPE))
+        elif batches is not None:
+            compressed = self._compress_block(index, block, batches, reports)
+        else:
+            compressed = {name: self._solve(name, module, None, reports)
+                          for rel, module in block.named_modules() if (name := self._name(index, rel)) in self.plan}
+        if batches is not None:  # the next block sees this block's compressed outputs
+            batches.advance(lambda batch: run_block(block, batch, index))
+            if on_block_output is not None:
+                on_block_output(index, batches.hidden_states())
+        block.to(device="cpu", dtype=keep_dtype)
+        if not replay:
+            self._hand_over(index, block, compressed, writer, kept, reports)
+        if self.lazy is not None:
+            self.lazy.release(block)
+
+    def _capture(self, windows: torch.Tensor) -> Activations:
+        """Block-0 inputs of every calibration batch, stored as they are caught (so that offloaded
+        activations never sit in memory all at once)."""
+        batches = Activations(self.offload_dir, self.device)
+        for s in range(0, windows.shape[0], self.batch_size):
+            for batch in capture_block_inputs(self.model, self.blocks, windows[s : s + self.batch_size],
+                                              self.batch_size, self.device):
+                batches.append(batch)
+        return batches
+
+    def _log_memory_estimate(self, windows, batches) -> None:
+        """Working set before starting: one float32 block, the activations, the largest Hessians."""
+        block = self.blocks[0]
+        block_bytes = 4 * sum(p.numel() for p in block.parameters())
+        widths = sorted({linear_shape(m)[1] for m in block.modules() if is_compressible(m)})
+        hessian_bytes = 4 * widths[-1] ** 2 if widths else 0
+        act_bytes = batches.nbytes() if batches is not None else 0
+        where = f"on disk under {self.offload_dir}" if self.offload_dir is not None else "in memory"
+        log.info(
+            "memory estimate: one block in float32 %.0f MB, activations %s %.0f MB (%s), largest Hessian %.0f MB "
+            "(the solver holds a few [in, in] copies)",
+            block_bytes / 1e6, "x".join(map(str, windows.shape)) if windows is not None else "-", act_bytes / 1e6,
+            where, hessian_bytes / 1e6,
+        )
 
     def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
-        groups = self.family.groups or discover_groups(block, batches[0])
+        groups = self.family.groups or discover_groups(block, index, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
         for stage in stages:
             todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
             if not todo:
                 continue
-            hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=self.family.groups is not None)
+            hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
+                                       stop_early=self.family.groups is not None)
             for group in todo:
                 for rel in group:
                     name = self._name(index, rel)
@@ -196,11 +270,11 @@ class LayerwiseCompressor:
                         compressed[name] = self._solve(name, linear, hessians[group[0]], reports)
         return compressed
 
-    def _solve(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
-        """hessian None: data-free (the report's error is then in weight space)."""
+    def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
+        """linear: nn.Linear or Conv1D; hessian None: data-free (the report's error is then in weight space)."""
         config = self.plan[name]
         solver = METHODS[config.method][1]
-        weight = linear.weight.data
+        weight = weight_out_in(linear)  # [out, in]
         t0 = time.perf_counter()
         extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
         solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
@@ -220,7 +294,7 @@ class LayerwiseCompressor:
                 notes=solution.notes,
             )
         )
-        linear.weight.data = dense
+        set_weight_out_in(linear, dense)
         return cw
 
     def _compress_lm_head(self, batches, reports) -> CompressedWeight:
@@ -231,13 +305,13 @@ class LayerwiseCompressor:
             acc.add(norm(batch.hidden))
         return self._solve(self.family.lm_head, head, acc.hessian, reports)
 
-    def _hand_over_head(self, cw, writer, kept):
+    def _hand_over_head(self, cw, writer, kept, reports):
         if writer is not None:
-            writer.write_block(len(self.blocks), {self.family.lm_head: cw}, {})
+            writer.write_block(len(self.blocks), {self.family.lm_head: cw}, {}, _reports_of(reports, [self.family.lm_head]))
         else:
             kept[self.family.lm_head] = cw
 
-    def _hand_over(self, index, block, compressed, writer, kept):
+    def _hand_over(self, index, block, compressed, writer, kept, reports):
         if writer is None:
             kept.update(compressed)
             return
@@ -246,18 +320,28 @@ class LayerwiseCompressor:
             name = self._name(index, rel)
             if name.removesuffix(".weight") not in compressed:
                 plain[name] = tensor
-        writer.write_block(index, compressed, plain)
+        writer.write_block(index, compressed, plain, _reports_of(reports, compressed))
 
     def _name(self, index: int, rel: str) -> str:
         return f"{self.family.blocks}.{index}.{rel}"
 
 
+def _reports_of(reports: list[LayerReport], names) -> dict[str, dict]:
+    """The manifest entries of the layers `names` (the block just handed over)."""
+    names = set(names)
+    return {r.name: r.to_dict() for r in reports if r.name in names}
+
+
+def _warn_if_mostly_left_out(left_out: dict, planned: bool) -> None:
+    if planned and left_out["parameters"] * 2 > left_out["block_parameters"]:
+        log.warning("most block weights stay float16: %s", describe_left_out(left_out))
+
+
 def _onload(block: nn.Module, device: torch.device) -> torch.dtype:
-    """Move `block` to `device` in float32; returns the dtype to store it in afterwards (bfloat16
-    comes back as float32: the compressed float16 values are not bfloat16-exact)."""
+    """Move `block` to `device` in float32; returns the dtype to keep it in afterwards (`dtypes.kept_dtype`)."""
     dtype = next(block.parameters()).dtype
-    block.to(device=device, dtype=torch.float32)
-    return torch.float32 if dtype == torch.bfloat16 else dtype
+    block.to(device=device, dtype=COMPUTE_DTYPE)
+    return kept_dtype(dtype)
 
 
 def _wants_fisher(config: MethodConfig) -> bool:
@@ -266,9 +350,10 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 
 def collect_hessians(
-    block: nn.Module, names: list[str], batches: list[BlockInput], stop_early: bool = True
+    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Run every batch through `block`, accumulating H of each named linear's input.
+    """Run every batch through `block` (block number `index`, whose captured arguments it is
+    called with), accumulating H of each named linear's input.
 
     With `stop_early` the forward is cut as soon as every named linear has seen its input: the
     rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
@@ -286,13 +371,13 @@ def collect_hessians(
 
     for name in names:
         linear = block.get_submodule(name)
-        accs[name] = acc = HessianAccumulator(linear.in_features, linear.weight.device)
+        accs[name] = acc = HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
         handles.append(linear.register_forward_pre_hook(lambda m, inp, name=name, acc=acc: grab(name, acc, inp[0])))
     try:
         for batch in batches:
             pending.update(names)
             try:
-                run_block(block, batch)
+                run_block(block, batch, index)
             except StopForward:
                 pass
     finally:
@@ -301,18 +386,18 @@ def collect_hessians(
     return {name: acc.hessian for name, acc in accs.items()}
 
 
-def discover_groups(block: nn.Module, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
+def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
     """Linears grouped by the input tensor they share, in execution order (generic fallback)."""
     seen: dict[tuple, list[str]] = {}
     handles = []
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear):
+        if is_compressible(module):
             def hook(m, inp, out, name=name):
                 x = inp[0]
                 seen.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
             handles.append(module.register_forward_hook(hook))
     try:
-        run_block(block, batch)
+        run_block(block, batch, index)
     finally:
         for h in handles:
             h.remove()
@@ -329,8 +414,8 @@ def _move_outside(
         if name.startswith(block_prefix):
             continue
         found[name] = tensor.dtype
-        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
-        if dtypes is not None and dtypes.get(name, dtype) != torch.bfloat16:  # fp16 codes are not bf16-exact
-            dtype = dtypes.get(name, dtype)
+        dtype = COMPUTE_DTYPE if tensor.is_floating_point() else tensor.dtype
+        if dtypes is not None:
+            dtype = kept_dtype(dtypes.get(name, dtype))
         tensor.data = tensor.data.to(device=device, dtype=dtype)
     return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import read_manifest
+from .linears import describe_left_out
 
 
 def report_json(path: str | Path) -> dict:
@@ -67,9 +68,12 @@ def budget_line(path: str | Path, budget: dict) -> str:
 
 
 def summary(path: str | Path, manifest: dict | None = None) -> str:
+    manifest = manifest or read_manifest(path)
     t = totals(path, manifest)
     bpw = "n/a" if t["bits_per_weight"] is None else f"{t['bits_per_weight']:.3f}"
+    left = manifest.get("left_uncompressed")  # absent in checkpoints written before it was recorded
     return (
         f"{path}: {t['layers']} layers compressed, {bpw} bits/weight over {t['compressed_weights']:,} weights; "
-        f"safetensors {t['safetensors_bytes'] / 1e6:.2f} MB; compression {t['compression_seconds'] or 0:.1f} s"
+        + (f"{describe_left_out(left)}; " if left else "")
+        + f"safetensors {t['safetensors_bytes'] / 1e6:.2f} MB; compression {t['compression_seconds'] or 0:.1f} s"
     )

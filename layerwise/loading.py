@@ -46,6 +46,25 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
     return model.to(device).eval()
 
 
+def open_for_compress(name_or_path: str, lazy: bool | None = None):
+    """(model, lazy block reader or None, local directory) for `compress`.
+
+    lazy None: lazy for a Hugging Face model (local directory or Hub id; its weights must be
+    safetensors, a pickle-only model is refused with how to convert it), eager for a layerwise
+    checkpoint (its weights are compressed already).
+    """
+    from .lazy import open_lazy, resolve_local
+
+    if lazy is None:
+        lazy = not is_checkpoint(name_or_path)
+    if not lazy:
+        return load_model(name_or_path), None, name_or_path
+    _check_looks_reachable(name_or_path)
+    local = resolve_local(name_or_path)
+    model, blocks = open_lazy(str(local))
+    return model, blocks, str(local)
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 

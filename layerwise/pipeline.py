@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from layerwise.calib_data import calibration_windows, load_text, tokenize_text
 from .checkpoint import CheckpointWriter
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
-from .loading import load_model, load_tokenizer
+from .dtypes import checkpoint_plain_dtype
+from .loading import load_model, load_tokenizer, open_for_compress
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,18 @@ def compress_to_checkpoint(
     model=None,
     tokenizer=None,
     windows: torch.Tensor | None = None,
+    lazy: bool | None = None,
+    resume: bool = False,
+    offload_activations: bool = False,
     manifest_extra: dict | None = None,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
     `model`, `tokenizer` and `windows` may be passed in to skip loading (benchmarks reuse them).
+    lazy: read each block's weights from the safetensors files when it is reached (None: whenever
+    `model_path` is a safetensors checkpoint and no `model` is passed). resume: continue an
+    interrupted run with the same arguments after its last complete block. offload_activations:
+    keep the calibration activations memory-mapped on disk next to the output.
     Everything that can be checked is checked before the output directory is created.
     """
     out_dir = Path(out_dir)
@@ -60,9 +69,15 @@ def compress_to_checkpoint(
         from .errors import ModelError
 
         raise ModelError(f"output {out_dir} already exists; choose another --out or pass --overwrite")
-    model = model if model is not None else load_model(model_path)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
-    compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged)
+    blocks = None
+    if model is None:
+        model, blocks, model_path_local = open_for_compress(model_path, lazy)
+    else:
+        model_path_local = model_path
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path_local)
+    offload_dir = out_dir.parent / f".{out_dir.name}.activations" if offload_activations else None
+    compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged,
+                                     lazy=blocks, offload_dir=offload_dir)
     if not compressor.needs_data:
         log.info("every method in the recipe is data-free: the calibration text is not read")
         windows, calib_info = None, {"source": None, "data_free": True}
@@ -70,27 +85,35 @@ def compress_to_checkpoint(
         windows, calib_info = calibration_windows(calib, tokenizer, nsamples, seqlen, seed)
     else:
         calib_info = {"source": calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
-    stored_dtype = next(model.parameters()).dtype
-    plain_dtype = torch.float16 if stored_dtype == torch.float32 else stored_dtype
-    with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype) as writer:
-        result = compressor.compress(windows, writer=writer)
-        writer.write_rest(_outside_tensors(model, compressor))
-        manifest = {
-            "source_model": str(model_path),
-            "family": compressor.family.name,
-            "recipe": recipe.to_dict(),
-            "calibration": calib_info,
-            "seed": seed,
-            "staged": staged,
-            "device": str(compressor.device),
-            "compression_seconds": result.seconds,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": versions(),
-            "layers": {r.name: {"report": _report_dict(r)} for r in result.layers},
-            **(manifest_extra or {}),
-        }
-        path = writer.commit(model.config, tokenizer, manifest)
-    log.info("wrote %s (%d layers compressed in %.1f s)", path, len(result.layers), result.seconds)
+    plain_dtype = checkpoint_plain_dtype(next(model.parameters()).dtype)
+    # what decides the bytes of the checkpoint: a resumed run must repeat them exactly
+    run_args = {"source_model": str(model_path), "recipe": recipe.to_dict(), "calibration": calib_info, "seed": seed,
+                "staged": staged, "batch_size": batch_size, "device": str(compressor.device)}
+    try:
+        with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype, resume=resume,
+                              run_args=run_args) as writer:
+            result = compressor.compress(windows, writer=writer)
+            writer.write_rest(_outside_tensors(model, compressor))
+            manifest = {
+                "source_model": str(model_path),
+                "family": compressor.family.name,
+                "recipe": recipe.to_dict(),
+                "calibration": calib_info,
+                "seed": seed,
+                "staged": staged,
+                "device": str(compressor.device),
+                "compression_seconds": result.seconds,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": versions(),
+                "layers": {},  # filled by the writer with every block's layers, also those of a resumed run
+                "left_uncompressed": result.left_out,  # block weights kept in float16, by reason
+                **(manifest_extra or {}),
+            }
+            path = writer.commit(model.config, tokenizer, manifest)
+    finally:
+        if offload_dir is not None:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+    log.info("wrote %s (%d layers compressed in %.1f s)", path, len(writer.reports), result.seconds)
     return path, result
 
 
@@ -108,19 +131,6 @@ def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = tensor
     return out
-
-
-def _report_dict(r) -> dict:
-    return {
-        "method": r.method,
-        "rel_error": r.rel_error,
-        "error_space": r.error_space,
-        "seconds": r.seconds,
-        "bits_per_weight": r.bits_per_weight,
-        "damping": r.damping,
-        "sparsity": r.sparsity,
-        "notes": r.notes,
-    }
 
 
 def evaluate_perplexity(model_or_path, data: str, seqlen: int = 256, batch_size: int = 8, device: str = "cpu",

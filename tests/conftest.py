@@ -37,6 +37,18 @@ FAMILY_OVERRIDES: dict[str, dict] = {
 # Declared families (the first wave's and the second wave's), in the README table's order.
 FAMILY_KINDS = tuple(FAMILY_OVERRIDES)
 
+# Traits the ten tiny configs leave unexercised: variant name → (HF model_type, extra overrides).
+FAMILY_VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama3_rope": ("llama", dict(rope_parameters=dict(  # Llama 3.x frequency-dependent rope scaling
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))),
+    "phi3_longrope": ("phi3", dict(  # longrope past its original length, partial rotary, a 16-token window
+        sliding_window=16, original_max_position_embeddings=32, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=32,
+            short_factor=[1.0, 1.1, 1.2, 1.3], long_factor=[2.0, 2.5, 3.0, 3.5]))),
+    "qwen3_window": ("qwen3", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),  # layer_types
+}
+
 
 def tiny_config(kind: str = "llama", **overrides):
     """A tiny config of HF model_type `kind` (see FAMILY_OVERRIDES) with the demo tokenizer's 4096 vocab."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..engine import resolve_device
 from ..errors import DataError
+from ..linears import linear_shape
 
 
 def output_fisher_scales(
@@ -34,7 +35,7 @@ def output_fisher_scales(
     dev = resolve_device(device)
     dtype = next(model.parameters()).dtype
     model.to(device=dev, dtype=torch.float32).eval()
-    sums = {name: torch.zeros(model.get_submodule(name).out_features, dtype=torch.float64) for name in names}
+    sums = {name: torch.zeros(linear_shape(model.get_submodule(name))[0], dtype=torch.float64) for name in names}
     handles = []
 
     def add_square(name, grad):  # returns None: the gradient flows on unchanged

@@ -1,26 +1,26 @@
 """Measure every candidate of every layer: its output error on the calibration data and its bytes.
 
-One streaming pass like the engine's, over the *uncompressed* model: per block, one Hessian per
-group of linears sharing an input, every candidate of every layer solved against it (through the
-solvers' public API), then the block's original outputs feed the next block. Solving a candidate
-is cheap next to a forward pass; the weights themselves are left untouched.
+The engine's own streaming pass (capture, per-block Hessians, lazy blocks, every family's
+arguments) with one difference: each layer's solve step solves every candidate of its menu
+(through the solvers' public API), records them, and leaves the weight as it was — so every
+Hessian is that of the *uncompressed* model. Solving a candidate is cheap next to a forward pass.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from layerwise.models.families import get_module, resolve_family
-
-from ..capture import capture_block_inputs, run_block
 from ..coreml.layout import exported_bytes
-from ..engine import _move_outside, _onload, collect_hessians, discover_groups, resolve_device
+from ..engine import LayerwiseCompressor
+from ..formats import CompressedWeight
 from ..hessian import relative_error
+from ..linears import weight_out_in
+from ..recipe import Recipe, Rule
 from ..solvers import METHODS, MethodConfig
 
 log = logging.getLogger(__name__)
@@ -38,43 +38,41 @@ class Candidate:
     export_bytes: int  # weight-file bytes in the exported mlpackage
 
 
-@torch.no_grad()
 def measure_candidates(
     model: nn.Module, menus: dict[str, tuple[MethodConfig, ...]], windows: torch.Tensor,
     device: str = "auto", batch_size: int = 8,
 ) -> dict[str, list[Candidate]]:
     """{layer name: one Candidate per config of its menu}. windows: [N, L] token ids."""
-    family = resolve_family(model)
-    blocks = get_module(model, family.blocks)
-    dev = resolve_device(device)
-    model.eval()
-    prefix = family.blocks + "."
-    stored = _move_outside(model, prefix, dev)
-    batches = capture_block_inputs(model, blocks[0], windows, batch_size, dev)
-    table: dict[str, list[Candidate]] = {}
-    try:
-        for index in tqdm(range(len(blocks)), desc="measuring candidates", unit="block", disable=None):
-            block = blocks[index]
-            keep_dtype = _onload(block, dev)
-            groups = family.groups or discover_groups(block, batches[0])
-            todo = [g for g in groups if any(f"{prefix}{index}.{rel}" in menus for rel in g)]
-            if todo:
-                hessians = collect_hessians(block, [g[0] for g in todo], batches, stop_early=family.groups is not None)
-                for group in todo:
-                    for rel in group:
-                        name = f"{prefix}{index}.{rel}"
-                        if name in menus:
-                            weight = block.get_submodule(rel).weight.data
-                            table[name] = [_solve(weight, hessians[group[0]], c) for c in menus[name]]
-            for batch in batches:
-                batch.hidden = run_block(block, batch)
-            block.to(device="cpu", dtype=keep_dtype)
-    finally:
-        _move_outside(model, prefix, torch.device("cpu"), stored)
-    return table
+    measurer = _CandidateMeasurer(model, menus, device=device, batch_size=batch_size)
+    measurer.compress(windows)
+    return {name: measurer.table[name] for name in menus}
 
 
-def _solve(weight: torch.Tensor, hessian: torch.Tensor, config: MethodConfig) -> Candidate:
+class _CandidateMeasurer(LayerwiseCompressor):
+    """The engine's loop; its per-layer solve measures the whole menu and changes nothing."""
+
+    def __init__(self, model, menus, **kwargs):
+        # the plan (which layers, checked shapes) comes from each menu's first candidate; not staged:
+        # the model stays uncompressed, so one Hessian pass per block gives the same Hessians
+        recipe = Recipe(tuple(Rule(f"^{re.escape(name)}$", menu[0]) for name, menu in menus.items()))
+        super().__init__(model, recipe, staged=False, **kwargs)
+        self.menus = menus
+        self.table: dict[str, list[Candidate]] = {}
+
+    @property
+    def needs_data(self) -> bool:  # every candidate is weighed on the calibration inputs
+        return True
+
+    def _solve(self, name, linear, hessian, reports) -> CompressedWeight:
+        weight = weight_out_in(linear)
+        self.table[name] = [_candidate(weight, hessian, config) for config in self.menus[name]]
+        return _PLACEHOLDER  # what the engine keeps for the layer (no writer): nothing worth the memory
+
+
+_PLACEHOLDER = CompressedWeight((1, 1), "dense", values=torch.zeros(1, 1, dtype=torch.float16))
+
+
+def _candidate(weight: torch.Tensor, hessian: torch.Tensor, config: MethodConfig) -> Candidate:
     solution = METHODS[config.method][1](weight, hessian if config.needs_hessian else None, config)
     cw = solution.compressed
     dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from layerwise.models.families import get_module, resolve_family
 
 from ..errors import RecipeError
+from ..linears import is_compressible, linear_shape
 from ..recipe import Recipe, Rule, method_config
 from ..solvers import MethodConfig
 
@@ -52,7 +53,7 @@ def layer_menus(model: nn.Module, recipe: Recipe) -> dict[str, tuple[MethodConfi
     menus = {}
     for i, block in enumerate(get_module(model, family.blocks)):
         for rel, module in block.named_modules():
-            if not isinstance(module, nn.Linear):
+            if not is_compressible(module):
                 continue
             name = f"{family.blocks}.{i}.{rel}"
             rule = recipe.rule_for(name)
@@ -64,15 +65,16 @@ def layer_menus(model: nn.Module, recipe: Recipe) -> dict[str, tuple[MethodConfi
     return menus
 
 
-def _fitting(menu: tuple[MethodConfig, ...], module: nn.Linear, name: str) -> tuple[MethodConfig, ...]:
+def _fitting(menu: tuple[MethodConfig, ...], module: nn.Module, name: str) -> tuple[MethodConfig, ...]:
     """The candidates whose block or group sizes tile this layer (e.g. no blocks of 128 for 704 inputs)."""
+    out_features, in_features = linear_shape(module)
     fitting = []
     for config in menu:
         try:
-            config.check_shape(module.out_features, module.in_features, name)
+            config.check_shape(out_features, in_features, name)
         except RecipeError:
             continue
         fitting.append(config)
     if not fitting:
-        menu[0].check_shape(module.out_features, module.in_features, name)  # raises, naming the problem
+        menu[0].check_shape(out_features, in_features, name)  # raises, naming the problem
     return tuple(fitting)

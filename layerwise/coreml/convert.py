@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 STATE_NAMES = ("k_cache", "v_cache")
 INPUT_NAMES = ("input_ids", "causal_mask")
-REQUIRED_OPS = ("read_state", "coreml_update_state", "scaled_dot_product_attention")
 
 
 def export_mlpackage(
@@ -71,7 +70,7 @@ def export_mlpackage(
     if multifunction and not 1 <= prefill_length <= context:
         raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
     compressed = dict(compressed or {})
-    model = _cpu_float32(model)
+    model = cpu_float32(model)
     wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
     shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
 
@@ -86,7 +85,7 @@ def export_mlpackage(
         for op_type in compress_program(prog, compressed).values():
             kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
     ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
-    missing = [op for op in REQUIRED_OPS if op not in ops]
+    missing = [op for op in wrapper.required_ops() if op not in ops]
     if missing:
         raise ModelError(f"the converted program lacks {missing}; the export would not be stateful/fused")
 
@@ -98,6 +97,7 @@ def export_mlpackage(
         "layerwise.functions": ",".join(programs),
         "layerwise.last_logits_only": str(last_logits_only).lower(),
         "layerwise.compressed_layers": str(len(compressed)),
+        **wrapper.export_metadata(),
     }
     if multifunction:
         info["layerwise.prefill_length"] = str(prefill_length)
@@ -215,7 +215,7 @@ def _holding(model: torch.nn.Module, compressed: dict[str, CompressedWeight]):
             weight.data = data
 
 
-def _cpu_float32(model: torch.nn.Module) -> torch.nn.Module:
+def cpu_float32(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself when it is float32 on the CPU, else a CPU float32 copy (the user's stays as is)."""
     tensors = [*model.parameters(), *model.buffers()]
     if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):

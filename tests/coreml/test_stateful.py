@@ -18,6 +18,7 @@ from transformers import (
 )
 
 
+from conftest import FAMILY_KINDS, FAMILY_VARIANTS, build_tiny_model
 from layerwise.errors import ModelError
 from layerwise.models.stateful import StatefulCausalLM, causal_mask
 
@@ -135,5 +136,72 @@ def test_causal_mask_shape_and_values():
 
 
 def test_unsupported_family_names_the_supported_ones():
-    with pytest.raises(ModelError, match="LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(ModelError, match="supported families are llama, mistral, qwen2, qwen3, gemma"):
         StatefulCausalLM(torch.nn.Linear(2, 2))
+
+
+# ---- every declared family (tests/conftest.py FAMILY_KINDS) and the trait variants ---------------
+EVERY_FAMILY = {**{kind: (kind, {}) for kind in FAMILY_KINDS}, **FAMILY_VARIANTS}
+PREFILL, DECODE, CONTEXT = 40, 4, 48  # the prefill runs past the 16-token sliding windows
+
+
+def family_model(name: str) -> torch.nn.Module:
+    kind, extra = EVERY_FAMILY[name]
+    return build_tiny_model(kind, dtype=torch.float32, **extra)
+
+
+@torch.no_grad()
+def prefill_then_decode(wrapper, ids: torch.Tensor, mask=causal_mask) -> torch.Tensor:
+    """Logits [1, PREFILL + DECODE, vocab]: one prefill of PREFILL tokens, then one token per step."""
+    wrapper.reset_cache()
+    outs = [wrapper(ids[:, :PREFILL].int(), mask(PREFILL))]
+    for t in range(PREFILL, PREFILL + DECODE):
+        outs.append(wrapper(ids[:, t : t + 1].int(), mask(1, past=t)))
+    return torch.cat(outs, dim=1)
+
+
+def family_ids(model, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", EVERY_FAMILY)
+def test_every_family_matches_hf_past_the_window(name):
+    """float32 cache: the wrapper fed the README's plain causal mask gives HF's full-sequence logits
+    (sliding windows, soft-caps, multipliers, q/k norms, fused projections, rope variants)."""
+    model = family_model(name)
+    wrapper = StatefulCausalLM(model, context=CONTEXT, cache_dtype=torch.float32).eval()
+    ids = family_ids(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = prefill_then_decode(wrapper, ids)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3_text", "qwen3_window", "phi3_longrope"])
+def test_sliding_window_lives_in_the_program(name):
+    """The window changes the logits past 16 tokens and the plain causal mask already gets it right;
+    where every layer slides, a caller-built window mask gives the same logits (masking is idempotent)."""
+    model = family_model(name)
+    wrapper = StatefulCausalLM(model, context=CONTEXT, cache_dtype=torch.float32).eval()
+    ids = family_ids(model, seed=2)
+    window = next(w for w in wrapper.windows if w)
+
+    def window_mask(q_len, past=0):
+        rows, keys = past + torch.arange(q_len)[:, None], torch.arange(past + q_len)[None, :]
+        return causal_mask(q_len, past).masked_fill(rows - keys >= window, float("-inf"))
+
+    plain = prefill_then_decode(wrapper, ids)
+    if all(wrapper.windows):
+        assert torch.allclose(prefill_then_decode(wrapper, ids, window_mask), plain, atol=1e-5)
+    wrapper.windows = tuple(None for _ in wrapper.windows)  # what an unwindowed program would give
+    assert (prefill_then_decode(wrapper, ids) - plain)[:, window:].abs().max().item() > 1e-2
+
+
+def test_softcap_layers_are_named_and_scales_folded():
+    gemma2 = StatefulCausalLM(family_model("gemma2"), context=16)
+    assert gemma2.attention_kinds == ("softcap", "softcap") and gemma2.windows == (16, None)
+    assert gemma2.required_ops() == ("read_state", "coreml_update_state", "tanh")
+    granite = StatefulCausalLM(family_model("granite"), context=16)
+    assert granite.attention_kinds == ("sdpa", "sdpa")
+    assert granite.q_scale == pytest.approx(0.0156 * granite.head_dim**0.5)

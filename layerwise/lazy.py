@@ -1,0 +1,164 @@
+"""Models larger than memory: a meta-device skeleton whose blocks are read from safetensors on demand.
+
+`open_lazy(name_or_path)` builds the model without weights (meta device), loads every tensor outside
+the decoder blocks (embeddings, final norm, lm_head) and returns it with a `LazyBlocks` that the
+engine calls to read one block's weights when it reaches the block (`safe_open`, memory-mapped) and
+to drop them once the block is written. Non-persistent buffers (rotary `inv_freq`) are computed by
+the skeleton's constructor, never loaded; tied embeddings stay one tensor.
+
+A Hub id is downloaded (safetensors, config and tokenizer files only) through `huggingface_hub`
+into its cache, then read the same way. A pickle-only checkpoint is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]  # no pickles, no other formats
+
+
+def resolve_local(name_or_path: str) -> Path:
+    """A local directory holding the model: the path itself, or the Hub snapshot downloaded into the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated, …: all user-fixable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot download {name_or_path!r} from the Hub: {first} — give a local model directory") from None
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it (sharded or single-file checkpoints)."""
+    index = directory / INDEX
+    if index.is_file():
+        mapping = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in mapping.items()}
+    single = directory / SINGLE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    if any((directory / p).is_file() for p in PICKLES):
+        raise ModelError(
+            f"{directory} holds only pickled weights (pytorch_model.bin), which layerwise never unpickles; convert "
+            "them once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` "
+            "in a trusted environment, or pass --eager-load to let transformers load them"
+        )
+    raise ModelError(f"{directory} has no model.safetensors or {INDEX}; point at a Hugging Face model directory")
+
+
+class LazyBlocks:
+    """Reads block `i`'s tensors from the checkpoint into the skeleton, and puts them back on meta."""
+
+    def __init__(self, model: nn.Module, blocks_path: str, files: dict[str, Path], dtype: torch.dtype):
+        self.model = model
+        self.blocks_path = blocks_path
+        self.files = files
+        self.dtype = dtype
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Fill `block`'s parameters and persistent buffers from the files (in the skeleton's dtype)."""
+        prefix = f"{self.blocks_path}.{index}."
+        names = list(block.state_dict().keys())
+        missing = [n for n in names if prefix + n not in self.files]
+        if missing:
+            raise ModelError(
+                f"the checkpoint has no tensor {prefix + missing[0]!r} (its names differ from the model's); "
+                "pass --eager-load to load it through transformers"
+            )
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[prefix + name], []).append(name)
+        state = {}
+        for file, group in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in group:
+                    state[name] = _cast(f.get_tensor(prefix + name), self.dtype)
+        block.load_state_dict(state, strict=True, assign=True)
+
+    def release(self, block: nn.Module) -> None:
+        """Drop the block's weights: every parameter and persistent buffer goes back to the meta device."""
+        meta = {name: torch.empty_like(t, device="meta") for name, t in block.state_dict().items()}
+        block.load_state_dict(meta, strict=True, assign=True)
+
+
+def open_lazy(name_or_path: str, blocks_path: str | None = None) -> tuple[nn.Module, LazyBlocks]:
+    """(model skeleton with the outside tensors loaded, reader of its blocks)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from layerwise.models.families import resolve_family
+
+    directory = resolve_local(name_or_path)
+    files = weight_files(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a model config from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    dtype = _stored_dtype(config, files)
+    try:
+        with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed for real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise ModelError(f"{name_or_path!r} is not a causal language model transformers can build: {str(e).splitlines()[0]}") from None
+    blocks_path = blocks_path or resolve_family(model).blocks
+    _load_outside(model, blocks_path + ".", files, dtype)
+    model.eval()
+    log.info("lazy loading %s: %d tensors outside the blocks in memory, blocks read on demand", directory,
+             sum(1 for n in model.state_dict() if not n.startswith(blocks_path + ".")))
+    return model, LazyBlocks(model, blocks_path, files, dtype)
+
+
+def _load_outside(model: nn.Module, block_prefix: str, files: dict[str, Path], dtype: torch.dtype) -> None:
+    wanted = [n for n in model.state_dict() if not n.startswith(block_prefix)]
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {}
+    for name in wanted:
+        if name not in files:
+            if tied and name.endswith("lm_head.weight"):
+                continue  # one tensor, tied below
+            raise ModelError(f"the checkpoint has no tensor {name!r}; pass --eager-load to load it through transformers")
+        with safe_open(files[name], framework="pt") as f:
+            state[name] = _cast(f.get_tensor(name), dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    left = [n for n, t in model.state_dict().items() if not n.startswith(block_prefix) and t.is_meta]
+    if left:
+        raise ModelError(f"tensors outside the blocks were not loaded: {left[:3]}")
+
+
+def _stored_dtype(config, files: dict[str, Path]) -> torch.dtype:
+    """The dtype `from_pretrained(dtype="auto")` would choose: the config's, else the first floating tensor's."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for name, file in files.items():
+        with safe_open(file, framework="pt") as f:
+            t = f.get_slice(name)
+            kind = t.get_dtype()
+        if kind in ("F16", "BF16", "F32"):
+            return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[kind]
+    return torch.float32
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
