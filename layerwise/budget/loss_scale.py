@@ -31,10 +31,15 @@ def output_fisher_scales(
     """{layer name: s [out] float64} (mean next-token loss per unit of each row's (ΔW H ΔWᵀ)_jj)
     over `windows` [N, L].
 
-    The model runs whole on `device` in float32 and is moved back to the CPU in its own dtype."""
+    The model runs whole on `device` in float32; every parameter and buffer goes back to the CPU in
+    its own dtype afterwards, values unchanged (a blanket `model.to(float16)` would round the
+    float32 rotary frequencies)."""
     dev = resolve_device(device)
-    dtype = next(model.parameters()).dtype
-    model.to(device=dev, dtype=torch.float32).eval()
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(device=dev, dtype=torch.float32)
+    model.eval()
     sums = {name: torch.zeros(linear_shape(model.get_submodule(name))[0], dtype=torch.float64) for name in names}
     handles = []
 
@@ -62,5 +67,6 @@ def output_fisher_scales(
     finally:
         for h in handles:
             h.remove()
-        model.to(device="cpu", dtype=dtype)
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(device="cpu", dtype=dtype)
     return {name: sums[name] / (4 * tokens) for name in names}

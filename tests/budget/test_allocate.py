@@ -133,3 +133,17 @@ def test_menu_recipe_without_target_is_an_error(tiny_dirs, calib_text_file, tmp_
     code = main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(tmp_path / "x"), "--calib",
                  str(calib_text_file), *SMALL, "--recipe", str(recipe)])
     assert code == 2 and "--target-bits" in capsys.readouterr().err
+
+
+def test_loss_scales_leave_every_tensor_as_it_was(calib_text_file):
+    """Parameters and buffers (the float32 rotary frequencies of a float16 model too) come back bit for bit."""
+    from layerwise.budget.loss_scale import output_fisher_scales
+
+    model = build_tiny_model("llama", dtype=torch.float16)
+    before = {n: t.clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    windows, _ = calibration_windows(str(calib_text_file), load_tokenizer(str(DEMO_MODEL_DIR)), 2, 32, 0)
+    scales = output_fisher_scales(model, ["model.layers.0.mlp.down_proj"], windows, device="cpu")
+    assert scales["model.layers.0.mlp.down_proj"].shape == (64,) and scales["model.layers.0.mlp.down_proj"].sum() > 0
+    after = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
