@@ -36,7 +36,7 @@ def test_recipe_menu_round_trip_and_fixed_rules():
     recipe = recipe_from_dict(raw)
     assert recipe_from_dict(recipe.to_dict()) == recipe
     menus = layer_menus(build_tiny_model("llama", dtype=torch.float32), recipe)
-    assert [len(m) for m in menus.values()] == [2] + [1] * 6  # layer 0 skipped except its down_proj
+    assert [len(m) for m in menus.values()] == [2] + [1] * 6 + [2]  # layer 0: only its down_proj
     assert menus["model.layers.1.self_attn.q_proj"][0].method == "rtn"
 
 
