@@ -31,7 +31,8 @@ from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
 from .lazy import LazyBlocks
 from .linears import (
-    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors, set_weight_out_in, weight_out_in,
+    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
+    set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig
