@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=positive, help="palettization: output channels sharing one LUT (omit: per-tensor)")
     c.add_argument("--no-error-feedback", action="store_true", help="skm: fit the palette without GPTQ-style feedback")
     c.add_argument("--lut-dtype", choices=("float16", "int8", "uint8"), help="palettization: LUT entry type")
-    c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect); overrides --method")
+    c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect) or a checkpoint; overrides --method")
+    target = c.add_mutually_exclusive_group()
+    target.add_argument("--target-bits", type=float,
+                        help="size budget: bits per weight over the compressed layers; bits per layer chosen by sensitivity")
+    target.add_argument("--target-mb", type=float,
+                        help="size budget: MB of the exported mlpackage; bits per layer chosen by sensitivity")
     c.add_argument("--calib", default=BUNDLED_CALIBRATION, help="wikitext2 | c4 | PATH (default: bundled excerpt)")
     c.add_argument("--nsamples", type=positive, default=128)
     c.add_argument("--seqlen", type=positive, default=256)
@@ -277,6 +282,8 @@ def cmd_compress(args) -> int:
     from .pipeline import compress_to_checkpoint
     from .recipe import Recipe, load_recipe, method_config
 
+    if args.target_bits is not None or args.target_mb is not None:
+        return _compress_to_budget(args)
     recipe = load_recipe(args.recipe) if args.recipe else Recipe.single(
         method_config(method_config_from_flags(args), "command line")
     )
@@ -290,6 +297,24 @@ def cmd_compress(args) -> int:
     from .inspect import summary
 
     print(summary(path))
+    return 0
+
+
+def _compress_to_budget(args) -> int:
+    from .budget import Target, menu_recipe
+    from .budget.run import compress_to_budget
+    from .inspect import summary
+    from .recipe import load_recipe
+
+    target = Target(bits=args.target_bits, mb=args.target_mb)
+    recipe = load_recipe(args.recipe) if args.recipe else menu_recipe(method_config_from_flags(args))
+    path, _, allocation = compress_to_budget(
+        args.model, args.out, recipe, target, args.calib, args.nsamples, args.seqlen, args.seed,
+        device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+    )
+    print(summary(path))
+    print(f"budget {target.describe()}: {allocation.bits_per_weight:.4f} bits/weight, "
+          f"{allocation.export_mb:.2f} MB exported (predicted); rerun with --recipe {path}")
     return 0
 
 

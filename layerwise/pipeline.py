@@ -59,6 +59,7 @@ def compress_to_checkpoint(
     allow_non_finite: bool = False,
     allow_long_context: bool = False,
     inputs: tuple = (),
+    manifest_extra: dict | None = None,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
@@ -121,6 +122,7 @@ def compress_to_checkpoint(
                 "versions": versions(),
                 "layers": {},  # filled by the writer with every block's layers, also those of a resumed run
                 "left_uncompressed": result.left_out,  # block weights kept in float16, by reason
+                **(manifest_extra or {}),
             }
             path = writer.commit(model.config, tokenizer, manifest)
     finally:
