@@ -24,7 +24,8 @@ def mixed_export(tiny_dirs, calib_text_file, tmp_path_factory):
     checkpoint, pkg = root / "mixed", root / "mixed.mlpackage"
     assert main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(checkpoint), "--calib", str(calib_text_file),
                  *SMALL, "--method", "gptq", "--target-bits", "3.6"]) == 0
-    assert main(["-q", "export", str(checkpoint), "--out", str(pkg), "--context", "512"]) == 0
+    assert main(["-q", "export", str(checkpoint), "--out", str(pkg), "--context", "512",
+                 "--allow-long-context"]) == 0
     return checkpoint, pkg
 
 
