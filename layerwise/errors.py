@@ -19,3 +19,7 @@ class ModelError(LayerwiseError, ValueError):
 
 class NumericalError(LayerwiseError, ArithmeticError):
     """NaN/Inf or a Hessian that cannot be factored even with more damping."""
+
+
+class PeerError(LayerwiseError, RuntimeError):
+    """Another torch.distributed rank died or stopped answering (a collective failed or timed out)."""

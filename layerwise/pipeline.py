@@ -13,6 +13,7 @@ import torch
 from layerwise.calib_data import calibration_windows, load_text, tokenize_text
 
 from .checkpoint import CheckpointWriter
+from .distributed import SINGLE, Ranks, opened_on_main
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .dtypes import checkpoint_plain_dtype
@@ -53,6 +54,7 @@ def compress_to_checkpoint(
     lazy: bool | None = None,
     resume: bool = False,
     offload_activations: bool = False,
+    ranks: Ranks = SINGLE,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
@@ -60,7 +62,8 @@ def compress_to_checkpoint(
     lazy: read each block's weights from the safetensors files when it is reached (None: whenever
     `model_path` is a safetensors checkpoint and no `model` is passed). resume: continue an
     interrupted run with the same arguments after its last complete block. offload_activations:
-    keep the calibration activations memory-mapped on disk next to the output.
+    keep the calibration activations memory-mapped on disk next to the output. ranks: this process's
+    place under torch.distributed (`distributed.from_environment`); rank 0 alone writes.
     Everything that can be checked is checked before the output directory is created.
     """
     out_dir = Path(out_dir)
@@ -74,9 +77,10 @@ def compress_to_checkpoint(
     else:
         model_path_local = model_path
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path_local)
-    offload_dir = out_dir.parent / f".{out_dir.name}.activations" if offload_activations else None
+    suffix = f"-rank{ranks.rank}" if ranks.world > 1 else ""
+    offload_dir = out_dir.parent / f".{out_dir.name}.activations{suffix}" if offload_activations else None
     compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged,
-                                     lazy=blocks, offload_dir=offload_dir)
+                                     lazy=blocks, offload_dir=offload_dir, ranks=ranks)
     if not compressor.needs_data:
         log.info("every method in the recipe is data-free: the calibration text is not read")
         windows, calib_info = None, {"source": None, "data_free": True}
@@ -89,9 +93,11 @@ def compress_to_checkpoint(
     run_args = {"source_model": str(model_path), "recipe": recipe.to_dict(), "calibration": calib_info, "seed": seed,
                 "staged": staged, "batch_size": batch_size, "device": str(compressor.device)}
     try:
-        with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype, resume=resume,
-                              run_args=run_args) as writer:
+        with opened_on_main(ranks, lambda: CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype,
+                                                            resume=resume, run_args=run_args)) as writer:
             result = compressor.compress(windows, writer=writer)
+            if not ranks.main:
+                return out_dir, result
             writer.write_rest(_outside_tensors(model, compressor))
             manifest = {
                 "source_model": str(model_path),
