@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .errors import ModelError
+
 
 @dataclass
 class BlockCall:
@@ -87,7 +89,8 @@ def _capture_batch(model, blocks, ids, device) -> BlockInput:
                 block.forward = forward
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
-        raise RuntimeError(f"the model's forward never called blocks {missing[:4]}; cannot capture their inputs")
+        raise ModelError(f"the model's forward never called blocks {missing[:4]} of its block list; "
+                         "layerwise needs every block called once per forward, in order")
     return BlockInput(first_hidden[0], calls)
 
 

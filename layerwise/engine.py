@@ -32,7 +32,8 @@ from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians
 from .hessian import HessianAccumulator, relative_error
 from .lazy import LazyBlocks
 from .linears import (
-    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors, set_weight_out_in, weight_out_in,
+    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
+    set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
 from .solvers import METHODS, MethodConfig

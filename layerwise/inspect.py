@@ -10,7 +10,8 @@ from .linears import describe_left_out
 
 def report_json(path: str | Path) -> dict:
     manifest = read_manifest(path)
-    return {"totals": totals(path, manifest), "layers": manifest["layers"]}
+    return {"totals": totals(path, manifest), "layers": manifest["layers"],
+            "left_uncompressed": manifest.get("left_uncompressed")}
 
 
 def totals(path: str | Path, manifest: dict | None = None) -> dict:

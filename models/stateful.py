@@ -96,7 +96,8 @@ class StatefulCausalLM(nn.Module):
             cos, sin = _rope_tables(rotary, context, self.head_dim, key)
             self.register_buffer(_rope_name("cos", key), cos, persistent=False)  # [context, rotary_dim]
             self.register_buffer(_rope_name("sin", key), sin, persistent=False)
-            self.rotary_dim = cos.shape[-1]  # < head_dim with partial rotary (Phi-3 partial_rotary_factor)
+            # a python int (None = every dim) so the trace holds no shape comparison
+            self.rotary_dim = cos.shape[-1] if cos.shape[-1] < self.head_dim else None  # Phi-3 partial_rotary_factor
         if any(self.windows):  # key/query positions for the in-program window band
             self.register_buffer("positions", torch.arange(context, dtype=torch.float32), persistent=False)
         shape = (len(self.layers), 1, self.num_kv_heads, context, self.head_dim)
@@ -284,9 +285,9 @@ def _activation(name: str) -> nn.Module:
         raise ModelError(f"unknown activation {name!r} in the model config") from None
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rope on the first `dim` dims of x [..., q, hd] (`dim` = the table width; hd unless partial rotary)."""
-    if dim == x.shape[-1]:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Rope on x [..., q, hd], or on its first `dim` dims only (partial rotary; None = all)."""
+    if dim is None:
         return x * cos + _rotate_half(x) * sin
     rot, rest = x[..., :dim], x[..., dim:]
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)

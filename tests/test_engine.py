@@ -46,8 +46,10 @@ def test_streamed_blocks_equal_whole_model_forward(kind):
         assert (streamed[i] - out).abs().max() <= 1e-5, f"block {i}"
 
 
-def test_declared_groups_match_discovered_groups():
-    model = build_tiny_model("llama", dtype=torch.float32)
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_declared_groups_match_discovered_groups(kind):
+    """The staged Hessians of a declared family use its groups: they must be what a forward shows."""
+    model = build_tiny_model(kind, dtype=torch.float32)
     family = resolve_family(model)
     batch = capture_block_inputs(model, model.model.layers, windows(2), 2, torch.device("cpu"))[0]
     assert discover_groups(model.model.layers[0], 0, batch) == family.groups
@@ -122,7 +124,7 @@ def test_same_seed_gives_identical_tensors():
         assert torch.equal(results[0][name].scale, results[1][name].scale)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_early_stopped_forward_gives_the_same_hessians(kind):
     """Cutting the block's forward once a stage's inputs are seen must not change any Hessian."""
     model = build_tiny_model(kind, dtype=torch.float32)

@@ -127,6 +127,8 @@ def test_summary_says_which_block_weights_stay_float16(tmp_path, capsys):
             "model.layers.*.mlp.up_proj.weight, model.layers.*.mlp.down_proj.weight (recipe: none)") in line
     left = json.loads((out / "layerwise.json").read_text())["left_uncompressed"]
     assert left["parameters"] == 2 * 3 * 128 * 64 and left["block_parameters"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_uncompressed"] == left
 
 
 def test_non_linear_block_matrices_are_reported():
@@ -141,3 +143,18 @@ def test_non_linear_block_matrices_are_reported():
     assert summary["weights"] == 2 and summary["parameters"] == 2 * 4 * 64
     assert summary["reasons"] == {"not a linear layer (Module)": {"weights": 2, "parameters": 512,
                                                                   "kinds": ["model.layers.*.router.weight"]}}
+
+
+def test_gpt2_checkpoint_and_its_decompressed_copy_have_the_same_perplexity(tmp_path, calib_text_file, capsys):
+    source = save_tiny_model(tmp_path / "gpt2", "gpt2", **GPT2)
+    out, dense = tmp_path / "q4", tmp_path / "dense"
+    assert main(["-q", "compress", str(source), "--out", str(out), "--calib", str(calib_text_file), "--nsamples", "8",
+                 "--seqlen", "64", "--device", "cpu", "--method", "gptq", "--bits", "4", "--block-size", "32"]) == 0
+    assert main(["-q", "decompress", str(out), "--out", str(dense)]) == 0
+    ppl = []
+    for target in (source, out, dense):
+        capsys.readouterr()
+        assert main(["-q", "ppl", str(target), "--data", str(calib_text_file), "--seqlen", "64", "--json"]) == 0
+        ppl.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])
+    assert ppl[1] == pytest.approx(ppl[2], rel=1e-6)
+    assert ppl[1] != ppl[0]  # the weights did change
