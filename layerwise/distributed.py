@@ -24,7 +24,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import PeerError, RecipeError
+from .errors import LayerwiseError, PeerError, RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator
 
@@ -226,14 +226,14 @@ def opened_on_main(ranks: Ranks, open_writer: Callable[[], contextlib.AbstractCo
     if not ranks.main:
         error = ranks.broadcast_object(None, 0)
         if error is not None:
-            raise type(error)(str(error))
+            raise LayerwiseError(f"rank 0 could not open the output: {error}")
         yield SharedWriter(ranks)
         return
     try:
         manager = open_writer()
         writer = manager.__enter__()
     except Exception as e:
-        ranks.broadcast_object(e, 0)
+        ranks.broadcast_object(str(e) or type(e).__name__, 0)
         raise
     ranks.broadcast_object(None, 0)
     with contextlib.ExitStack() as stack:

@@ -17,21 +17,22 @@ import torch.multiprocessing as mp
 from layerwise.cli import main
 from layerwise.distributed import Ranks, cover, tree_sum
 from layerwise.pipeline import compress_to_checkpoint
-from layerwise.recipe import Recipe, method_config
+from layerwise.recipe import Recipe, recipe_from_dict
 
 from checkpoint_compare import file_hashes, manifest_without_timings, save_sharded
 
 # nsamples 10 / batch 2 = 5 batches: 2 ranks get an uneven split (2 + 3)
 CALIB = dict(nsamples=10, seqlen=32, seed=0, batch_size=2, device="cpu")
-RECIPES = {
-    "gptq": {"method": "gptq", "bits": 4, "block_size": 32},
-    "sparsegpt": {"method": "sparsegpt", "sparsity": 0.5},
-    "skm": {"method": "skm", "n_bits": 3},
+RECIPES = {  # the gptq one also compresses lm_head (its own reduction); rtn is data-free (layers only)
+    "gptq": [("lm_head", {"method": "gptq", "bits": 8}), (".*", {"method": "gptq", "bits": 4, "block_size": 32})],
+    "sparsegpt": [(".*", {"method": "sparsegpt", "sparsity": 0.5})],
+    "skm": [(".*", {"method": "skm", "n_bits": 3})],
+    "rtn": [(".*", {"method": "rtn", "bits": 4})],
 }
 
 
 def recipe(name: str) -> Recipe:
-    return Recipe.single(method_config(dict(RECIPES[name]), "test"))
+    return recipe_from_dict({"rules": [{"match": m, "config": dict(c)} for m, c in RECIPES[name]]})
 
 
 def test_every_partition_sums_along_the_same_tree():
@@ -87,7 +88,7 @@ def test_two_gloo_ranks_write_the_one_process_bytes(two_rank_outputs, calib_text
     single, _ = compress_to_checkpoint(str(src), root / f"{name}-1", recipe(name), str(calib_text_file), **CALIB)
     two = root / f"{name}-2"
     hashes = file_hashes(single)
-    assert len(hashes) == 4 and file_hashes(two) == hashes  # 3 blocks and rest
+    assert len(hashes) >= 4 and file_hashes(two) == hashes  # 3 blocks, rest (and lm_head)
     assert manifest_without_timings(two) == manifest_without_timings(single)
     assert not list(root.glob(f".{name}-2.*"))  # no partial output or activations left behind
 
@@ -138,6 +139,9 @@ def test_dead_rank_stops_the_other_and_torchrun_resumes_to_the_same_bytes(tmp_pa
     assert not out.exists() and sorted(p.name for p in partial.glob("block-*")) == [
         "block-00000.safetensors", "block-00001.safetensors"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "layerwise"]
+    refused = subprocess.run(torchrun + args + ["--out", str(out), "--resume", "--seed", "1"], capture_output=True,
+                             text=True, timeout=240)  # rank 0's refusal reaches rank 1: no one waits for a timeout
+    assert refused.returncode != 0 and refused.stderr.count("calibration.seed was 0") == 1, refused.stderr[-2000:]
     proc = subprocess.run(torchrun + args + ["--out", str(out), "--resume"], capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
