@@ -93,6 +93,18 @@ def load_hub_text(spec: HubText, purpose: str) -> str:
 
 
 def _read_file(path: Path) -> str:
+    try:
+        return _read_text_file(path)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); convert it, "
+            "e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_text_file(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as f:

@@ -3,15 +3,19 @@
 Layout of a checkpoint directory::
 
     config.json, tokenizer files      as Hugging Face writes them
-    layerwise.json                    manifest: format, recipe, per-layer meta + report, calibration, versions
+    layerwise.json                    manifest: format, recipe, per-layer meta + report, calibration, versions,
+                                      and each shard's sha256 (`shards`)
     block-00000.safetensors …         one shard per decoder block (packed codes, scales, LUTs, masks,
-                                      plus the block's plain tensors: norms, biases)
-    rest.safetensors                  everything outside the blocks (embeddings, final norm, lm_head)
+                                      plus the block's plain tensors: norms, biases); a compressed
+                                      lm_head gets the next block number
+    rest.safetensors                  everything else outside the blocks (embeddings, final norm, lm_head)
+    .layerwise-output                 marker: written by layerwise (see outputs.py)
 
 A compressed layer `L` is stored as tensors `L.weight.<part>` (part: codes, scale, zero_point, lut,
 lut_codes, lut_scale, values, mask; a symmetric grid has no zero_point). Everything is written
 under a hidden temporary name next to the target and renamed when complete, so a crash never
-leaves a directory that looks whole.
+leaves a directory that looks whole. Reading checks the manifest and every tensor against it
+(manifest.py) before decoding anything.
 """
 
 from __future__ import annotations
@@ -23,17 +27,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ModelError
+from .errors import CheckpointError, Interrupted, LayerwiseError, ModelError, RecipeError
 from .formats import CompressedWeight
 from .linears import to_module_layout
+from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
+from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "layerwise.json"
-FORMAT = "layerwise-checkpoint/1"
 
 
 RUN = ".layerwise-run.json"  # inside the temporary output only: the arguments and every finished block
@@ -49,10 +54,9 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | Path, overwrite: bool = False, plain_dtype: torch.dtype = torch.float16,
-                 resume: bool = False, run_args: dict | None = None):
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise ModelError(f"output {self.out_dir} already exists; choose another --out or pass --overwrite")
+                 resume: bool = False, run_args: dict | None = None, inputs: tuple = ()):
+        """inputs: the paths the run reads; the output may not be, contain or lie inside any of them."""
+        self.out_dir = check_output(out_dir, overwrite, inputs)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.plain_dtype = plain_dtype
         self.layers: dict[str, dict] = {}  # name → shard and CompressedWeight meta
@@ -63,7 +67,13 @@ class CheckpointWriter:
         self.run_args = json.loads(json.dumps(run_args or {}))  # as it reads back from JSON
 
     def __enter__(self):
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with os_errors(self.out_dir):
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.out_dir)
+            self._start()
+        return self
+
+    def _start(self) -> None:
         if self.tmp_dir.exists() and self.resume:
             self._load_progress()
         elif self.resume:
@@ -77,16 +87,24 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.tmp_dir.mkdir()
             self._save_progress()
-        return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             return False
+        left = None
         if not self.blocks:  # nothing worth resuming
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         else:
-            log.warning("stopped with %d complete block shards kept in %s; run the same command with --resume to "
-                        "continue after them", len(self.blocks), self.tmp_dir)
+            left = (f"{len(self.blocks)} complete block shards kept in {self.tmp_dir}; run the same command with "
+                    "--resume to continue after them")
+        # the CLI prints one line: the problem, then what is left and how to resume
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(*exc.args, left=left) from None
+        failure = environment_failure(exc, self.out_dir) or exc
+        if isinstance(failure, LayerwiseError):
+            raise type(failure)(f"{failure}; {left}" if left else str(failure)) from None
+        if left:
+            log.warning("stopped: %s", left)
         return False
 
     @property
@@ -104,6 +122,9 @@ class CheckpointWriter:
         tensors = {name: self._plain(t) for name, t in plain.items()}
         layers = {}
         for name, cw in compressed.items():
+            if cw.bits_per_weight() > 16:
+                raise RecipeError(f"{name}: the recipe's method stores {cw.bits_per_weight():.2f} bits per weight, more "
+                                  "than the float16 layer; choose fewer bits, more sparsity or leave the layer alone")
             layers[name] = {"shard": shard, **cw.meta()}
             for part, t in cw.to_tensors().items():
                 tensors[f"{name}.weight.{part}"] = t
@@ -130,7 +151,7 @@ class CheckpointWriter:
         _save_atomic(tensors, self.tmp_dir / "rest.safetensors")
 
     def commit(self, config, tokenizer, manifest: dict) -> Path:
-        """Write config, tokenizer and manifest, then atomically move the directory into place."""
+        """Write config, tokenizer and manifest (with each shard's sha256), then move the directory into place."""
         config.save_pretrained(self.tmp_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp_dir)
@@ -140,9 +161,10 @@ class CheckpointWriter:
             layers.setdefault(name, {})["report"] = report
         for name, meta in self.layers.items():
             layers.setdefault(name, {}).update(meta)
+        manifest["shards"] = {p.name: sha256_file(p) for p in sorted(self.tmp_dir.glob("*.safetensors"))}
         (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
         (self.tmp_dir / RUN).unlink(missing_ok=True)
-        return _replace_dir(self.tmp_dir, self.out_dir)
+        return publish(self.tmp_dir, self.out_dir, "checkpoint")
 
     def _save_progress(self) -> None:
         progress = {"arguments": self.run_args, "blocks": self.blocks, "layers": self.layers, "reports": self.reports}
@@ -196,53 +218,91 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _replace_dir(tmp: Path, target: Path) -> Path:
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    return target
-
-
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The validated manifest (CheckpointError names the first bad field)."""
     path = Path(path)
     if not is_checkpoint(path):
         raise ModelError(f"{path} is not a layerwise checkpoint (no {MANIFEST}); compress a model first")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ModelError(f"{path}: unsupported checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is not valid JSON ({e}); the checkpoint is damaged, compress again") from None
+    return validate_manifest(manifest, path)
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, CompressedWeight]]:
-    """All plain tensors and every compressed layer of a checkpoint."""
+def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, CompressedWeight]]:
+    """All plain tensors and every compressed layer of a checkpoint, each checked against the manifest.
+
+    verify: compare each shard's sha256 with the manifest's (False skips it, for speed).
+    """
     path = Path(path)
     manifest = read_manifest(path)
+    layers = manifest["layers"]
     plain: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            for key in f.keys():
-                layer, sep, part = key.rpartition(".weight.")
-                if sep and layer in manifest["layers"]:
-                    parts.setdefault(layer, {})[part] = f.get_tensor(key)
-                else:
-                    plain[key] = f.get_tensor(key)
-    compressed = {name: CompressedWeight.from_tensors(manifest["layers"][name], parts[name]) for name in parts}
-    missing = set(manifest["layers"]) - set(compressed)
+    for shard in _shards(path, manifest, verify):
+        for key, tensor in _read_shard(shard).items():
+            layer, sep, part = key.rpartition(".weight.")
+            if sep and part in PARTS:
+                if layer not in layers:
+                    raise CheckpointError(f"{shard}: tensor {key} belongs to no layer of {MANIFEST}; the checkpoint is damaged")
+                if layers[layer]["shard"] != shard.name:
+                    raise CheckpointError(f"{shard}: tensor {key} should be in {layers[layer]['shard']} per {MANIFEST}")
+                parts.setdefault(layer, {})[part] = tensor
+            else:
+                plain[key] = tensor
+    missing = set(layers) - set(parts)
     if missing:
-        raise ModelError(f"{path}: checkpoint is incomplete, no tensors for {sorted(missing)[:3]}")
+        raise CheckpointError(f"{path}: checkpoint is incomplete, no tensors for {sorted(missing)[:3]}")
+    compressed = {}
+    for name, tensors in parts.items():
+        check_parts(name, layers[name], tensors, path)
+        try:
+            compressed[name] = CompressedWeight.from_tensors(layers[name], tensors)
+        except (ValueError, RuntimeError) as e:  # e.g. codes beyond `bits`, a mask that disagrees with `kept`
+            raise CheckpointError(f"{path}: layer {name} does not decode ({_first_line(e)}); the checkpoint is damaged") from None
+        if compressed[name].kept != layers[name]["kept"]:
+            raise CheckpointError(f"{path}: layer {name} keeps {compressed[name].kept} weights, the manifest says {layers[name]['kept']}")
     return plain, compressed
 
 
-def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def _shards(path: Path, manifest: dict, verify: bool) -> list[Path]:
+    """The shard files, sha256-checked against the manifest unless `verify` is False."""
+    recorded = manifest.get("shards")
+    if recorded is None:  # written before shards were hashed
+        log.warning("%s records no shard checksums; its tensors are checked against the manifest only", path)
+        return sorted(path.glob("*.safetensors"))
+    on_disk = {p.name for p in path.glob("*.safetensors")}
+    if on_disk != set(recorded):
+        raise CheckpointError(
+            f"{path}: shards {sorted(on_disk ^ set(recorded))[:3]} are on disk or in {MANIFEST} but not both; "
+            "the checkpoint is incomplete or mixed with another one, compress again"
+        )
+    shards = [path / name for name in sorted(recorded)]
+    if verify:
+        for shard in shards:
+            if sha256_file(shard) != recorded[shard.name]:
+                raise CheckpointError(
+                    f"{shard}: sha256 differs from the one in {MANIFEST}; the file was changed or damaged "
+                    "(compress again, or pass --no-verify to skip the check)"
+                )
+    return shards
+
+
+def _read_shard(shard: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(shard, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{shard} is not a readable safetensors file ({_first_line(e)}); the checkpoint is damaged") from None
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", verify: bool = True,
+                    trust_remote_code: bool = False):
     """A transformers model whose dense weights equal the checkpoint's dequantized codes.
 
     The compressed form stays attached as `model.layerwise_compressed` (name → CompressedWeight) and
@@ -252,8 +312,12 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
     from transformers import AutoConfig, AutoModelForCausalLM
 
     manifest = read_manifest(path)
-    plain, compressed = read_tensors(path)
-    config = AutoConfig.from_pretrained(path)
+    plain, compressed = read_tensors(path, verify)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config.json cannot be read ({_first_line(e)}); the checkpoint is damaged, "
+                              "compress again") from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     state = dict(plain)
@@ -279,24 +343,23 @@ def _is_tied(model, key: str) -> bool:
     return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
 
 
-def decompress(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def decompress(path: str | Path, out_dir: str | Path, overwrite: bool = False, verify: bool = True,
+               trust_remote_code: bool = False) -> Path:
     """Write a plain float16 Hugging Face checkpoint holding exactly the dequantized values."""
     from transformers import AutoTokenizer
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ModelError(f"output {out_dir} already exists; choose another --out or pass --overwrite")
-    model = load_compressed(path, dtype=torch.float16)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    check_output(out_dir, overwrite, inputs=(path,))
+    model = load_compressed(path, dtype=torch.float16, verify=verify, trust_remote_code=trust_remote_code)
+    with atomic_directory(out_dir, "decompressed", overwrite, inputs=(path,)) as tmp:
         model.config.dtype = torch.float16
         model.save_pretrained(tmp, safe_serialization=True)
         try:
-            AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         except (OSError, ValueError):
             log.warning("no tokenizer in %s; the decompressed checkpoint has none either", path)
-        return _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(out_dir)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

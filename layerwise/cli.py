@@ -1,27 +1,65 @@
 """`layerwise compress | ppl | decompress | inspect | export | bench | generate | families`.
 
-A user mistake (a LayerwiseError) prints one line and exits with status 2, never a traceback.
+Exit status: 0 done; 2 a user mistake or an environment failure (bad input, full disk, read-only
+output, too little memory) — one line naming the problem and the fix, never a traceback; 1 a bug in
+layerwise — the traceback and a request to report it; 130/143 stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
+import signal
 import sys
+import traceback
 
 from .errors import LayerwiseError, PeerError, RecipeError
+from .outputs import environment_failure
 
 log = logging.getLogger("layerwise")
 
 METHOD_CHOICES = ("gptq", "rtn", "sparsegpt", "magnitude", "skm", "kmeans")
+OVERWRITE_HELP = "replace --out if layerwise wrote it (never a foreign directory or an input), once the new one is complete"
+BUG_REPORT = "this is a bug in layerwise, not in your input: please report it with the command line and the traceback above"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum (sizes and counts: 1; a seed or a step count: 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+positive, non_negative = at_least(1), at_least(0)
+
+
+def _loading_flags(p: argparse.ArgumentParser, checkpoint: bool = True, long_context: bool = True) -> None:
+    """Flags shared by every command that opens a model or a checkpoint."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (auto_map); off by default, never asked on stdin")
+    if checkpoint:
+        p.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="skip the sha256 check of a checkpoint's shards (faster loading)")
+    if long_context:
+        p.add_argument("--allow-long-context", action="store_true",
+                       help="allow windows/contexts beyond the model's max positions (e.g. rope-scaled use)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="checkpoint directory to create")
     c.add_argument("--method", choices=METHOD_CHOICES, help="method for every block linear (or use --recipe)")
     c.add_argument("--bits", type=int, help="bits per weight (quantization, LUT indices, or joint with sparsity)")
-    c.add_argument("--block-size", type=int, help="input columns per scale (omit: per-channel)")
+    c.add_argument("--block-size", type=positive, help="input columns per scale (omit: per-channel)")
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
@@ -45,22 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="MSE-optimal range clipping of the grid (default on for gptq/rtn, off for sparse methods)")
     c.add_argument("--damp", type=float, help="damping as a fraction of mean(diag H) (default 0.01)")
-    c.add_argument("--refine-steps", type=int,
+    c.add_argument("--refine-steps", type=non_negative,
                    help="sparsegpt: CG steps re-solving the kept weights for the final mask (default 32; 0: off)")
     c.add_argument("--sparsity", type=float, help="fraction of zeros (sparsegpt / magnitude / joint skm)")
     c.add_argument("--nm", help="n:m pattern, n kept of every m inputs, e.g. 2:4")
-    c.add_argument("--group-size", type=int, help="palettization: output channels sharing one LUT (omit: per-tensor)")
+    c.add_argument("--group-size", type=positive, help="palettization: output channels sharing one LUT (omit: per-tensor)")
     c.add_argument("--no-error-feedback", action="store_true", help="skm: fit the palette without GPTQ-style feedback")
     c.add_argument("--lut-dtype", choices=("float16", "int8", "uint8"), help="palettization: LUT entry type")
     c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect); overrides --method")
     c.add_argument("--calib", default=BUNDLED_CALIBRATION, help="wikitext2 | c4 | PATH (default: bundled excerpt)")
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=256)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--nsamples", type=positive, default=128)
+    c.add_argument("--seqlen", type=positive, default=256)
+    c.add_argument("--seed", type=non_negative, default=0)
     c.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
-    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    c.add_argument("--batch-size", type=positive, default=8, help="calibration windows per forward")
     c.add_argument("--no-staged", dest="staged", action="store_false", help="collect all Hessians of a block in one pass")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    c.add_argument("--allow-non-finite", action="store_true",
+                   help="accept NaN/Inf weights in the layers the recipe leaves alone")
+    _loading_flags(c, checkpoint=False)
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (same arguments) after its last complete block")
     c.add_argument("--offload-activations", action="store_true",
@@ -73,16 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("ppl", help="perplexity of a model or checkpoint")
     q.add_argument("model")
     q.add_argument("--data", default="wikitext2", help="wikitext2 | c4 | PATH")
-    q.add_argument("--seqlen", type=int, default=256)
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--seqlen", type=positive, default=256)
+    q.add_argument("--batch-size", type=positive, default=8)
     q.add_argument("--device", default="cpu")
     q.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     q.add_argument("--json", action="store_true", help="end with one JSON line")
+    _loading_flags(q)
 
     d = sub.add_parser("decompress", help="write a plain float16 HF checkpoint with the dequantized values")
     d.add_argument("checkpoint")
     d.add_argument("--out", required=True)
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _loading_flags(d, long_context=False)
 
     i = sub.add_parser("inspect", help="per-layer report of a checkpoint")
     i.add_argument("checkpoint")
@@ -91,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
     e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
     e.add_argument("--out", required=True, help="Model.mlpackage to create")
-    e.add_argument("--context", type=int, default=512, help="maximum tokens (KV-cache length)")
+    e.add_argument("--context", type=positive, default=512, help="maximum tokens (KV-cache length)")
     e.add_argument("--multifunction", action="store_true", help="prefill + decode functions sharing the weights")
-    e.add_argument("--prefill-length", type=int, default=64, help="query length of the prefill function")
+    e.add_argument("--prefill-length", type=positive, default=64, help="query length of the prefill function")
     e.add_argument("--last-logits-only", action="store_true", help="return logits of the last position only")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _loading_flags(e)
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
@@ -103,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
     b.add_argument("--calib", default=BUNDLED_CALIBRATION)
     b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
-    b.add_argument("--nsamples", type=int, default=128)
-    b.add_argument("--seqlen", type=int, default=256)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--nsamples", type=positive, default=128)
+    b.add_argument("--seqlen", type=positive, default=256)
+    b.add_argument("--seed", type=non_negative, default=0)
     b.add_argument("--device", default="cpu")
-    b.add_argument("--repeat", type=int, default=1, help="runs per row; times reported as medians")
+    b.add_argument("--repeat", type=positive, default=1, help="runs per row; times reported as medians")
     b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     _add_generate_and_families(sub)
@@ -132,15 +176,72 @@ def main(argv: list[str] | None = None) -> int:
     follower = int(os.environ.get("RANK", "0")) != 0  # torch.distributed: rank 0 alone logs and reports
     logging.basicConfig(level=logging.WARNING if args.quiet or follower else logging.INFO, format="%(message)s")
     _quiet_third_party()
+    name = f"layerwise {args.command}"
     try:
-        return COMMANDS[args.command](args) or 0
+        with _sigterm_as_interrupt(), _no_stdin():
+            return COMMANDS[args.command](args) or 0
     except LayerwiseError as e:
         if not follower or isinstance(e, PeerError):
-            print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
+            print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("layerwise: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and e.args[0] == signal.SIGTERM else signal.SIGINT
+        left = getattr(e, "left", None) or "incomplete outputs were removed"
+        print(f"{name}: stopped by {signal.Signals(signum).name}; {left}", file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:  # `layerwise inspect CK | head`: the reader left, nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except Exception as e:
+        failure = environment_failure(e, getattr(args, "out", None) or "the output", writing=False) or _allocation_failure(e)
+        if failure is not None:
+            print(f"{name}: error: {failure}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"{name}: internal error: {BUG_REPORT}", file=sys.stderr)
+        return 1
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops like Ctrl-C: the same KeyboardInterrupt unwinds and removes partial outputs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _no_stdin():
+    """No library may ask the user anything (transformers prompts for remote code on stdin)."""
+    saved, sys.stdin = sys.stdin, io.StringIO()
+    try:
+        yield
+    finally:
+        sys.stdin = saved
+
+
+def _allocation_failure(e: Exception) -> str | None:
+    """One line for memory that cannot be had (a context or batch far too large), else None."""
+    text = str(e)
+    if isinstance(e, MemoryError) or any(s in text for s in ("can't allocate memory", "out of memory", "Overflow when",
+                                                             "integer multiplication overflow")):
+        return ("not enough memory for this request (" + (_one_line(e) or type(e).__name__)[:160] + "); lower "
+                "--context, --seqlen, --batch-size or --nsamples")
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _quiet_third_party() -> None:
@@ -149,6 +250,7 @@ def _quiet_third_party() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # "… thrown while requesting HEAD" retries
 
 
 def method_config_from_flags(args) -> dict:
@@ -187,6 +289,8 @@ def cmd_compress(args) -> int:
         path, result = compress_to_checkpoint(
             args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
             device=device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
+            allow_long_context=args.allow_long_context, inputs=(args.recipe,),
             lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
             ranks=ranks,
         )
@@ -202,7 +306,9 @@ def cmd_compress(args) -> int:
 def cmd_ppl(args) -> int:
     from .pipeline import evaluate_perplexity
 
-    res = evaluate_perplexity(args.model, args.data, args.seqlen, args.batch_size, args.device, args.dtype)
+    res = evaluate_perplexity(args.model, args.data, args.seqlen, args.batch_size, args.device, args.dtype,
+                              trust_remote_code=args.trust_remote_code, verify=args.verify,
+                              allow_long_context=args.allow_long_context)
     print(f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens in {res['windows']} windows of {res['seqlen']}")
     if args.json:
         print(json.dumps(res))
@@ -212,7 +318,8 @@ def cmd_ppl(args) -> int:
 def cmd_decompress(args) -> int:
     from .checkpoint import decompress
 
-    path = decompress(args.checkpoint, args.out, overwrite=args.overwrite)
+    path = decompress(args.checkpoint, args.out, overwrite=args.overwrite, verify=args.verify,
+                      trust_remote_code=args.trust_remote_code)
     print(f"wrote {path}")
     return 0
 
@@ -229,7 +336,8 @@ def cmd_export(args) -> int:
 
     report = export_model(args.model, args.out, context=args.context, multifunction=args.multifunction,
                           prefill_length=args.prefill_length, last_logits_only=args.last_logits_only,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, verify=args.verify,
+                          allow_long_context=args.allow_long_context)
     print(f"wrote {report['path']}: {report['size_bytes'] / 1e6:.2f} MB in {report['seconds']:.1f} s; "
           f"functions {', '.join(report['functions'])}; compressed ops {report['compressed']}")
     return 0

@@ -21,5 +21,21 @@ class NumericalError(LayerwiseError, ArithmeticError):
     """NaN/Inf or a Hessian that cannot be factored even with more damping."""
 
 
+class OutputError(LayerwiseError, OSError):
+    """An output path that must not be written (an input, a foreign directory) or cannot be (full, read-only)."""
+
+
+class CheckpointError(ModelError):
+    """A layerwise checkpoint whose manifest or tensors are damaged or do not agree."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (args[0]: the signal number, if known), with what is left on disk."""
+
+    def __init__(self, *args, left: str | None = None):
+        super().__init__(*args)
+        self.left = left
+
+
 class PeerError(LayerwiseError, RuntimeError):
     """Another torch.distributed rank died or stopped answering (a collective failed or timed out)."""

@@ -89,8 +89,8 @@ def prepare_hessian(
     """
     if not torch.isfinite(hessian).all():
         raise NumericalError(
-            "the Hessian holds NaN/Inf: the calibration activations overflowed; run in float32 "
-            "(--dtype float32) or check the model's weights"
+            "the Hessian holds NaN/Inf: the calibration activations overflowed even in float32; check the "
+            "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
         )
     dead = torch.diag(hessian) == 0
     if perm is not None:

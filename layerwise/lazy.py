@@ -12,15 +12,17 @@ into its cache, then read the same way. A pickle-only checkpoint is refused, nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import ModelError
+from .loading import check_causal, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +54,13 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in mapping.items()}
     single = directory / SINGLE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _reading(single) as f:
             return {name: single for name in f.keys()}
     if any((directory / p).is_file() for p in PICKLES):
         raise ModelError(
             f"{directory} holds only pickled weights (pytorch_model.bin), which layerwise never unpickles; convert "
             "them once with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` "
-            "in a trusted environment, or pass --eager-load to let transformers load them"
+            "in a trusted environment (layerwise reads safetensors only)"
         )
     raise ModelError(f"{directory} has no model.safetensors or {INDEX}; point at a Hugging Face model directory")
 
@@ -67,6 +69,9 @@ class LazyBlocks:
     """Reads block `i`'s tensors from the checkpoint into the skeleton, and puts them back on meta."""
 
     def __init__(self, model: nn.Module, blocks_path: str, files: dict[str, Path], dtype: torch.dtype):
+        # tensors checked for NaN/Inf as they are read: None = all, else only these names (the layers a
+        # recipe compresses, with --allow-non-finite)
+        self.finite_names: set[str] | None = None
         self.model = model
         self.blocks_path = blocks_path
         self.files = files
@@ -87,9 +92,11 @@ class LazyBlocks:
             by_file.setdefault(self.files[prefix + name], []).append(name)
         state = {}
         for file, group in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with _reading(file) as f:
                 for name in group:
                     state[name] = _cast(f.get_tensor(prefix + name), self.dtype)
+        check_finite(((prefix + n, t) for n, t in state.items()), str(self.files[prefix + names[0]].parent),
+                     only=self.finite_names)
         block.load_state_dict(state, strict=True, assign=True)
 
     def release(self, block: nn.Module) -> None:
@@ -98,7 +105,8 @@ class LazyBlocks:
         block.load_state_dict(meta, strict=True, assign=True)
 
 
-def open_lazy(name_or_path: str, blocks_path: str | None = None) -> tuple[nn.Module, LazyBlocks]:
+def open_lazy(name_or_path: str, blocks_path: str | None = None, trust_remote_code: bool = False
+              ) -> tuple[nn.Module, LazyBlocks]:
     """(model skeleton with the outside tensors loaded, reader of its blocks)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -108,15 +116,16 @@ def open_lazy(name_or_path: str, blocks_path: str | None = None) -> tuple[nn.Mod
     directory = resolve_local(name_or_path)
     files = weight_files(directory)
     try:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a model config from {name_or_path!r}: {str(e).splitlines()[0]}") from None
     dtype = _stored_dtype(config, files)
     try:
         with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed for real
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise ModelError(f"{name_or_path!r} is not a causal language model transformers can build: {str(e).splitlines()[0]}") from None
+    check_causal(model, name_or_path)  # before any weight is read: an encoder's names differ anyway
     blocks_path = blocks_path or resolve_family(model).blocks
     _load_outside(model, blocks_path + ".", files, dtype)
     model.eval()
@@ -134,7 +143,7 @@ def _load_outside(model: nn.Module, block_prefix: str, files: dict[str, Path], d
             if tied and name.endswith("lm_head.weight"):
                 continue  # one tensor, tied below
             raise ModelError(f"the checkpoint has no tensor {name!r}; pass --eager-load to load it through transformers")
-        with safe_open(files[name], framework="pt") as f:
+        with _reading(files[name]) as f:
             state[name] = _cast(f.get_tensor(name), dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
@@ -152,12 +161,23 @@ def _stored_dtype(config, files: dict[str, Path]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     for name, file in files.items():
-        with safe_open(file, framework="pt") as f:
+        with _reading(file) as f:
             t = f.get_slice(name)
             kind = t.get_dtype()
         if kind in ("F16", "BF16", "F32"):
             return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[kind]
     return torch.float32
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """safe_open, with a damaged file (truncated, bad header, empty) as one ModelError line."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ModelError(f"the weights in {file} are not a readable safetensors file ({str(e).splitlines()[0]}); "
+                         "download or save the model again") from None
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,77 +1,185 @@
-"""Opening models: a local HF directory, a Hub id, or a layerwise checkpoint."""
+"""Opening models: a local HF directory, a Hub id, or a layerwise checkpoint — and checking them.
+
+A model directory is data, not code: every `from_pretrained` passes `trust_remote_code=False`
+(unless the user says `--trust-remote-code`), so a config's `auto_map` never imports a file and
+transformers never asks on standard input; weights are read from safetensors only (a pickle can
+run code when loaded). What is loaded is then checked: a causal decoder, finite weights.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from .checkpoint import is_checkpoint, load_compressed
-from .errors import ModelError
+from .errors import ModelError, NumericalError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+               verify: bool = True, allow_non_finite: bool = False):
     """A causal LM from a checkpoint directory, a HF directory or a Hub id, on `device`.
 
     dtype "auto" keeps the stored dtype of a HF model (a layerwise checkpoint loads as float32).
+    verify: check a checkpoint's shard sha256s. allow_non_finite: skip the NaN/Inf weight check
+    (the caller then checks the weights it uses, see `check_finite`).
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
+    from .engine import resolve_device
+
+    device = str(resolve_device(device))  # an unknown or absent device is one line, not a torch traceback
     if is_checkpoint(name_or_path):
-        return load_compressed(name_or_path, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], device=device)
+        model = load_compressed(name_or_path, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], device=device,
+                                verify=verify, trust_remote_code=trust_remote_code)
+    else:
+        model = _load_hf(name_or_path, dtype, trust_remote_code).to(device).eval()
+    check_causal(model, name_or_path)
+    if not allow_non_finite:
+        check_finite(model.named_parameters(), name_or_path)
+    return model
+
+
+def _load_hf(name_or_path: str, dtype: str, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_looks_reachable(name_or_path)
+    remote = {"trust_remote_code": trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **remote)
     except (OSError, ValueError) as e:
+        _refuse_custom_code(name_or_path, trust_remote_code)
         raise ModelError(
             f"cannot load a model config from {name_or_path!r}: {_first_line(e)} — give a local Hugging Face "
             "model directory (with config.json) or a reachable Hub id"
         ) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    try:  # use_safetensors: never fall back to pickle weights, locally or from the Hub
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], use_safetensors=True, **remote)
     except ValueError as e:
+        _refuse_custom_code(name_or_path, trust_remote_code)
         raise ModelError(
             f"{name_or_path!r} (model_type {getattr(config, 'model_type', '?')!r}) is not a causal language model "
             f"transformers can load: {_first_line(e)}"
         ) from None
     except OSError as e:
         raise ModelError(f"cannot load weights of {name_or_path!r}: {_first_line(e)}") from None
-    return model.to(device).eval()
+    except Exception as e:  # a damaged safetensors file raises the library's own errors
+        if type(e).__name__ in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader"):
+            raise ModelError(f"the weights of {name_or_path!r} are not a readable safetensors file "
+                             f"({_first_line(e)}); download or save the model again") from None
+        if "ignore_mismatched_sizes" in str(e):  # transformers' "weights do not match the config" report
+            raise ModelError(f"the weights of {name_or_path!r} do not match its config.json (tensor shapes differ); "
+                             "the directory mixes two models, save it again") from None
+        raise
 
 
-def open_for_compress(name_or_path: str, lazy: bool | None = None):
+def open_for_compress(name_or_path: str, lazy: bool | None = None, trust_remote_code: bool = False,
+                      allow_non_finite: bool = False):
     """(model, lazy block reader or None, local directory) for `compress`.
 
     lazy None: lazy for a Hugging Face model (local directory or Hub id; its weights must be
     safetensors, a pickle-only model is refused with how to convert it), eager for a layerwise
-    checkpoint (its weights are compressed already).
+    checkpoint (its weights are compressed already). The tensors in memory are checked for NaN/Inf
+    here (unless allow_non_finite); a lazy block's when it is read (`LazyBlocks.finite_names`).
     """
     from .lazy import open_lazy, resolve_local
 
     if lazy is None:
         lazy = not is_checkpoint(name_or_path)
     if not lazy:
-        return load_model(name_or_path), None, name_or_path
+        model = load_model(name_or_path, trust_remote_code=trust_remote_code, allow_non_finite=allow_non_finite)
+        return model, None, name_or_path
     _check_looks_reachable(name_or_path)
     local = resolve_local(name_or_path)
-    model, blocks = open_lazy(str(local))
+    try:
+        model, blocks = open_lazy(str(local), trust_remote_code=trust_remote_code)
+    except ModelError:
+        _refuse_custom_code(str(local), trust_remote_code)
+        raise
+    check_causal(model, name_or_path)
+    if not allow_non_finite:
+        check_finite(model.named_parameters(), name_or_path)
     return model, blocks, str(local)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a tokenizer from {name_or_path!r}: {_first_line(e)}") from None
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        _refuse_custom_code(name_or_path, trust_remote_code)
+        raise ModelError(f"cannot load a tokenizer from {name_or_path!r}: {_message(e)}") from None
+
+
+def check_causal(model, name: str) -> None:
+    """Refuse encoders (BERT and kin): their attention sees later tokens, so neither calibration nor
+    perplexity nor a KV-cache export means anything for them."""
+    config = model.config
+    bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", None) is False]
+    if getattr(config, "is_encoder_decoder", False) or bidirectional:
+        raise ModelError(
+            f"{name!r} (model_type {config.model_type!r}) is not a causal decoder: "
+            f"{bidirectional[0] if bidirectional else 'encoder-decoder'} attends to later tokens; "
+            "layerwise compresses decoder-only language models (Llama, Mistral, Qwen2, …)"
+        )
+
+
+def check_finite(named_tensors, name: str, only: set[str] | None = None) -> None:
+    """NumericalError naming the first tensor holding NaN or Inf (only the names in `only`, if given)."""
+    for tensor_name, tensor in named_tensors:
+        if only is not None and tensor_name not in only:
+            continue
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            nan = int(torch.isnan(tensor).sum())
+            inf = int(torch.isinf(tensor).sum())
+            hint = ("the recipe compresses it, so it must be finite (leave that layer alone with config: null)"
+                    if only is not None else "compress's --allow-non-finite accepts them in layers the recipe leaves alone")
+            raise NumericalError(
+                f"{name}: tensor {tensor_name} holds {nan} NaN and {inf} Inf values; the model is damaged ({hint})"
+            )
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings are configured for (None: not stated)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(config, length: int, what: str, allow_long: bool) -> None:
+    """Refuse a window or context longer than the model's maximum positions unless `allow_long`."""
+    limit = max_positions(config)
+    if limit is not None and length > limit and not allow_long:
+        raise ModelError(
+            f"{what} {length} exceeds the model's maximum of {limit} positions; use at most {limit} "
+            "(or pass --allow-long-context if the model is meant to run longer, e.g. rope-scaled)"
+        )
+
+
+def _refuse_custom_code(name_or_path: str, trust_remote_code: bool) -> None:
+    """The clear error for a directory whose config or weights we refuse to execute."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
+        raise ModelError(
+            f"{name_or_path!r} needs its own Python code (auto_map in config.json), which layerwise does not run; "
+            "read that code and pass --trust-remote-code only if you trust it"
+        )
 
 
 def _check_looks_reachable(name: str) -> None:
@@ -81,8 +189,22 @@ def _check_looks_reachable(name: str) -> None:
         raise ModelError(f"no model directory at {name!r}; check the path (it must hold config.json and weights)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelError(f"{name!r} has no config.json; point at a Hugging Face model directory")
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickles = [p for p in PICKLE_WEIGHTS if (path / p).exists()]
+        if pickles:
+            raise ModelError(
+                f"{name!r} holds only pickle weights ({pickles[0]}), which can run code when loaded; convert them "
+                "to safetensors where you trust the file (e.g. the safetensors project's convert script, or "
+                "transformers' save_pretrained(..., safe_serialization=True)) and point layerwise at the result"
+            )
+        raise ModelError(f"{name!r} holds no *.safetensors weights; point at a Hugging Face model directory")
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _message(e: Exception) -> str:
+    """The whole message on one line (the first line alone can stop mid-sentence)."""
+    return " ".join(str(e).split()) or type(e).__name__

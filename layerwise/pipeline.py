@@ -17,7 +17,9 @@ from .distributed import SINGLE, Ranks, opened_on_main
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .dtypes import checkpoint_plain_dtype
-from .loading import load_model, load_tokenizer, open_for_compress
+from .loading import check_finite, check_length, load_model, load_tokenizer, open_for_compress
+from .memory import check_fits
+from .outputs import check_output
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ def compress_to_checkpoint(
     lazy: bool | None = None,
     resume: bool = False,
     offload_activations: bool = False,
+    trust_remote_code: bool = False,
+    allow_non_finite: bool = False,
+    allow_long_context: bool = False,
+    inputs: tuple = (),
     ranks: Ranks = SINGLE,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
@@ -65,22 +71,31 @@ def compress_to_checkpoint(
     keep the calibration activations memory-mapped on disk next to the output. ranks: this process's
     place under torch.distributed (`distributed.from_environment`); rank 0 alone writes.
     Everything that can be checked is checked before the output directory is created.
+    inputs: further paths the run reads (a recipe file); --out may not touch them, the model or the text.
+    allow_non_finite: NaN/Inf weights are accepted in layers the recipe leaves alone.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        from .errors import ModelError
-
-        raise ModelError(f"output {out_dir} already exists; choose another --out or pass --overwrite")
+    inputs = (model_path, calib, *inputs)
+    out_dir = check_output(out_dir, overwrite, inputs)
     blocks = None
     if model is None:
-        model, blocks, model_path_local = open_for_compress(model_path, lazy)
+        model, blocks, model_path_local = open_for_compress(model_path, lazy, trust_remote_code, allow_non_finite)
     else:
         model_path_local = model_path
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path_local)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path_local, trust_remote_code)
     suffix = f"-rank{ranks.rank}" if ranks.world > 1 else ""
     offload_dir = out_dir.parent / f".{out_dir.name}.activations{suffix}" if offload_activations else None
     compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged,
                                      lazy=blocks, offload_dir=offload_dir, ranks=ranks)
+    if allow_non_finite:  # the layers the recipe compresses must still be finite
+        planned = {f"{name}.weight" for name in compressor.plan}
+        check_finite(model.named_parameters(), model_path, only=planned)
+        if blocks is not None:
+            blocks.finite_names = planned
+    if compressor.needs_data:
+        check_length(model.config, seqlen if windows is None else windows.shape[1], "--seqlen", allow_long_context)
+        if not offload_activations:  # the cached block inputs and outputs, float32, kept in memory between blocks
+            check_fits(2 * 4 * nsamples * seqlen * model.config.hidden_size, f"--nsamples {nsamples} x --seqlen {seqlen}",
+                       "lower --nsamples or --seqlen, or pass --offload-activations")
     if not compressor.needs_data:
         log.info("every method in the recipe is data-free: the calibration text is not read")
         windows, calib_info = None, {"source": None, "data_free": True}
@@ -94,7 +109,8 @@ def compress_to_checkpoint(
                 "staged": staged, "batch_size": batch_size, "device": str(compressor.device)}
     try:
         with opened_on_main(ranks, lambda: CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype,
-                                                            resume=resume, run_args=run_args)) as writer:
+                                                            resume=resume, run_args=run_args,
+                                                            inputs=inputs)) as writer:
             result = compressor.compress(windows, writer=writer)
             if not ranks.main:
                 return out_dir, result
@@ -138,13 +154,16 @@ def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:
 
 
 def evaluate_perplexity(model_or_path, data: str, seqlen: int = 256, batch_size: int = 8, device: str = "cpu",
-                        dtype: str = "float32", tokenizer=None, token_ids: torch.Tensor | None = None) -> dict:
+                        dtype: str = "float32", tokenizer=None, token_ids: torch.Tensor | None = None,
+                        trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
     """Perplexity of a HF model, a checkpoint directory, or an in-memory model on `data`."""
     if isinstance(model_or_path, (str, Path)):
-        model = load_model(str(model_or_path), dtype=dtype, device=device)
-        tokenizer = tokenizer or load_tokenizer(str(model_or_path))
+        model = load_model(str(model_or_path), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           verify=verify)
+        tokenizer = tokenizer or load_tokenizer(str(model_or_path), trust_remote_code=trust_remote_code)
     else:
         model = model_or_path
+    check_length(model.config, seqlen, "--seqlen", allow_long_context)
     if token_ids is None:
         token_ids = tokenize_text(tokenizer, load_text(data, "evaluation"))
     return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, device=device)

@@ -104,10 +104,16 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; give the recipe's YAML/JSON file")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text; save it as UTF-8 YAML/JSON") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
     return recipe_from_dict(data, where=str(path))

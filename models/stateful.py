@@ -87,7 +87,9 @@ class StatefulCausalLM(nn.Module):
         self.q_scale = None if attention_scale is None else attention_scale * math.sqrt(self.head_dim)
         self.attention_scale = self.head_dim**-0.5 if attention_scale is None else attention_scale
         self.attn_softcap, self.final_softcap = family.softcap(cfg)
-        self.windows = family.layer_windows(cfg)
+        self.windows = family.layer_windows(cfg)  # the model's (metadata)
+        # what the program applies: a window as long as the cache cannot hide anything
+        self.window_bands = tuple(w if w and w < context else None for w in self.windows)
         self.attention_kinds = tuple(SOFTCAP if self.attn_softcap else SDPA for _ in self.layers)
         self.rope_keys = family.rope_keys(cfg)
 
@@ -98,7 +100,7 @@ class StatefulCausalLM(nn.Module):
             self.register_buffer(_rope_name("sin", key), sin, persistent=False)
             # a python int (None = every dim) so the trace holds no shape comparison
             self.rotary_dim = cos.shape[-1] if cos.shape[-1] < self.head_dim else None  # Phi-3 partial_rotary_factor
-        if any(self.windows):  # key/query positions for the in-program window band
+        if any(self.window_bands):  # key/query positions for the in-program window band
             self.register_buffer("positions", torch.arange(context, dtype=torch.float32), persistent=False)
         shape = (len(self.layers), 1, self.num_kv_heads, context, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
@@ -135,14 +137,14 @@ class StatefulCausalLM(nn.Module):
             hidden = hidden * self.embed_scale
         mask = causal_mask.to(hidden.dtype)
         masks = {None: mask}
-        for window in set(self.windows) - {None}:
+        for window in set(self.window_bands) - {None}:
             masks[window] = mask + self._window_band(window, past, end).to(hidden.dtype)
         ropes = {key: (getattr(self, _rope_name("cos", key))[past:end], getattr(self, _rope_name("sin", key))[past:end])
                  for key in set(self.rope_keys)}
         norms = self.family.block_norms
         for i, layer in enumerate(self.layers):
             x = self._norm(layer, norms.attn_in, hidden)
-            a = self._attention(i, layer, x, masks[self.windows[i]], *ropes[self.rope_keys[i]], past, end)
+            a = self._attention(i, layer, x, masks[self.window_bands[i]], *ropes[self.rope_keys[i]], past, end)
             hidden = hidden + self._branch_out(layer, norms.attn_out, a)
             x = self._norm(layer, norms.mlp_in, hidden)
             hidden = hidden + self._branch_out(layer, norms.mlp_out, self._mlp(layer, x))

@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from ..errors import ModelError
 from ..formats import CompressedWeight
+from ..outputs import os_errors, publish, remove
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,13 @@ def export_mlpackage(
         info[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
     tmp = out_path.with_name(f".{out_path.stem}.partial-{os.getpid()}.mlpackage")
-    _remove(tmp)
+    remove(tmp)
     try:
-        _save(ct, programs, info, tmp)
-        _replace(tmp, out_path)
+        with os_errors(out_path):
+            _save(ct, programs, info, tmp)
+        publish(tmp, out_path)  # an mlpackage is recognised as ours by its layerwise.* metadata
     finally:
-        _remove(tmp)
+        remove(tmp)
     report = {
         "path": str(out_path),
         "seconds": round(time.perf_counter() - start, 3),
@@ -227,19 +228,3 @@ def cpu_float32(model: torch.nn.Module) -> torch.nn.Module:
 def _all_ops(prog):
     for fn in prog.functions.values():
         yield from fn.operations
-
-
-def _replace(tmp: Path, out_path: Path) -> None:
-    """Move the finished package into place (an older package at out_path is replaced)."""
-    old = out_path.with_name(f".{out_path.stem}.old-{os.getpid()}.mlpackage")
-    if out_path.exists():
-        os.replace(out_path, old)
-    os.replace(tmp, out_path)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,30 +54,62 @@ def require(condition: bool, message: str) -> None:
         raise RecipeError(message)
 
 
+# ---- field validators shared by every config (a bool is never an int or a number here) ----------
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_flag(value, key: str) -> None:
+    require(isinstance(value, bool), f"{key}={value!r} must be true or false")
+
+
+def check_int(value, key: str, minimum: int = 1, hint: str = "") -> None:
+    """An integer >= minimum (1: a positive count or size, 0: may be zero)."""
+    kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
+    require(is_int(value) and value >= minimum, f"{key}={value!r} must be a {kind}{hint}")
+
+
+def check_damp(value) -> None:
+    require(is_number(value) and 0 < value < 10, f"damp={value!r} must be a fraction of mean(diag H) in (0, 10), e.g. 0.01")
+
+
+def check_fraction(value, key: str, hint: str = "e.g. 0.5") -> None:
+    """A fraction in [0, 1)."""
+    require(is_number(value) and 0 <= value < 1, f"{key}={value!r} must be a fraction in [0, 1), {hint}")
+
+
+def divisors_hint(n: int, preferred=(8, 16, 32, 64, 128, 256)) -> str:
+    """Up to three real divisors of n to suggest (the usual powers of two first)."""
+    picks = [d for d in preferred if n % d == 0 and d < n] or [d for d in range(2, n) if n % d == 0]
+    return f"e.g. {', '.join(map(str, picks[-3:]))}" if picks else f"{n} has no divisor but 1 and itself"
+
+
 def check_bits(bits, allowed, key="bits") -> None:
     require(
-        isinstance(bits, int) and not isinstance(bits, bool) and bits in allowed,
+        is_int(bits) and bits in allowed,
         f"{key}={bits!r} is not supported; use one of {sorted(allowed)}",
     )
 
 
 def check_grid_fields(sym, mse_clip, block_size) -> None:
     """Type checks of the uniform-grid settings shared by RTN, GPTQ, SparseGPT and magnitude."""
-    require(isinstance(sym, bool), f"sym={sym!r} must be true or false")
-    require(isinstance(mse_clip, bool), f"mse_clip={mse_clip!r} must be true or false")
-    require(
-        block_size is None or (isinstance(block_size, int) and block_size > 0),
-        f"block_size={block_size!r} must be a positive integer (or omitted for per-channel)",
-    )
+    check_flag(sym, "sym")
+    check_flag(mse_clip, "mse_clip")
+    if block_size is not None:
+        check_int(block_size, "block_size", hint=" (or omitted for per-channel)")
 
 
 def check_block_size(block_size, in_features: int, name: str, key: str = "block_size") -> None:
     if block_size is None:
         return
     require(
-        isinstance(block_size, int) and block_size > 0 and in_features % block_size == 0,
+        is_int(block_size) and block_size > 0 and in_features % block_size == 0,
         f"{key}={block_size!r} does not divide the {in_features} input features of {name}; "
-        f"use a divisor of {in_features} (e.g. 32, 64, 128) or omit it for per-channel",
+        f"use a divisor of {in_features} ({divisors_hint(in_features)}) or omit it for per-channel",
     )
 
 

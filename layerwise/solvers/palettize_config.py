@@ -8,20 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MethodConfig, check_bits, require
+from .base import MethodConfig, check_bits, check_damp, check_flag, check_fraction, check_int, divisors_hint, is_number, require
 
 PALETTE_BITS = (1, 2, 3, 4, 6, 8)  # the index widths iOS18's constexpr_lut_to_dense holds
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 LUT_DTYPES = ("float16", "int8", "uint8")
 SENSITIVITIES = ("hessian_diag", "fisher")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -46,10 +38,7 @@ class KMeansConfig(MethodConfig):
             self.granularity in GRANULARITIES,
             f"granularity={self.granularity!r} is not supported; use one of {list(GRANULARITIES)}",
         )
-        require(
-            _is_int(self.group_size) and self.group_size > 0,
-            f"group_size={self.group_size!r} must be a positive integer (output channels per LUT)",
-        )
+        check_int(self.group_size, "group_size", hint=" (output channels per LUT)")
         require(
             self.lut_dtype in LUT_DTYPES,
             f"lut_dtype={self.lut_dtype!r} is not supported; use one of {list(LUT_DTYPES)}",
@@ -59,18 +48,9 @@ class KMeansConfig(MethodConfig):
             f"cluster_dim={self.cluster_dim!r} is not supported: only scalar palettization "
             "(cluster_dim: 1) is implemented",
         )
-        require(
-            _is_int(self.seed) and self.seed >= 0,
-            f"seed={self.seed!r} must be a non-negative integer",
-        )
-        require(
-            _is_int(self.max_iters) and self.max_iters >= 0,
-            f"max_iters={self.max_iters!r} must be a non-negative integer",
-        )
-        require(
-            _is_number(self.tol) and self.tol >= 0,
-            f"tol={self.tol!r} must be a non-negative number, e.g. 1e-4",
-        )
+        check_int(self.seed, "seed", minimum=0)
+        check_int(self.max_iters, "max_iters", minimum=0)
+        require(is_number(self.tol) and self.tol >= 0, f"tol={self.tol!r} must be a non-negative number, e.g. 1e-4")
 
     def group_out(self, out_features: int) -> int:
         """Output channels sharing one LUT."""
@@ -81,7 +61,7 @@ class KMeansConfig(MethodConfig):
             require(
                 out_features % self.group_size == 0,
                 f"group_size={self.group_size} does not divide the {out_features} output features "
-                f"(out_features) of {name}; use a divisor of {out_features} (e.g. 8, 16, 32) or "
+                f"(out_features) of {name}; use a divisor of {out_features} ({divisors_hint(out_features)}) or "
                 "granularity: per_tensor",
             )
 
@@ -103,24 +83,13 @@ class SKMConfig(KMeansConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(
-            isinstance(self.error_feedback, bool),
-            f"error_feedback={self.error_feedback!r} must be true or false",
-        )
-        require(isinstance(self.refit_lut, bool), f"refit_lut={self.refit_lut!r} must be true or false")
+        check_flag(self.error_feedback, "error_feedback")
+        check_flag(self.refit_lut, "refit_lut")
         require(
             self.sensitivity in SENSITIVITIES,
             f"sensitivity={self.sensitivity!r} is not supported; use one of {list(SENSITIVITIES)}",
         )
-        require(
-            _is_number(self.damp) and 0 < self.damp < 10,
-            f"damp={self.damp!r} must be a fraction of mean(diag H) in (0, 10), e.g. 0.01",
-        )
-        require(
-            _is_int(self.lazy_batch) and self.lazy_batch > 0,
-            f"lazy_batch={self.lazy_batch!r} must be a positive integer",
-        )
-        require(
-            self.sparsity is None or (_is_number(self.sparsity) and 0 <= self.sparsity < 1),
-            f"sparsity={self.sparsity!r} must be a fraction in [0, 1) (e.g. 0.5) or omitted",
-        )
+        check_damp(self.damp)
+        check_int(self.lazy_batch, "lazy_batch", hint=", e.g. 128")
+        if self.sparsity is not None:
+            check_fraction(self.sparsity, "sparsity", "e.g. 0.5, or omitted")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MethodConfig, check_bits, check_block_size, check_grid_fields, require
+from .base import MethodConfig, check_bits, check_block_size, check_damp, check_flag, check_grid_fields, check_int
 
 QUANT_BITS = range(2, 9)
 
@@ -40,12 +40,6 @@ class GPTQConfig(RTNConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(isinstance(self.act_order, bool), f"act_order={self.act_order!r} must be true or false")
-        require(
-            isinstance(self.damp, (int, float)) and 0 < self.damp < 10,
-            f"damp={self.damp!r} must be a fraction of mean(diag H) in (0, 10), e.g. 0.01",
-        )
-        require(
-            isinstance(self.lazy_batch, int) and self.lazy_batch > 0,
-            f"lazy_batch={self.lazy_batch!r} must be a positive integer",
-        )
+        check_flag(self.act_order, "act_order")
+        check_damp(self.damp)
+        check_int(self.lazy_batch, "lazy_batch", hint=", e.g. 128")

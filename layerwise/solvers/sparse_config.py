@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from .base import MethodConfig, check_bits, check_block_size, check_grid_fields, require
+from .base import (MethodConfig, check_bits, check_block_size, check_damp, check_fraction, check_grid_fields, check_int,
+                   divisors_hint, is_int, require)
 from .quant_config import QUANT_BITS
 
 
 def parse_nm(nm) -> tuple[int, int]:
     """"2:4", [2, 4] or (2, 4) → (n kept, m group width); RecipeError otherwise."""
     hint = "use nm: '2:4' (keep n of every m consecutive input weights, n < m)"
-    if isinstance(nm, int) and not isinstance(nm, bool):
+    if is_int(nm):
         # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124
         raise RecipeError(f"nm={nm!r} is a number; quote it in YAML: {hint}")
     parts = nm.split(":") if isinstance(nm, str) else nm if isinstance(nm, (list, tuple)) else None
@@ -32,7 +33,7 @@ def parse_nm(nm) -> tuple[int, int]:
 def _integer(part) -> int:
     if isinstance(part, str):
         return int(part.strip())
-    if isinstance(part, int) and not isinstance(part, bool):
+    if is_int(part):
         return part
     raise TypeError(part)
 
@@ -54,13 +55,9 @@ class SparseConfig(MethodConfig):
             "give exactly one of 'sparsity' (e.g. 0.5, unstructured) and 'nm' (e.g. '2:4')",
         )
         if self.sparsity is not None:
-            require(
-                isinstance(self.sparsity, (int, float))
-                and not isinstance(self.sparsity, bool)
-                and 0 <= self.sparsity < 1,
-                f"sparsity={self.sparsity!r} must be the fraction of zeros in [0, 1), e.g. 0.5",
-            )
+            check_fraction(self.sparsity, "sparsity", "the fraction of zeros, e.g. 0.5")
             self.sparsity = float(self.sparsity)
+
         if self.nm is not None:
             self.nm = parse_nm(self.nm)
         if self.bits is None:
@@ -76,12 +73,19 @@ class SparseConfig(MethodConfig):
 
     def check_shape(self, out_features, in_features, name):
         check_block_size(self.block_size, in_features, name)
+        # float16 kept values + a 1-bit mask take (1 - s)·16 + 1 bits per weight: at s < 1/16 that is
+        # more than the float16 layer itself (the solvers still accept it, e.g. to study compensation)
+        require(
+            self.bits is not None or self.sparsity is None or self.sparsity >= 1 / 16,
+            f"sparsity={self.sparsity} keeps float16 values plus a 1-bit mask, {(1 - (self.sparsity or 0)) * 16 + 1:.2f} "
+            f"bits per weight for {name}: larger than float16 (16); use sparsity >= 0.0625 or add bits",
+        )
         if self.nm is not None:
             n, m = self.nm
             require(
                 in_features % m == 0,
                 f"nm={n}:{m} needs groups of {m} inputs, but {name} has {in_features} input "
-                f"features; use an m that divides {in_features}",
+                f"features; use an m that divides {in_features} ({divisors_hint(in_features, (2, 4, 8, 16))})",
             )
 
 
@@ -104,25 +108,14 @@ class SparseGPTConfig(SparseConfig):
         super().__post_init__()
         if self.refine_steps is None:
             self.refine_steps = 0 if self.bits is not None else REFINE_STEPS
-        require(
-            isinstance(self.refine_steps, int) and not isinstance(self.refine_steps, bool)
-            and self.refine_steps >= 0,
-            f"refine_steps={self.refine_steps!r} must be a non-negative integer, e.g. {REFINE_STEPS} (0: off)",
-        )
+        check_int(self.refine_steps, "refine_steps", minimum=0, hint=f", e.g. {REFINE_STEPS} (0: off)")
         require(
             self.bits is None or self.refine_steps == 0,
             f"refine_steps={self.refine_steps} re-solves float kept weights, which would move joint "
             "weights off their quantization grid; drop refine_steps or bits",
         )
-        require(
-            isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 10,
-            f"damp={self.damp!r} must be a fraction of mean(diag H) in (0, 10), e.g. 0.01",
-        )
-        require(
-            isinstance(self.column_block, int) and not isinstance(self.column_block, bool)
-            and self.column_block > 0,
-            f"column_block={self.column_block!r} must be a positive integer, e.g. 128",
-        )
+        check_damp(self.damp)
+        check_int(self.column_block, "column_block", hint=", e.g. 128")
         if self.nm is not None:
             n, m = self.nm
             require(

@@ -194,7 +194,7 @@ def test_sliding_window_lives_in_the_program(name):
     plain = prefill_then_decode(wrapper, ids)
     if all(wrapper.windows):
         assert torch.allclose(prefill_then_decode(wrapper, ids, window_mask), plain, atol=1e-5)
-    wrapper.windows = tuple(None for _ in wrapper.windows)  # what an unwindowed program would give
+    wrapper.window_bands = tuple(None for _ in wrapper.windows)  # what an unwindowed program would give
     assert (prefill_then_decode(wrapper, ids) - plain)[:, window:].abs().max().item() > 1e-2
 
 

@@ -1,0 +1,36 @@
+"""Refusing work that cannot fit in memory before it is allocated (the kernel's OOM killer gives no
+message, and may take other processes with it)."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import LayerwiseError
+
+
+class MemoryLimitError(LayerwiseError, MemoryError):
+    """A request whose tensors would not fit in the memory available."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere physical memory; None: unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(need_bytes: float, what: str, fix: str) -> None:
+    """MemoryLimitError when `need_bytes` exceeds the memory available (a device other than the CPU
+    has its own memory: callers check only what lives in RAM)."""
+    have = available_memory()
+    if have is not None and need_bytes > have:
+        raise MemoryLimitError(f"{what} needs about {need_bytes / 1e9:.1f} GB, more than the {have / 1e9:.1f} GB of "
+                               f"memory available; {fix}")
