@@ -351,8 +351,6 @@ def cmd_bench(args) -> int:
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
-    if args.repeat < 1:
-        raise RecipeError(f"--repeat {args.repeat} must be at least 1")
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
     command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])

@@ -114,9 +114,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # missing, damaged (a tokenizer.json without a key raises KeyError) or foreign files
         _refuse_custom_code(name_or_path, trust_remote_code)
-        raise ModelError(f"cannot load a tokenizer from {name_or_path!r}: {_message(e)}") from None
+        detail = _message(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {_message(e)}"
+        raise ModelError(f"cannot load a tokenizer from {name_or_path!r} ({detail}); check its tokenizer files") from None
 
 
 def check_causal(model, name: str) -> None:

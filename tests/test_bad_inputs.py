@@ -529,3 +529,22 @@ def test_export_checks_before_converting(work, tmp_path, capsys):
     refused(capsys, ["export", str(work / "ck"), "--out", str(tmp_path / "model.bin")], "must end in .mlpackage", tmp_path)
     refused(capsys, ["export", str(work / "ck"), "--out", str(tmp_path / "M.mlpackage"), "--multifunction",
                      "--context", "32", "--prefill-length", "64"], "--prefill-length 64 must lie in", tmp_path)
+
+
+def test_leftovers_of_a_killed_run_are_removed(work, tmp_path):
+    """A SIGKILLed decompress leaves `.NAME.partial-PID`; the next run writing NAME removes it (its process is gone)."""
+    stale = tmp_path / ".d.partial-999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert main(["-q", "decompress", str(work / "ck"), "--out", str(tmp_path / "d")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_tokenizer_error_is_not_cut_mid_sentence(work, tmp_path, capsys):
+    model = copy(work, "model", tmp_path)
+    (model / "tokenizer.json").write_text("{}")  # damaged: transformers raises a KeyError deep inside
+    err = refused(capsys, ["compress", str(model), "--out", str(tmp_path / "o"), *RTN], "cannot load a tokenizer", tmp_path)
+    assert "added_tokens" in err and err.endswith("check its tokenizer files")
+    (model / "tokenizer.json").unlink()  # transformers' message lists three alternatives over several lines
+    err = refused(capsys, ["compress", str(model), "--out", str(tmp_path / "o"), *RTN], "cannot load a tokenizer", tmp_path)
+    assert "(3)" in err, err

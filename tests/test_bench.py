@@ -1,6 +1,8 @@
 import csv
 import json
 
+import pytest
+
 from layerwise.bench import pareto_front
 from layerwise.cli import main
 
@@ -44,5 +46,6 @@ def test_repeated_runs_report_median_times_and_largest_memory():
 
 
 def test_bench_repeat_must_be_positive(tiny_dirs, tmp_path, capsys):
-    code = main(["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--repeat", "0", "--results", str(tmp_path / "R.md")])
-    assert code == 2 and "--repeat 0 must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's positive-integer type refuses it before any work
+        main(["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--repeat", "0", "--results", str(tmp_path / "R.md")])
+    assert exit_.value.code == 2 and "--repeat: 0 must be at least 1" in capsys.readouterr().err
