@@ -89,6 +89,28 @@ GRIDS: dict[str, list[dict | None]] = {
 GRIDS["peers"] = _peer_pairs()  # issue "side by side with coremltools": every coremltools.optimize.torch peer
 
 
+def _smollm2_rows():
+    """A real pretrained model (issue 15): each coremltools peer right after our row at its setting,
+    then our data-free bar at the same setting; the acceptance pairs first, so a grid cut short
+    still answers them. SmolLM2's weights already lie on a 4-bit grid per 32 inputs: no 4-bit
+    block-32 rows (see ../shared/models/smollm2-135m/make.py)."""
+    from .peers import PEERS
+
+    def pair(peer, bar):
+        return [dict(PEERS[peer]["ours"]), _peer(peer), bar]
+
+    return ([None]
+            + pair("ct-gptq-3bit-block32", _q("rtn", 3, 32, sym=True))
+            + pair("ct-gptq-4bit-per-channel", _q("rtn", 4, sym=True))
+            + pair("ct-sparsegpt-50", {"method": "magnitude", "sparsity": 0.5})
+            + pair("ct-skm-3bit-g16", _pal("kmeans", 3, 16)) + [_peer("ct-ptp-3bit-g16")]
+            + [_q("gptq", 2, 32, sym=True), _q("rtn", 2, 32, sym=True)]  # coremltools' GPTQ has no uint2
+            + pair("ct-sparsegpt-2:4", {"method": "magnitude", "nm": "2:4"}))
+
+
+GRIDS["smollm2"] = _smollm2_rows()
+
+
 def settings_label(cfg: dict | None) -> str:
     if cfg is None:
         return "float16"
@@ -100,14 +122,22 @@ def settings_label(cfg: dict | None) -> str:
 
 
 def run_row(cfg: dict | None, model: str, calib: str, eval_text: str, nsamples: int, seqlen: int,
-            seed: int, device: str) -> dict:
+            seed: int, device: str, eval_tokens: int | None = None) -> dict:
     """One grid row in a fresh process; returns its measurements (or the error)."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_row_worker, (cfg, model, calib, eval_text, nsamples, seqlen, seed, device))
+        return pool.apply(_row_worker, (cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens))
 
 
-def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) -> dict:
+def evaluation_ids(tokenizer, eval_text: str, eval_tokens: int | None = None) -> torch.Tensor:
+    """The evaluation text's token ids, the first `eval_tokens` of them when capped (a slow machine)."""
+    from layerwise.calib_data import load_text, tokenize_text
+
+    ids = tokenize_text(tokenizer, load_text(eval_text, "evaluation"))
+    return ids if eval_tokens is None else ids[:eval_tokens]
+
+
+def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -116,18 +146,18 @@ def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, devic
     if cfg is not None and cfg.get("peer"):  # a coremltools row: keeps its own error, like ours
         from .peers import measure_peer
 
-        return measure_peer(cfg["method"], model_path, calib, eval_text, nsamples, seqlen, seed, device)
+        return measure_peer(cfg["method"], model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens)
     row = {"method": "float16" if cfg is None else cfg["method"], "settings": settings_label(cfg), "peer": False}
     try:
-        row.update(_measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device))
+        row.update(_measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens))
     except Exception as e:  # a failing configuration keeps its row, with the error
         row["error"] = f"{type(e).__name__}: {e}"
         log.error("row %s failed:\n%s", row["settings"], traceback.format_exc())
     return row
 
 
-def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) -> dict:
-    from layerwise.calib_data import calibration_windows, load_text, tokenize_text
+def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None) -> dict:
+    from layerwise.calib_data import calibration_windows
     from layerwise.checkpoint import load_compressed
     from layerwise.evaluate import perplexity
     from layerwise.inspect import totals
@@ -165,7 +195,7 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device) 
         out["forward_s"] = forward_s
         if "compress_s" in out:
             out["time_vs_forward"] = out["compress_s"] / forward_s
-        res = perplexity(evaluated, tokenize_text(tokenizer, load_text(eval_text, "evaluation")), seqlen=seqlen)
+        res = perplexity(evaluated, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
         out["ppl"] = res["ppl"]
         out["eval_tokens"] = res["tokens"]
     finally:
@@ -201,13 +231,13 @@ def machine() -> str:
 
 
 def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, nsamples=128, seqlen=256, seed=0,
-             device="cpu", progress=print, on_row=None, repeat: int = 1) -> list[dict]:
+             device="cpu", progress=print, on_row=None, repeat: int = 1, eval_tokens: int | None = None) -> list[dict]:
     """Run every row (`repeat` times, each in a fresh process); `on_row(results so far)` after each
     row, so a long grid leaves partial results."""
     results = []
     for i, cfg in enumerate(rows, 1):
         progress(f"[{i}/{len(rows)}] {settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}")
-        runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device) for _ in range(repeat)]
+        runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens) for _ in range(repeat)]
         results.append(median_of_runs(runs))
         base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
         for r in results:
@@ -342,6 +372,8 @@ def checks(grid: str, rows: list[dict]) -> list[str]:
                     named = "" if rtn["settings"] == r["settings"] else f" ({rtn['settings']})"
                     lines.append(f"GPTQ {r['settings']}: {r['ppl']:.3f} {verdict} RTN{named} {rtn['ppl']:.3f} "
                                  f"(Δppl ratio GPTQ/RTN {ratio:.2f})")
+    if grid == "smollm2":
+        lines += peer_ratios(rows)
     if grid == "sparse":
         for pattern in ("sparsity=0.5", "nm=2:4"):
             sg, mg = by.get(("sparsegpt", pattern)), by.get(("magnitude", pattern))
@@ -364,6 +396,25 @@ def checks(grid: str, rows: list[dict]) -> list[str]:
             lines.append(f"SKM 3-bit g16 {skm['ppl']:.3f} at {skm['bits_per_weight']:.3f} bits/w vs GPTQ 3-bit per-channel "
                          f"{gq['ppl']:.3f} at {gq['bits_per_weight']:.3f}; SKM/GPTQ compression time "
                          f"{skm['compress_s'] / gq['compress_s']:.2f} (× forward {skm['time_vs_forward']:.1f} vs {gq['time_vs_forward']:.1f})")
+    return lines
+
+
+def peer_ratios(rows: list[dict]) -> list[str]:
+    """Each coremltools peer against our row right before it (the matching setting): time and Δppl
+    ratios (issue 15's targets: time ≤ 0.6 ×, Δppl ≤ 0.8 ×)."""
+    lines = []
+    for ours, peer in zip(rows, rows[1:]):
+        if not peer.get("peer") or ours.get("peer") or ours.get("error") or peer.get("error"):
+            continue
+        parts = []
+        if ours.get("compress_s") and peer.get("compress_s"):
+            parts.append(f"time {ours['compress_s']:.1f} s vs {peer['compress_s']:.1f} s "
+                         f"({ours['compress_s'] / peer['compress_s']:.2f} ×)")
+        if ours.get("delta_ppl") is not None and peer.get("delta_ppl"):
+            parts.append(f"Δppl {ours['delta_ppl']:+.3f} vs {peer['delta_ppl']:+.3f} "
+                         f"({ours['delta_ppl'] / peer['delta_ppl']:.2f} ×)")
+        if parts:
+            lines.append(f"{ours['method']} {ours['settings']} vs {peer['method']}: " + "; ".join(parts))
     return lines
 
 

@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=positive, help="palettization: output channels sharing one LUT (omit: per-tensor)")
     c.add_argument("--no-error-feedback", action="store_true", help="skm: fit the palette without GPTQ-style feedback")
     c.add_argument("--lut-dtype", choices=("float16", "int8", "uint8"), help="palettization: LUT entry type")
-    c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect); overrides --method")
+    c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect) or a checkpoint; overrides --method")
+    target = c.add_mutually_exclusive_group()
+    target.add_argument("--target-bits", type=float,
+                        help="size budget: bits per weight over the compressed layers; bits per layer chosen by sensitivity")
+    target.add_argument("--target-mb", type=float,
+                        help="size budget: MB of the exported mlpackage; bits per layer chosen by sensitivity")
     c.add_argument("--calib", default=BUNDLED_CALIBRATION, help="wikitext2 | c4 | PATH (default: bundled excerpt)")
     c.add_argument("--nsamples", type=positive, default=128)
     c.add_argument("--seqlen", type=positive, default=256)
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
-    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | quick")
+    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 | quick")
     b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
     b.add_argument("--calib", default=BUNDLED_CALIBRATION)
     b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=non_negative, default=0)
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeat", type=positive, default=1, help="runs per row; times reported as medians")
+    b.add_argument("--eval-tokens", type=positive, help="evaluate on the first N tokens of the evaluation text only (slow machines)")
     b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     _add_generate_and_families(sub)
@@ -281,6 +287,8 @@ def cmd_compress(args) -> int:
     from .pipeline import compress_to_checkpoint
     from .recipe import Recipe, load_recipe, method_config
 
+    if args.target_bits is not None or args.target_mb is not None:
+        return _compress_to_budget(args)
     recipe = load_recipe(args.recipe) if args.recipe else Recipe.single(
         method_config(method_config_from_flags(args), "command line")
     )
@@ -300,6 +308,24 @@ def cmd_compress(args) -> int:
         from .inspect import summary
 
         print(summary(path))
+    return 0
+
+
+def _compress_to_budget(args) -> int:
+    from .budget import Target, menu_recipe
+    from .budget.run import compress_to_budget
+    from .inspect import summary
+    from .recipe import load_recipe
+
+    target = Target(bits=args.target_bits, mb=args.target_mb)
+    recipe = load_recipe(args.recipe) if args.recipe else menu_recipe(method_config_from_flags(args))
+    path, _, allocation = compress_to_budget(
+        args.model, args.out, recipe, target, args.calib, args.nsamples, args.seqlen, args.seed,
+        device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+    )
+    print(summary(path))
+    print(f"budget {target.describe()}: {allocation.bits_per_weight:.4f} bits/weight, "
+          f"{allocation.export_mb:.2f} MB exported (predicted); rerun with --recipe {path}")
     return 0
 
 
@@ -351,6 +377,8 @@ def cmd_bench(args) -> int:
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
+    if args.eval_tokens is not None and args.eval_tokens < args.seqlen:
+        raise RecipeError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
     command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])
@@ -358,7 +386,8 @@ def cmd_bench(args) -> int:
 
     def publish(rows, done):
         paths = write_outputs(rows, out_dir, f"bench-{grid}")
-        section = render_section(grid, rows, command, args.model, args.calib, args.eval_text, args.nsamples,
+        evaluated = args.eval_text + (f" (first {args.eval_tokens} tokens)" if args.eval_tokens else "")
+        section = render_section(grid, rows, command, args.model, args.calib, evaluated, args.nsamples,
                                  args.seqlen, args.seed, paths["png"])
         if not done:
             section += f"\n\n(partial: {len(rows)} of {total} rows so far)"
@@ -366,7 +395,8 @@ def cmd_bench(args) -> int:
         return section
 
     rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
-                    args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat)
+                    args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat,
+                    eval_tokens=args.eval_tokens)
     print(publish(rows, True))
     return 1 if any(r.get("error") for r in rows) else 0
 

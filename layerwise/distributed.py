@@ -140,6 +140,43 @@ def tree_sum(leaves: Iterator[T], lo: int, hi: int, add: Callable[[T, T], T], kn
     return add(left, tree_sum(leaves, mid, hi, add, known))
 
 
+class TreeSum:
+    """`tree_sum`'s additions for values handed over one at a time, in batch order (lockstep solving
+    receives each batch's Hessian from a hook rather than pulling it): the same operands added in the
+    same order, holding only the partial sums of the open subtrees."""
+
+    def __init__(self, total: int, add: Callable[[T, T], T]):
+        self.add, self.stack = add, []
+        self.ops = iter(list(_postorder(0, total)))
+        next(self.ops, None)  # the first step is always the first leaf
+
+    def push(self, value: T) -> None:
+        self.stack.append(value)
+        for op in self.ops:  # the additions that complete subtrees, up to the next leaf
+            if op == "leaf":
+                break
+            right = self.stack.pop()
+            self.stack.append(self.add(self.stack.pop(), right))
+
+    def result(self) -> T:
+        if len(self.stack) != 1 or next(self.ops, None) is not None:
+            raise RuntimeError("TreeSum.result() before every leaf was pushed")
+        return self.stack[0]
+
+
+def _postorder(lo: int, hi: int) -> Iterator[str]:
+    """The tree of `tree_sum` over [lo, hi) in post-order: "leaf" and "add" steps."""
+    if hi - lo <= 0:
+        return
+    if hi - lo == 1:
+        yield "leaf"
+        return
+    mid = (lo + hi) // 2
+    yield from _postorder(lo, mid)
+    yield from _postorder(mid, hi)
+    yield "add"
+
+
 def reduce_batches(ranks: Ranks, leaves: Iterator[T], total: int, add: Callable[[T, T], T],
                    blank: Callable[[], T], broadcast: Callable[[T, int], T]) -> T:
     """Σ over all `total` batches along the fixed tree; `leaves` yields this rank's share's batch

@@ -26,17 +26,19 @@ from layerwise.models.families import Family, get_module, resolve_family
 from .activations import Activations
 from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .dtypes import COMPUTE_DTYPE, kept_dtype
+from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians, share_solved
 from .errors import RecipeError
 from .formats import CompressedWeight
-from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians, share_solved
 from .hessian import HessianAccumulator, relative_error
 from .lazy import LazyBlocks
+from .lockstep import lockstep_block
 from .linears import (
     describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
     set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
-from .solvers import METHODS, MethodConfig
+from .solvers import GROUP_SOLVERS, METHODS, MethodConfig, Solution
+from .stacking import stack_runs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class LayerReport:
     name: str
     method: str
     rel_error: float  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs this layer saw
-    seconds: float  # solver time
+    seconds: float  # solver time (a stacked group's time shared out by rows)
     bits_per_weight: float  # packed payload bits / weights (codes, scales, LUTs, mask)
     damping: float | None
     sparsity: float
@@ -96,14 +98,21 @@ class LayerwiseCompressor:
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
-                 offload_dir: str | Path | None = None, ranks: Ranks = SINGLE):
+                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool = True,
+                 ranks: Ranks = SINGLE):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
         blocks are in memory. offload_dir: keep the calibration activations memory-mapped there.
+        stack: solve the layers of one input group with one config as one stacked matrix
+        (stacking.py; same result). lockstep: staged solving of a declared family in one forward per
+        block (lockstep.py; same result, every batch's block activations in memory at once; not with
+        offload_dir, and one process only); off: one forward per stage.
         ranks: this process's share of the batches and layers under torch.distributed (`distributed`)."""
         self.ranks = ranks
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
+        self.stack = stack
+        self.lockstep = lockstep and offload_dir is None and ranks.world == 1
         self.model = model
         self.lazy = lazy
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -181,16 +190,20 @@ class LayerwiseCompressor:
             if streamed:
                 with self._outside_on_device():  # only for the capture: float32 embeddings are big
                     batches = self._capture(windows)
+            if self.lazy is not None:
+                self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, batches)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None if self.ranks.main else True):
                 self._process_block(index, index < done, batches, reports, writer, kept, on_block_output)
+            if self.lazy is not None:
+                self.lazy.load_outside()
             if self.family.lm_head in self.plan and done <= len(self.blocks):
                 with self._outside_on_device():
                     head = get_module(self.model, self.family.lm_head)
                     hessian = self._lm_head_hessian(batches) if streamed else None
-                    cw = self._solve_all([(self.family.lm_head, head, hessian)], reports)[self.family.lm_head]
+                    cw = self._solve(self.family.lm_head, head, hessian, reports)
                 self._hand_over_head(cw, writer, kept, reports)
         finally:
             if batches is not None:
@@ -214,17 +227,22 @@ class LayerwiseCompressor:
         if self.lazy is not None:
             self.lazy.load(index, block)
         keep_dtype = _onload(block, self.device)
+        outputs = None
         if replay:
             compressed = writer.read_block(index)
             for name, cw in compressed.items():
                 set_weight_out_in(get_module(self.model, name), cw.dequantize().to(device=self.device, dtype=COMPUTE_DTYPE))
         elif batches is not None:
-            compressed = self._compress_block(index, block, batches, reports)
+            compressed, outputs = self._compress_block(index, block, batches, reports)
         else:
-            compressed = self._solve_all([(name, module, None) for rel, module in block.named_modules()
-                                          if (name := self._name(index, rel)) in self.plan], reports)
+            compressed = self._solve_linears({name: module for rel, module in block.named_modules()
+                                              if (name := self._name(index, rel)) in self.plan}, None, reports)
         if batches is not None:  # the next block sees this block's compressed outputs
-            batches.advance(lambda batch: run_block(block, batch, index))
+            if outputs is None:
+                batches.advance(lambda batch: run_block(block, batch, index))
+            else:  # the lockstep forward made them already
+                ready = iter(outputs)
+                batches.advance(lambda batch: next(ready))
             if on_block_output is not None:
                 on_block_output(index, batches.hidden_states())
         block.to(device="cpu", dtype=keep_dtype)
@@ -261,7 +279,11 @@ class LayerwiseCompressor:
             where, hessian_bytes / 1e6,
         )
 
-    def _compress_block(self, index, block, batches, reports) -> dict[str, CompressedWeight]:
+    def _compress_block(self, index, block, batches, reports) -> tuple[dict[str, CompressedWeight], list | None]:
+        """The block's compressed layers, and its compressed outputs per batch when the lockstep
+        forward already produced them (None: the caller runs the block again)."""
+        if self.staged and self.lockstep and self.family.groups is not None:
+            return self._compress_block_lockstep(index, block, batches, reports)
         groups = self.family.groups or discover_groups(block, index, batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
@@ -272,38 +294,72 @@ class LayerwiseCompressor:
             hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
                                        stop_early=self.family.groups is not None, ranks=self.ranks,
                                        total=self.total_batches)
-            jobs = [(name, block.get_submodule(rel), hessians[group[0]])
-                    for group in todo for rel in group if (name := self._name(index, rel)) in self.plan]
-            compressed.update(self._solve_all(jobs, reports))
-        return compressed
+            for group in todo:
+                compressed.update(self._solve_group(index, block, group, hessians[group[0]], reports))
+        return compressed, None
 
-    def _solve_all(self, jobs: list[tuple[str, nn.Module, torch.Tensor | None]], reports: list) -> dict[str, CompressedWeight]:
-        """Solve (name, linear, hessian) jobs, dealt round-robin over the ranks; every rank then takes
-        every solution (in job order, so the reports and weights do not depend on the world size)."""
-        mine = {j: self._solve(*job) for j, job in enumerate(jobs) if self.ranks.solves(j)}
-        if self.ranks.world > 1:
-            mine = {j: (portable(cw), report) for j, (cw, report) in mine.items()}
-        out = {}
-        for (name, linear, _), (cw, report) in zip(jobs, share_solved(self.ranks, mine, len(jobs))):
-            if self.ranks.world > 1:
-                cw = CompressedWeight.from_tensors(*cw)
-            reports.append(report)
-            set_weight_out_in(linear, cw.dequantize().to(device=linear.weight.device, dtype=torch.float32))
-            out[name] = cw
-        return out
+    def _compress_block_lockstep(self, index, block, batches, reports):
+        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in self.plan for n in g)}
+        compressed = {}
 
-    def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None) -> tuple[CompressedWeight, LayerReport]:
+        def solve(leader, hessian):
+            compressed.update(self._solve_group(index, block, groups[leader], hessian, reports))
+
+        outputs = lockstep_block(block, index, batches, list(groups), solve)
+        return compressed, outputs
+
+    def _solve_group(self, index, block, group, hessian, reports) -> dict[str, CompressedWeight]:
+        """Solve the planned layers of one input group (stacked where stack_runs allows)."""
+        linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in self.plan}
+        return self._solve_linears(linears, hessian, reports)
+
+    def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
         """linear: nn.Linear or Conv1D; hessian None: data-free (the report's error is then in weight space)."""
-        config = self.plan[name]
-        solver = METHODS[config.method][1]
-        weight = weight_out_in(linear)  # [out, in]
+        return self._solve_linears({name: linear}, hessian, reports)[name]
+
+    def _solve_linears(self, linears: dict[str, nn.Module], hessian, reports) -> dict[str, CompressedWeight]:
+        """Solve layers sharing one input (stacked where stack_runs allows); reports in their order.
+        The runs are dealt round-robin over the ranks and every rank takes every solution, so the
+        weights and reports do not depend on the world size."""
+        runs = stack_runs(list(linears), self.plan, self.stack)
+        mine = {j: self._solve_run(run, linears, hessian) for j, run in enumerate(runs) if self.ranks.solves(j)}
+        solved = {}
+        if self.ranks.world == 1:
+            for result in mine.values():
+                solved.update(result)
+        else:
+            packed = {j: {n: (portable(s.compressed), s.damping, s.notes, sec) for n, (s, sec) in r.items()}
+                      for j, r in mine.items()}
+            for result in share_solved(self.ranks, packed, len(runs)):
+                solved.update({n: (Solution(CompressedWeight.from_tensors(*cw), damping, notes), sec)
+                               for n, (cw, damping, notes, sec) in result.items()})
+        return {name: self._record(name, linears[name], hessian, *solved[name], reports) for name in linears}
+
+    def _solve_run(self, run: list[str], linears, hessian) -> dict:
+        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows."""
+        config = self.plan[run[0]]
+        fisher = _wants_fisher(config)
+        hessian = hessian if config.needs_hessian else None
+        weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
         t0 = time.perf_counter()
-        extra = {"sensitivity": self.sensitivity[name]} if _wants_fisher(config) else {}
-        solution = solver(weight, hessian if config.needs_hessian else None, config, **extra)
+        if len(run) > 1:
+            extra = {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
+            solutions = GROUP_SOLVERS[config.method](weights, hessian, config, **extra)
+        else:
+            extra = {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
+            solutions = [METHODS[config.method][1](weights[0], hessian, config, **extra)]
         seconds = time.perf_counter() - t0
+        rows = [w.shape[0] for w in weights]
+        return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
+
+    def _record(self, name, linear, hessian, solution, seconds, reports) -> CompressedWeight:
+        """Report the layer's solution and put its dense view into the model (later stages see it)."""
+        config = self.plan[name]
+        weight = weight_out_in(linear)  # [out, in]
         cw = solution.compressed
         dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
-        return cw, LayerReport(
+        reports.append(
+            LayerReport(
                 name=name,
                 method=config.method,
                 rel_error=relative_error(weight, dense, hessian),
@@ -314,6 +370,9 @@ class LayerwiseCompressor:
                 sparsity=1 - cw.kept / cw.numel,
                 notes=solution.notes,
             )
+        )
+        set_weight_out_in(linear, dense)
+        return cw
 
     def _lm_head_hessian(self, batches) -> torch.Tensor:
         norm = get_module(self.model, self.family.final_norm)

@@ -1,4 +1,4 @@
-"""Hessian math shared by every solver: streaming XᵀX, damping, dead columns, inverse Cholesky."""
+"""Hessian math shared by every solver: streaming XᵀX, damping, dead columns, the Cholesky factor of H⁻¹."""
 
 from __future__ import annotations
 
@@ -63,12 +63,18 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return float(((delta @ hessian) * delta).sum())
 
 
+def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
+    """bool [in]: inputs that were zero on every calibration row (H_ii = 0). Their weights cannot
+    change the layer's output; the solvers set them to zero."""
+    return torch.diagonal(hessian) == 0
+
+
 @dataclass
 class PreparedHessian:
-    """What a GPTQ-style sweep needs: the upper Cholesky factor of H⁻¹ and bookkeeping."""
+    """What an OBS sweep (solvers/sweep.py) needs: the upper Cholesky factor of H⁻¹ and bookkeeping."""
 
-    inverse_cholesky: torch.Tensor  # [in, in] upper-triangular U with H⁻¹ = Uᵀ U
-    dead: torch.Tensor  # bool [in]: columns that never saw a non-zero input
+    cholesky_of_inverse: torch.Tensor  # [in, in] upper-triangular U with H⁻¹ = Uᵀ U (not the inverse of a factor of H)
+    dead: torch.Tensor  # bool [in], in sweep order (after `perm`): columns that never saw a non-zero input
     damping: float  # fraction of mean(diag H) finally added to the diagonal
     notes: list[str] = field(default_factory=list)
     damped: torch.Tensor | None = None  # [in, in] the H that was factored (only with keep_damped=True)
@@ -92,7 +98,7 @@ def prepare_hessian(
             "the Hessian holds NaN/Inf: the calibration activations overflowed even in float32; check the "
             "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
         )
-    dead = torch.diag(hessian) == 0
+    dead = dead_columns(hessian)
     if perm is not None:
         dead = dead[perm]
 

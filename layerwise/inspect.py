@@ -52,7 +52,20 @@ def report_table(path: str | Path) -> str:
         lines.append("rel.err (w): |ΔW|²/|W|² in weight space (data-free method, no calibration inputs); "
                      "others: output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration inputs")
     lines.append(summary(path, manifest))
+    if "budget" in manifest:
+        lines.append(budget_line(path, manifest["budget"]))
     return "\n".join(lines)
+
+
+def budget_line(path: str | Path, budget: dict) -> str:
+    """How a `--target-bits/--target-mb` checkpoint's per-layer configs were chosen."""
+    target = budget["target"]
+    goal = f"{target['bits']:g} bits/weight" if target.get("bits") is not None else f"{target['mb']:g} MB mlpackage"
+    return (
+        f"budget {goal}: configs chosen per layer by measured sensitivity; {budget['bits_per_weight']:.4f} bits/weight, "
+        f"{budget['predicted_export_mb']:.2f} MB exported (predicted), predicted Δloss {budget['predicted_dloss']:.4g}; "
+        f"rerun with --recipe {path}"
+    )
 
 
 def summary(path: str | Path, manifest: dict | None = None) -> str:

@@ -101,8 +101,17 @@ class LazyBlocks:
 
     def release(self, block: nn.Module) -> None:
         """Drop the block's weights: every parameter and persistent buffer goes back to the meta device."""
-        meta = {name: torch.empty_like(t, device="meta") for name, t in block.state_dict().items()}
-        block.load_state_dict(meta, strict=True, assign=True)
+        _to_meta(block, block.state_dict().keys())
+
+    def load_outside(self) -> None:
+        """(Re)read the tensors outside the blocks (embeddings, final norm, lm_head), tied ones once."""
+        _load_outside(self.model, self.blocks_path + ".", self.files, self.dtype)
+
+    def release_outside(self) -> None:
+        """Drop the tensors outside the blocks while the blocks are compressed (they are only needed
+        for the capture, a compressed lm_head and the checkpoint's rest.safetensors)."""
+        prefix = self.blocks_path + "."
+        _to_meta(self.model, [n for n in self.model.state_dict() if not n.startswith(prefix)])
 
 
 def open_lazy(name_or_path: str, blocks_path: str | None = None, trust_remote_code: bool = False
@@ -151,6 +160,11 @@ def _load_outside(model: nn.Module, block_prefix: str, files: dict[str, Path], d
     left = [n for n, t in model.state_dict().items() if not n.startswith(block_prefix) and t.is_meta]
     if left:
         raise ModelError(f"tensors outside the blocks were not loaded: {left[:3]}")
+
+
+def _to_meta(module: nn.Module, names) -> None:
+    state = module.state_dict()
+    module.load_state_dict({n: torch.empty_like(state[n], device="meta") for n in names}, strict=False, assign=True)
 
 
 def _stored_dtype(config, files: dict[str, Path]) -> torch.dtype:

@@ -47,6 +47,12 @@ PEERS: dict[str, dict] = {
         "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint4 symmetric per-block 32",
         "config": {"algorithm": "gptq", "weight_dtype": "uint4", "granularity": "per_block", "block_size": 32},
     },
+    # uint3: coremltools' GPTQ reads the bit width from the dtype's name (it has no uint2)
+    "ct-gptq-3bit-block32": {
+        "ours": {"method": "gptq", "bits": 3, "block_size": 32, "sym": True},
+        "kind": "layerwise", "settings": "LayerwiseCompressor GPTQ uint3 symmetric per-block 32",
+        "config": {"algorithm": "gptq", "weight_dtype": "uint3", "granularity": "per_block", "block_size": 32},
+    },
     # weight_dtype float32 = no quantization (the default uint8 would also quantize to 8 bits)
     "ct-sparsegpt-50": {
         "ours": {"method": "sparsegpt", "sparsity": 0.5},
@@ -74,6 +80,11 @@ PEERS: dict[str, dict] = {
         "kind": "ptp", "settings": "PostTrainingPalettizer 4-bit k-means, LUT per 16 output channels (data-free)",
         "config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
     },
+    "ct-ptp-3bit-g16": {
+        "ours": {"method": "kmeans", "n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
+        "kind": "ptp", "settings": "PostTrainingPalettizer 3-bit k-means, LUT per 16 output channels (data-free)",
+        "config": {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
+    },
     "ct-ptq-int4-block32": {
         "ours": {"method": "rtn", "bits": 4, "block_size": 32, "sym": True},
         "kind": "ptq", "settings": "PostTrainingQuantizer int4 symmetric per-block 32 (data-free RTN)",
@@ -83,14 +94,14 @@ PEERS: dict[str, dict] = {
 
 
 def measure_peer(name: str, model_path: str, calib: str, eval_text: str, nsamples: int, seqlen: int, seed: int,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", eval_tokens: int | None = None) -> dict:
     """One peer row, with the keys of bench's rows. Any failure is kept in the row as `error`."""
     peer = PEERS.get(name)
     row = {"method": name, "settings": peer["settings"] if peer else "?", "peer": True, "checkpoint_mb": None}
     try:
         if peer is None:
             raise KeyError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
-        row.update(_measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device))
+        row.update(_measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens))
     except Exception as e:  # the row stays, with the error, so the table shows the failure
         lines = str(e).strip().splitlines()
         row["error"] = f"{type(e).__name__}: {lines[0] if lines else ''}"
@@ -98,9 +109,9 @@ def measure_peer(name: str, model_path: str, calib: str, eval_text: str, nsample
     return row
 
 
-def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device) -> dict:
-    from layerwise.bench import gpu_peak_mb, time_forward
-    from layerwise.calib_data import calibration_windows, load_text, tokenize_text
+def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None) -> dict:
+    from layerwise.bench import evaluation_ids, gpu_peak_mb, time_forward
+    from layerwise.calib_data import calibration_windows
     from layerwise.evaluate import perplexity
     from layerwise.loading import load_model, load_tokenizer
 
@@ -137,7 +148,7 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device)
 
     out["forward_s"] = time_forward(load_model(model_path, dtype="float32"), windows)
     out["time_vs_forward"] = out["compress_s"] / out["forward_s"]
-    res = perplexity(model, tokenize_text(tokenizer, load_text(eval_text, "evaluation")), seqlen=seqlen)
+    res = perplexity(model, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
     out["ppl"] = res["ppl"]
     out["eval_tokens"] = res["tokens"]
     return out

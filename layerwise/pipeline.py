@@ -61,6 +61,7 @@ def compress_to_checkpoint(
     allow_long_context: bool = False,
     inputs: tuple = (),
     ranks: Ranks = SINGLE,
+    manifest_extra: dict | None = None,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
@@ -128,6 +129,7 @@ def compress_to_checkpoint(
                 "versions": versions(),
                 "layers": {},  # filled by the writer with every block's layers, also those of a resumed run
                 "left_uncompressed": result.left_out,  # block weights kept in float16, by reason
+                **(manifest_extra or {}),
             }
             path = writer.commit(model.config, tokenizer, manifest)
     finally:

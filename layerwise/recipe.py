@@ -10,7 +10,9 @@ Our dialect is an ordered list of rules; the first whose regex is found in a lay
         config: {method: gptq, bits: 4, block_size: 32}
 
 Layers inside the decoder blocks are candidates; `lm_head` only when a rule's pattern spells out
-`lm_head` (a catch-all never compresses it). coremltools' dialect (`global_config`,
+`lm_head` (a catch-all never compresses it). A rule may give a `menu` of candidate configs instead
+of one `config`: `layerwise compress --target-bits/--target-mb` then chooses one per layer
+(`layerwise.budget`) and writes the choice as a plain recipe. coremltools' dialect (`global_config`,
 `module_type_configs`, `module_name_configs`) is translated by `coremltools_dialect.py`.
 """
 
@@ -30,6 +32,7 @@ from .solvers import METHODS, MethodConfig
 class Rule:
     pattern: str
     config: MethodConfig | None
+    menu: tuple[MethodConfig, ...] = ()  # candidates for a size budget (then config is None)
 
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
@@ -41,26 +44,38 @@ class Recipe:
 
     def config_for(self, name: str) -> MethodConfig | None:
         """The first matching rule's config for layer `name` (None: leave uncompressed)."""
-        for rule in self.rules:
-            if rule.matches(name):
-                return rule.config
-        return None
+        rule = self.rule_for(name)
+        if rule is not None and rule.menu:
+            raise RecipeError(
+                f"{name} has a menu of candidate configs (rule {rule.pattern!r}); give --target-bits or "
+                "--target-mb to choose among them, or replace the menu by one config"
+            )
+        return None if rule is None else rule.config
+
+    def rule_for(self, name: str) -> Rule | None:
+        """The first rule whose pattern is found in `name`."""
+        return next((rule for rule in self.rules if rule.matches(name)), None)
+
+    @property
+    def has_menus(self) -> bool:
+        return any(rule.menu for rule in self.rules)
 
     def names_lm_head(self) -> bool:
-        return any("lm_head" in rule.pattern and rule.config is not None for rule in self.rules)
+        return any("lm_head" in rule.pattern and (rule.config is not None or rule.menu) for rule in self.rules)
 
     def to_dict(self) -> dict:
-        return {
-            "rules": [
-                {"match": r.pattern, "config": None if r.config is None else r.config.to_dict()}
-                for r in self.rules
-            ]
-        }
+        return {"rules": [_rule_dict(r) for r in self.rules]}
 
     @classmethod
     def single(cls, config: MethodConfig) -> "Recipe":
         """One method for every block linear (what the CLI flags build)."""
         return cls((Rule(".*", config),))
+
+
+def _rule_dict(rule: Rule) -> dict:
+    if rule.menu:
+        return {"match": rule.pattern, "menu": [c.to_dict() for c in rule.menu]}
+    return {"match": rule.pattern, "config": None if rule.config is None else rule.config.to_dict()}
 
 
 def method_config(raw: dict | None, where: str) -> MethodConfig | None:
@@ -96,16 +111,34 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     rules = []
     for i, entry in enumerate(rules_raw):
         at = f"{where}: rules[{i}]"
-        if not isinstance(entry, dict) or set(entry) - {"match", "config"} or "match" not in entry:
-            raise RecipeError(f"{at} must have exactly the keys 'match' and 'config' (got {entry!r})")
-        rules.append(Rule(_compile_check(entry["match"], at), method_config(entry.get("config"), at)))
+        if not isinstance(entry, dict) or set(entry) - {"match", "config", "menu"} or "match" not in entry \
+                or ("config" in entry and "menu" in entry):
+            raise RecipeError(
+                f"{at} must have the keys 'match' and 'config' (or 'match' and 'menu', a list of configs) (got {entry!r})"
+            )
+        pattern = _compile_check(entry["match"], at)
+        if "menu" in entry:
+            rules.append(Rule(pattern, None, _menu(entry["menu"], at)))
+        else:
+            rules.append(Rule(pattern, method_config(entry.get("config"), at)))
     return Recipe(tuple(rules))
 
 
+def _menu(raw, where: str) -> tuple[MethodConfig, ...]:
+    if not isinstance(raw, list) or not raw or any(c is None for c in raw):
+        raise RecipeError(f"{where}: 'menu' must be a non-empty list of method configs (one is chosen per layer)")
+    return tuple(method_config(c, f"{where}.menu[{i}]") for i, c in enumerate(raw))
+
+
 def load_recipe(path: str | Path) -> Recipe:
+    """A YAML/JSON recipe file, or a layerwise checkpoint directory (the recipe it was made with)."""
     path = Path(path)
+    if (path / "layerwise.json").is_file():
+        import json
+
+        return recipe_from_dict(json.loads((path / "layerwise.json").read_text())["recipe"], where=str(path))
     if path.is_dir():
-        raise RecipeError(f"recipe {path} is a directory; give the recipe's YAML/JSON file")
+        raise RecipeError(f"recipe {path} is a directory; give the recipe's YAML/JSON file (or a layerwise checkpoint)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:

@@ -2,6 +2,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from layerwise.bench import pareto_front
 from layerwise.cli import main
@@ -49,3 +50,23 @@ def test_bench_repeat_must_be_positive(tiny_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's positive-integer type refuses it before any work
         main(["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--repeat", "0", "--results", str(tmp_path / "R.md")])
     assert exit_.value.code == 2 and "--repeat: 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_peer_ratios_compare_each_peer_with_the_row_before_it():
+    from layerwise.bench import peer_ratios
+
+    rows = [{"method": "gptq", "settings": "bits=3", "compress_s": 6.0, "delta_ppl": 1.0},
+            {"method": "ct-gptq", "settings": "peer", "peer": True, "compress_s": 10.0, "delta_ppl": 4.0},
+            {"method": "rtn", "settings": "bits=3", "compress_s": 1.0, "delta_ppl": 5.0}]
+    (line,) = peer_ratios(rows)
+    assert "(0.60 ×)" in line and "(0.25 ×)" in line
+
+
+def test_evaluation_ids_cap():
+    from layerwise.bench import evaluation_ids
+    from layerwise.calib_data import BUNDLED_EVALUATION
+    from layerwise.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(__import__("pathlib").Path(__file__).parents[1] / "models" / "wt2-llama-4l"))
+    full = evaluation_ids(tokenizer, BUNDLED_EVALUATION)
+    assert torch.equal(evaluation_ids(tokenizer, BUNDLED_EVALUATION, 1000), full[:1000])

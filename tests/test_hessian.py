@@ -29,7 +29,7 @@ def test_dead_columns_and_inverse_factor():
     Hd = H.clone()
     Hd[3, 3] = 1
     Hd += 0.01 * torch.diag(Hd).mean() * torch.eye(8)
-    U = prep.inverse_cholesky
+    U = prep.cholesky_of_inverse
     assert torch.allclose(U.T @ U, torch.linalg.inv(Hd), atol=1e-4)
 
 

@@ -72,3 +72,16 @@ def test_bits_formulas():
 def test_unknown_peer_keeps_its_row_with_the_error(tiny):
     row = measure_peer("ct-nope", str(tiny[0]), BUNDLED_CALIBRATION, BUNDLED_EVALUATION, NSAMPLES, SEQLEN, 0, "cpu")
     assert row["peer"] is True and row["error"].startswith("KeyError: ")
+
+
+@pytest.mark.parametrize("name, levels", [("ct-gptq-3bit-block32", 8)])
+def test_low_bit_gptq_peers_quantize_to_their_bits(tiny, name, levels):
+    """coremltools reads the bit width from the dtype's name: uint3 really is 3 bits."""
+    path, _ = tiny
+    tokenizer = load_tokenizer(str(path))
+    windows, _ = calibration_windows(BUNDLED_CALIBRATION, tokenizer, NSAMPLES, SEQLEN, 0)
+    model = compress_peer(name, load_model(str(path), dtype="float32"), windows)
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    blocks = w.reshape(w.shape[0], -1, 32)
+    distinct = max(len(torch.unique(b)) for row in blocks for b in row)
+    assert 2 < distinct <= levels

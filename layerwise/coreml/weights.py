@@ -30,10 +30,10 @@ from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
 from ..errors import ModelError
 from ..formats import CompressedWeight
+from .layout import affine_lut_is_smaller, index_bits
 
 log = logging.getLogger(__name__)
 
-INDEX_BITS = (1, 2, 3, 4, 6, 8)  # iOS18 LUT index types uint1..uint8
 
 
 def compress_program(
@@ -97,7 +97,7 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
     """Build (inside an active MIL block) the constexpr ops decoding `cw` → Var fp16 [out, in]."""
     kw = {"before_op": before_op} if before_op is not None else {}
     mask = None if cw.mask is None else _np(cw.mask)
-    if cw.scheme == "affine" and _affine_lut_is_smaller(cw):
+    if cw.scheme == "affine" and affine_lut_is_smaller(cw):
         return _lut(cw, _affine_grid(cw), mask, name, kw)
     if cw.scheme == "affine":
         bits = 4 if cw.bits <= 4 else 8
@@ -134,7 +134,7 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
 
 def _lut(cw: CompressedWeight, lut, mask, name: str, kw: dict):
     """lut: np [n_out, n_in, 2**bits] float16, or a Var [n_out, n_in, 2**bits, 1] (quantized LUT)."""
-    bits = next(b for b in INDEX_BITS if b >= cw.bits)
+    bits = index_bits(cw.bits)
     if isinstance(lut, np.ndarray):
         pad = 2**bits - lut.shape[-1]  # 5/7-bit tables ride in 6/8-bit indices; padding never indexed
         lut = np.pad(lut + np.float16(0), ((0, 0), (0, 0), (0, pad)))[..., None].astype(np.float16)
@@ -156,18 +156,6 @@ def _affine_grid(cw: CompressedWeight) -> np.ndarray:
     """A per-channel affine grid as a LUT [out, 1, 2**bits]: entry k = fp16(scale * (k - zp))."""
     steps = torch.arange(2**cw.bits, dtype=torch.float32) - cw.zero_point.float()[..., None]
     return _np((steps * cw.scale.float()[..., None]).to(torch.float16))
-
-
-def _affine_lut_is_smaller(cw: CompressedWeight) -> bool:
-    """A per-channel grid of 1/2/3/6 bits: is an exact 2**bits LUT per row smaller than uint4/uint8 codes?"""
-    if cw.scale.shape[1] != 1 or cw.bits in (4, 8) or cw.bits not in INDEX_BITS:
-        return False
-    out_f, in_f = cw.shape
-    container = 4 if cw.bits <= 4 else 8
-    offset_bytes = 0 if cw.midpoint_zero else container / 8
-    as_codes = out_f * in_f * container / 8 + out_f * (2 + offset_bytes)
-    as_lut = out_f * in_f * cw.bits / 8 + out_f * 2 ** cw.bits * 2
-    return as_lut < as_codes
 
 
 def _uint(a: np.ndarray, bits: int) -> np.ndarray:

@@ -113,17 +113,13 @@ def check_block_size(block_size, in_features: int, name: str, key: str = "block_
     )
 
 
-def upcoming_columns(batch: torch.Tensor, rest: torch.Tensor, i: int, width: int) -> torch.Tensor:
-    """The current values of the `width` columns starting at column i of a lazy batch.
-
-    batch: [out, b] the batch being swept (updated column by column); rest: [out, n] the columns
-    after it (updated once per batch). Only the needed columns are sliced, then joined.
-    """
-    head = batch[:, i : i + width]
-    if head.shape[1] >= width:
-        return head
-    return torch.cat([head, rest[:, : width - head.shape[1]]], dim=1)
-
-
 def to_float32(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float32).clone()
+
+
+def stack_rows(weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice]]:
+    """Layers sharing one input as one float32 [Σ out, in] matrix (a fresh copy), and each layer's
+    rows in it. One layer is just its float32 copy."""
+    W = torch.cat([w.detach().to(torch.float32) for w in weights]) if len(weights) > 1 else to_float32(weights[0])
+    ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
+    return W, [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]

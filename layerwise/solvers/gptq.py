@@ -1,9 +1,13 @@
 """GPTQ (Frantar et al., 2022): quantize column by column, compensating each column's error on
-the columns not yet quantized through the inverse Hessian, in lazy batches.
+the columns not yet quantized through the inverse Hessian, in lazy batches (sweep.py).
 
 Per-block scales are fitted when the sweep reaches a block (from the already-updated weights), or,
 with act-order, fixed up front from the unpermuted weight ("static groups"), so every block stays
-contiguous in the original input order — the layout Core ML's blockwise ops need.
+contiguous in the original input order — the layout Core ML's blockwise ops need. Per-channel
+grids (one block) are static too. Static grids are fitted all at once, before the sweep.
+
+Every step is row-wise (grids are per row, the permutation depends on H only), so `gptq_group`
+solves layers that share H as one stacked matrix with the same result as one by one.
 """
 
 from __future__ import annotations
@@ -11,63 +15,87 @@ from __future__ import annotations
 import torch
 
 from ..formats import CompressedWeight
-from ..hessian import prepare_hessian
-from .base import Solution, to_float32, upcoming_columns
-from .grid import dequantize, fit_grid, quantize
+from ..hessian import dead_columns, prepare_hessian
+from .base import Solution, stack_rows
+from .grid import fit_grid
 from .quant_config import GPTQConfig
+from .sweep import obs_sweep
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig) -> Solution:
     """weight: [out, in]; hessian: [in, in] float32 → affine CompressedWeight."""
-    W = to_float32(weight)
+    return gptq_group([weight], hessian, config)[0]
+
+
+def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig) -> list[Solution]:
+    """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep."""
+    W, rows = stack_rows(weights)
     out_f, in_f = W.shape
     block = config.block_size or in_f
     n_blocks = in_f // block
-    maxq = 2**config.bits - 1
 
-    dead = torch.diag(hessian) == 0
-    W[:, dead] = 0
+    W[:, dead_columns(hessian)] = 0
     perm = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else None
     prepared = prepare_hessian(hessian, config.damp, perm=perm)
-    Hinv = prepared.inverse_cholesky
 
-    # Static grids: per-channel always (one block), per-block under act-order.
-    static = config.act_order or n_blocks == 1
-    scale = torch.ones(out_f, n_blocks, dtype=torch.float16, device=W.device)
-    zero = torch.zeros(out_f, n_blocks, dtype=torch.uint8, device=W.device)
-    if static:
+    rule = _GridRule(out_f, in_f, block, config, W.device, perm)
+    if rule.static:  # per-channel always (one block), per-block under act-order
         s, z = fit_grid(W.reshape(out_f * n_blocks, block), config.bits, config.sym, config.mse_clip)
-        scale, zero = s.reshape(out_f, n_blocks), z.reshape(out_f, n_blocks)
-
-    order = perm if perm is not None else torch.arange(in_f, device=W.device)
+        rule.set_grids(slice(None), s.reshape(out_f, n_blocks), z.reshape(out_f, n_blocks))
     if perm is not None:
         W = W[:, perm]
-    block_of = order // block  # original block of each swept column
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    obs_sweep(W, prepared.cholesky_of_inverse, rule, config.lazy_batch)
 
-    for i1 in range(0, in_f, config.lazy_batch):
-        i2 = min(i1 + config.lazy_batch, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            b = int(block_of[col])
-            if not static and col % block == 0:
-                current = upcoming_columns(W1, W[:, i2:], i, block)  # the block's error-updated values
-                scale[:, b], zero[:, b] = fit_grid(current, config.bits, config.sym, config.mse_clip)
-            w = W1[:, i]
-            q = quantize(w, scale[:, b], zero[:, b], maxq)
-            codes[:, col] = q
-            err = (w - dequantize(q, scale[:, b], zero[:, b]).float()) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
+    codes = rule.codes.to(torch.uint8)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    compressed = CompressedWeight(
-        shape=(out_f, in_f), scheme="affine", bits=config.bits,
-        codes=codes.cpu(), scale=scale.cpu(), zero_point=zero.cpu(),
-    )
-    return Solution(compressed, damping=prepared.damping, notes=prepared.notes)
+    return [
+        Solution(
+            CompressedWeight(
+                shape=(r.stop - r.start, in_f), scheme="affine", bits=config.bits,
+                codes=codes[r].cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu(),
+            ),
+            damping=prepared.damping,
+            notes=list(prepared.notes),
+        )
+        for r in rows
+    ]
+
+
+class _GridRule:
+    """GPTQ's column rule: nearest code on the column's block grid; dynamic grids are fitted when
+    the sweep reaches their block's first column, on its error-updated values."""
+
+    def __init__(self, out_f, in_f, block, config, device, perm):
+        self.config, self.block = config, block
+        self.maxq = 2**config.bits - 1
+        n_blocks = in_f // block
+        self.static = config.act_order or n_blocks == 1
+        order = perm.tolist() if perm is not None else range(in_f)
+        self.block_of = [c // block for c in order]  # original block of each swept column (a list: no syncs)
+        self.scale = torch.ones(out_f, n_blocks, dtype=torch.float16, device=device)
+        self.zero = torch.zeros(out_f, n_blocks, dtype=torch.uint8, device=device)
+        # float32 copies the per-column arithmetic reads without converting
+        self.scale_f = torch.ones(out_f, n_blocks, device=device)
+        self.zero_f = torch.zeros(out_f, n_blocks, device=device)
+        self.codes = torch.zeros(out_f, in_f, device=device)  # float32 integer codes, cast once at the end
+
+    def set_grids(self, blocks, scale, zero):
+        self.scale[:, blocks], self.zero[:, blocks] = scale, zero
+        self.scale_f[:, blocks], self.zero_f[:, blocks] = scale.float(), zero.float()
+
+    def start_batch(self, i1, batch, diag_u):
+        pass
+
+    def start_column(self, col, upcoming):
+        if not self.static and col % self.block == 0:
+            c = self.config
+            self.set_grids(col // self.block, *fit_grid(upcoming(self.block), c.bits, c.sym, c.mse_clip))
+
+    def round(self, col, w):
+        # the same arithmetic as grid.quantize / grid.dequantize, on float32 copies of the grid
+        b = self.block_of[col]
+        s, z = self.scale_f[:, b], self.zero_f[:, b]
+        q = torch.round(w / s).add_(z).clamp_(0, self.maxq)
+        self.codes[:, col] = q
+        return (q - z).mul_(s).to(torch.float16).float()

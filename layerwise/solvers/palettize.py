@@ -16,12 +16,13 @@ import torch
 
 from ..errors import RecipeError
 from ..formats import CompressedWeight
-from ..hessian import prepare_hessian
-from .base import Solution, to_float32
+from ..hessian import dead_columns, prepare_hessian
+from .base import Solution, stack_rows, to_float32
 from .grid import FP16_TINY
 from .kmeans import weighted_kmeans
 from .magnitude import keep_lowest
 from .palettize_config import KMeansConfig, SKMConfig
+from .sweep import obs_sweep
 
 
 def kmeans(weight: torch.Tensor, hessian: torch.Tensor | None, config: KMeansConfig) -> Solution:
@@ -53,18 +54,65 @@ def skm(
         are pruned (a simple fallback; SparseGPT's mask is better).
     Returns a lut CompressedWeight (with the mask, if any) and the damping finally used.
     """
-    W = to_float32(weight)
-    out_f, in_f = W.shape
-    config.check_shape(out_f, in_f, "weight")
+    return skm_group([weight], hessian, config, sensitivities=[sensitivity], masks=[mask])[0]
+
+
+def skm_group(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor | None,
+    config: SKMConfig,
+    *,
+    sensitivities: list[torch.Tensor | None] | None = None,
+    masks: list[torch.Tensor | None] | None = None,
+) -> list[Solution]:
+    """`skm` for layers sharing one input: LUTs are fitted per layer (a LUT's group of output
+    channels never straddles two layers), then one stacked error-feedback sweep snaps every row
+    to its own group's LUT, and each layer's LUTs are refitted on its own rows."""
+    n = len(weights)
+    sensitivities, masks = sensitivities or [None] * n, masks or [None] * n
     if hessian is not None:
-        hessian = hessian.to(W.device, torch.float32)
-        W[:, torch.diag(hessian) == 0] = 0  # dead inputs: weight irrelevant, set to zero as GPTQ does
+        hessian = hessian.to(weights[0].device, torch.float32)
     elif config.sensitivity == "hessian_diag" or config.error_feedback:
         raise ValueError(
             "skm needs the layer Hessian (only fisher sensitivity without error feedback does not)"
         )
-    S = _sensitivity(W, hessian, config.sensitivity, sensitivity)  # [out, in] or broadcastable [1, in]
+    layers = [_fit_layer(w, hessian, config, s, m) for w, s, m in zip(weights, sensitivities, masks)]
+    damping, prefix = None, []
+    if config.error_feedback:
+        prepared = prepare_hessian(hessian, config.damp)
+        damping, prefix = prepared.damping, prepared.notes
+        targets, rows = stack_rows([layer.W for layer in layers])
+        stacked_mask = None
+        if any(layer.mask is not None for layer in layers):
+            stacked_mask = torch.cat([torch.ones_like(layer.W, dtype=torch.bool) if layer.mask is None else layer.mask
+                                      for layer in layers])
+        tables = [_sorted_rows(layer.lut.float(), layer.g_out) for layer in layers]
+        values, order = (torch.cat([t[i] for t in tables]) for i in (0, 1))
+        codes = _feedback_sweep(targets, values, order, prepared.cholesky_of_inverse, config.lazy_batch, stacked_mask)
+        for layer, r in zip(layers, rows):
+            layer.codes, layer.targets = codes[r], targets[r]
+    else:
+        for layer in layers:
+            layer.codes, layer.targets = _nearest_codes(layer.W, layer.lut.float(), layer.g_out), layer.W
+    return [_finish(layer, config, damping, prefix) for layer in layers]
 
+
+class _Layer:
+    """One layer of an SKM group: its weights, sensitivity, mask and fitted LUTs."""
+
+    def __init__(self, W, S, mask, g_out, lut, notes):
+        self.W, self.S, self.mask, self.g_out, self.notes = W, S, mask, g_out, notes
+        self.lut, self.lut_codes, self.lut_scale = lut
+        self.codes = self.targets = None
+
+
+def _fit_layer(weight, hessian, config, sensitivity, mask) -> _Layer:
+    W = to_float32(weight)
+    out_f, in_f = W.shape
+    config.check_shape(out_f, in_f, "weight")
+    if hessian is not None:
+        W[:, dead_columns(hessian)] = 0  # dead inputs: weight irrelevant, set to zero as GPTQ does
+    S = _sensitivity(W, hessian, config.sensitivity, sensitivity)  # [out, in] or broadcastable [1, in]
     notes: list[str] = []
     if mask is None and config.sparsity:
         mask = keep_lowest(W.abs(), round(config.sparsity * in_f))  # per row, ties by column
@@ -73,28 +121,21 @@ def skm(
         if tuple(mask.shape) != (out_f, in_f) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool {(out_f, in_f)}, got {mask.dtype} {tuple(mask.shape)}")
         mask = mask.to(W.device)
-
-    g_out = config.group_out(out_f)
     centroids, _ = _fit(W, S, mask, config)
-    lut, lut_codes, lut_scale = quantize_lut(centroids, config.lut_dtype)
-    damping, targets = None, W
-    if config.error_feedback:
-        prepared = prepare_hessian(hessian, config.damp)
-        damping, notes = prepared.damping, prepared.notes + notes
-        targets = W.clone()
-        U = prepared.inverse_cholesky
-        codes = _feedback_sweep(targets, lut.float(), g_out, U, config.lazy_batch, mask)
-    else:
-        codes = _nearest_codes(W, lut.float(), g_out)
-    if mask is not None:
-        codes = torch.where(mask, codes, 0)
+    return _Layer(W, S, mask, config.group_out(out_f), quantize_lut(centroids, config.lut_dtype), notes)
+
+
+def _finish(layer: _Layer, config, damping, prefix) -> Solution:
+    codes, lut, lut_codes, lut_scale = layer.codes, layer.lut, layer.lut_codes, layer.lut_scale
+    if layer.mask is not None:
+        codes = torch.where(layer.mask, codes, 0)
     if config.refit_lut:
         # the mean of the error-corrected values each entry was snapped from, not of the original
         # weights: refitting to the originals undoes part of the feedback (measured: worse)
-        centroids = refit_lut(targets, S, codes, mask, lut.float(), g_out)
+        centroids = refit_lut(layer.targets, layer.S, codes, layer.mask, lut.float(), layer.g_out)
         lut, lut_codes, lut_scale = quantize_lut(centroids, config.lut_dtype)
-    compressed = _compressed((out_f, in_f), config.n_bits, codes, lut, lut_codes, lut_scale, mask)
-    return Solution(compressed, damping=damping, notes=notes)
+    compressed = _compressed(layer.W.shape, config.n_bits, codes, lut, lut_codes, lut_scale, layer.mask)
+    return Solution(compressed, damping=damping, notes=list(prefix) + layer.notes)
 
 
 def _sensitivity(W, hessian, kind, given) -> torch.Tensor:
@@ -193,36 +234,38 @@ def _nearest_codes(W, lut, g_out) -> torch.Tensor:
     return order.gather(1, pos).to(torch.uint8)
 
 
-def _feedback_sweep(W, lut, g_out, U, lazy_batch, mask) -> torch.Tensor:
-    """GPTQ's sweep with "quantize" = snap to the nearest LUT entry (or 0 where pruned).
+def _feedback_sweep(W, values, order, U, lazy_batch, mask) -> torch.Tensor:
+    """GPTQ's sweep (sweep.py) with "round" = snap to the nearest LUT entry (or 0 where pruned).
 
     W: [out, in] float32, overwritten with each column's value at the moment it was snapped
-    (the error-corrected targets); lut: [G, k] float32; U: [in, in] upper Cholesky factor of H⁻¹.
-    Returns codes uint8 [out, in].
+    (the error-corrected targets); values, order: [out, k] each row's LUT sorted, and the sort
+    order (`_sorted_rows`); U: [in, in] upper Cholesky factor of H⁻¹. Returns codes uint8 [out, in].
     """
-    out_f, in_f = W.shape
-    values, order, _ = _sorted_rows(lut, g_out)
-    values64 = values.double()  # [out, k]: a per-column argmin over k beats searchsorted's overhead
-    pos = torch.zeros(out_f, in_f, dtype=torch.int64, device=W.device)  # index into sorted LUT
-    for i1 in range(0, in_f, lazy_batch):
-        i2 = min(i1 + lazy_batch, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            # nearest sorted entry; exact in float64, ties to the lower entry like searchsorted(mid)
-            p = (w.double()[:, None] - values64).abs().argmin(dim=1, keepdim=True)  # [out, 1]
-            pos[:, i1 + i : i1 + i + 1] = p
-            q = values.gather(1, p).squeeze(1)
-            if mask is not None:
-                q = torch.where(mask[:, i1 + i], q, 0.0)
-            err = (w - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i1:i2] = W1 + Err1 * torch.diagonal(U1)[None, :]  # q + (w − q): the snapped-from values
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return order.gather(1, pos).to(torch.uint8)
+    rule = _SnapRule(values, mask, W.shape[1])
+    obs_sweep(W, U, rule, lazy_batch)
+    return order.gather(1, rule.pos).to(torch.uint8)
+
+
+class _SnapRule:
+    """SKM's column rule: the nearest entry of each row's LUT, zero where the mask prunes."""
+
+    def __init__(self, values, mask, in_f):
+        self.values, self.mask = values, mask
+        self.values64 = values.double()  # [out, k]: a per-column argmin over k beats searchsorted's overhead
+        self.pos = torch.zeros(values.shape[0], in_f, dtype=torch.int64, device=values.device)  # index into sorted LUT
+
+    def start_batch(self, i1, batch, diag_u):
+        pass
+
+    def start_column(self, col, upcoming):
+        pass
+
+    def round(self, col, w):
+        # nearest sorted entry; exact in float64, ties to the lower entry like searchsorted(mid)
+        p = (w.double()[:, None] - self.values64).abs().argmin(dim=1, keepdim=True)  # [out, 1]
+        self.pos[:, col : col + 1] = p
+        q = self.values.gather(1, p).squeeze(1)
+        return q if self.mask is None else torch.where(self.mask[:, col], q, 0.0)
 
 
 def _compressed(shape, bits, codes, lut, lut_codes, lut_scale, mask) -> CompressedWeight:

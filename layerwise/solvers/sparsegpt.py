@@ -24,85 +24,106 @@ import math
 
 import torch
 
-from ..hessian import output_error, prepare_hessian
-from .base import Solution, to_float32, upcoming_columns
+from ..hessian import dead_columns, output_error, prepare_hessian
+from .base import Solution, stack_rows
 from .grid import dequantize, fit_grid, quantize
 from .magnitude import keep_lowest, nm_keep, prune_counts, sparse_weight
 from .refine import refine_masked
 from .sparse_config import SparseGPTConfig
+from .sweep import obs_sweep
 
 log = logging.getLogger(__name__)
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPTConfig) -> Solution:
     """weight: [out, in]; hessian: [in, in] float32 → sparse dense or sparse affine CompressedWeight."""
-    W = to_float32(weight)
-    out_f, in_f = W.shape
-    dev = W.device
-    dead = torch.diag(hessian) == 0
-    W[:, dead] = 0
+    return sparsegpt_group([weight], hessian, config)[0]
+
+
+def sparsegpt_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: SparseGPTConfig) -> list[Solution]:
+    """Layers sharing one input solved as one stacked sweep. Unstructured masks are chosen per layer
+    (each layer's rows of a column block), so every layer keeps its exact zero count; n:m masks,
+    grids and the refinement are per row anyway."""
+    W, rows = stack_rows(weights)
+    W[:, dead_columns(hessian)] = 0
     target = W.clone() if config.refine_steps else None
     prepared = prepare_hessian(hessian, config.damp, keep_damped=config.refine_steps > 0)
-    Hinv = prepared.inverse_cholesky.to(dev)  # [in, in] upper, H⁻¹ = Uᵀ U
-    diag_hinv = torch.diag(Hinv)
+    U = prepared.cholesky_of_inverse.to(W.device)
+    rule = _PruneRule(W, rows, torch.diag(U), config)
+    obs_sweep(W, U, rule, config.column_block)
 
-    starts = list(range(0, in_f, config.column_block))
-    if config.sparsity is not None:
-        sizes = [min(config.column_block, in_f - i1) * out_f for i1 in starts]
-        zeros_per_block = prune_counts(config.sparsity, sizes)
-    mask = torch.ones(out_f, in_f, dtype=torch.bool, device=dev)  # True = kept (or not chosen yet)
-    joint = config.bits is not None
-    if joint:
-        maxq = 2**config.bits - 1
-        block = config.block_size or in_f
-        scale = torch.ones(out_f, in_f // block, dtype=torch.float16, device=dev)
-        zero = torch.zeros(out_f, in_f // block, dtype=torch.uint8, device=dev)
-        codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
-    else:
-        values = torch.zeros(out_f, in_f, dtype=torch.float16, device=dev)
+    solutions = []
+    for r in rows:
+        notes = list(prepared.notes)
+        mask = rule.mask[r]
+        if rule.joint:
+            compressed = sparse_weight(mask, config, codes=rule.codes[r], scale=rule.scale[r], zero=rule.zero[r])
+        else:
+            values = rule.values[r]
+            if config.refine_steps and not mask.all():  # nothing pruned: the sweep's float16 compensation is better
+                values = _refined(target[r], values, mask, prepared, config.refine_steps, notes=notes)
+            compressed = sparse_weight(mask, config, values=values)
+        solutions.append(Solution(compressed, damping=prepared.damping, notes=notes))
+    return solutions
 
-    for b, i1 in enumerate(starts):
-        i2 = min(i1 + config.column_block, in_f)
-        W1 = W[:, i1:i2].clone()  # [out, cb]
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        if config.nm is None:
-            saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2  # [out, cb]
-            mask[:, i1:i2] = keep_lowest(saliency.reshape(1, -1), zeros_per_block[b]).reshape(W1.shape)
 
-        for i in range(i2 - i1):
-            col = i1 + i
-            if config.nm is not None and col % config.nm[1] == 0:
-                m = config.nm[1]
-                current = upcoming_columns(W1, W[:, i2:], i, m)  # the group's updated weights
-                mask[:, col : col + m] = nm_keep(current**2 / diag_hinv[col : col + m][None, :] ** 2, *config.nm)
-            w, keep = W1[:, i], mask[:, col]
-            if joint:
-                g = col // block
-                if col % block == 0:
-                    current = upcoming_columns(W1, W[:, i2:], i, block)
-                    scale[:, g], zero[:, g] = fit_grid(
-                        current, config.bits, config.sym, config.mse_clip, mask=mask[:, col : col + block]
-                    )
-                c = quantize(w, scale[:, g], zero[:, g], maxq)
-                codes[:, col] = c
-                q = dequantize(c, scale[:, g], zero[:, g]).float()
-            else:
-                q = w.to(torch.float16).float()
-                values[:, col] = q.to(torch.float16)
-            q = torch.where(keep, q, torch.zeros_like(q))
-            err = (w - q) / Hinv1[i, i]  # [out]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+class _PruneRule:
+    """SparseGPT's column rule: the mask by OBS saliency w² / U_jj² on the current weights (per
+    column block, or per group of m columns for n:m), then float16 or the block's grid, zero where
+    pruned."""
 
-    if joint:
-        compressed = sparse_weight(mask, config, codes=codes, scale=scale, zero=zero)
-    else:
-        if config.refine_steps and not mask.all():  # nothing pruned: the sweep's float16 compensation is better
-            values = _refined(target, values, mask, prepared, config.refine_steps, notes=prepared.notes)
-        compressed = sparse_weight(mask, config, values=values)
-    return Solution(compressed, damping=prepared.damping, notes=prepared.notes)
+    def __init__(self, W, rows, diag_u, config):
+        out_f, in_f = W.shape
+        dev = W.device
+        self.config, self.rows, self.diag_u = config, rows, diag_u
+        if config.sparsity is not None:
+            starts = range(0, in_f, config.column_block)
+            # per layer: zeros of each column block, so each layer ends with exactly round(s·numel)
+            self.zeros = [
+                prune_counts(config.sparsity, [min(config.column_block, in_f - i1) * (r.stop - r.start) for i1 in starts])
+                for r in rows
+            ]
+        self.mask = torch.ones(out_f, in_f, dtype=torch.bool, device=dev)  # True = kept (or not chosen yet)
+        self.joint = config.bits is not None
+        if self.joint:
+            self.maxq = 2**config.bits - 1
+            self.block = config.block_size or in_f
+            self.scale = torch.ones(out_f, in_f // self.block, dtype=torch.float16, device=dev)
+            self.zero = torch.zeros(out_f, in_f // self.block, dtype=torch.uint8, device=dev)
+            self.codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+        else:
+            self.values = torch.zeros(out_f, in_f, dtype=torch.float16, device=dev)
+
+    def start_batch(self, i1, batch, diag_u):
+        if self.config.nm is not None:
+            return
+        i2 = i1 + batch.shape[1]
+        saliency = batch**2 / diag_u[None, :] ** 2  # [out, cb]
+        b = i1 // self.config.column_block
+        for r, zeros in zip(self.rows, self.zeros):
+            self.mask[r, i1:i2] = keep_lowest(saliency[r].reshape(1, -1), zeros[b]).reshape(saliency[r].shape)
+
+    def start_column(self, col, upcoming):
+        c = self.config
+        if c.nm is not None and col % c.nm[1] == 0:
+            m = c.nm[1]
+            self.mask[:, col : col + m] = nm_keep(upcoming(m) ** 2 / self.diag_u[col : col + m][None, :] ** 2, *c.nm)
+        if self.joint and col % self.block == 0:
+            g = col // self.block
+            self.scale[:, g], self.zero[:, g] = fit_grid(
+                upcoming(self.block), c.bits, c.sym, c.mse_clip, mask=self.mask[:, col : col + self.block]
+            )
+
+    def round(self, col, w):
+        if self.joint:
+            g = col // self.block
+            codes = quantize(w, self.scale[:, g], self.zero[:, g], self.maxq)
+            self.codes[:, col] = codes
+            q = dequantize(codes, self.scale[:, g], self.zero[:, g]).float()
+        else:
+            q = w.to(torch.float16).float()
+            self.values[:, col] = q.to(torch.float16)
+        return torch.where(self.mask[:, col], q, torch.zeros_like(q))
 
 
 def _refined(target, values, mask, prepared, steps, notes) -> torch.Tensor:

@@ -65,3 +65,39 @@ def test_gptq_is_deterministic():
     a = gptq(W, H, GPTQConfig(bits=3, block_size=32, act_order=True)).compressed
     b = gptq(W, H, GPTQConfig(bits=3, block_size=32, act_order=True)).compressed
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+
+
+def _exhaustive_clip(w, bits, sym):
+    """GPTQ's reference search: every shrink factor 1.00 … 0.20, the first best one per row."""
+    from layerwise.solvers.grid import _grid_from_range, dequantize, quantize
+
+    maxq = 2**bits - 1
+    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+    best, pick = None, None
+    for i in range(81):
+        s, z = _grid_from_range(lo * (1 - i / 100), hi * (1 - i / 100), maxq, sym)
+        err = ((dequantize(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None]).float() - w).abs() ** 2.4).sum(1)
+        if best is None:
+            best, pick = err, (s, z)
+        else:
+            better = err < best
+            best = torch.where(better, err, best)
+            pick = (torch.where(better, s, pick[0]), torch.where(better, z, pick[1]))
+    return pick, best
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False)])
+def test_coarse_to_fine_clipping_matches_the_exhaustive_search(bits, sym):
+    from layerwise.solvers.grid import dequantize, quantize
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(2048, 32, generator=g) * 0.02
+    w[:, :2] *= 6  # outliers: the clipping has something to clip
+    (s_ref, z_ref), err_ref = _exhaustive_clip(w, bits, sym)
+    s, z = fit_grid(w, bits, sym, mse_clip=True)
+    maxq = 2**bits - 1
+    err = ((dequantize(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None]).float() - w).abs() ** 2.4).sum(1)
+    same = (s == s_ref) & (z == z_ref)
+    assert same.float().mean() >= 0.97
+    assert torch.equal(err[same], err_ref[same])
+    assert err.sum() <= err_ref.sum() * 1.001

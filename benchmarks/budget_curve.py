@@ -1,0 +1,175 @@
+"""Δppl against bits per weight: ours-mixed (`--target-bits`) vs ours-uniform (GPTQ) vs RTN-uniform.
+
+One measured table (every default-menu candidate of every layer, and the loss scales) serves every
+mixed point; each mixed point targets the bits per weight of a uniform GPTQ point, so the two are
+compared at the same size. Every point compresses the model in memory (the engine's streaming
+order) and measures perplexity on the same evaluation windows. Writes the section `budget-<tag>`
+of RESULTS.md and budget-<tag>.{json,png} next to it.
+
+    python benchmarks/budget_curve.py --model ../shared/models/wt2-llama-4l --tag ref
+    python benchmarks/budget_curve.py --model ~/.cache/smollm2-135m --tag smollm2 --nsamples 32 --eval-windows 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from layerwise.bench import update_results
+from layerwise.budget import Target, menu_recipe
+from layerwise.budget.allocate import allocate_from_table
+from layerwise.budget.loss_scale import output_fisher_scales
+from layerwise.budget.measure import measure_candidates
+from layerwise.budget.menu import layer_menus
+from layerwise.calib_data import calibration_windows, load_text, tokenize_text
+from layerwise.engine import LayerwiseCompressor
+from layerwise.evaluate import perplexity
+from layerwise.loading import load_model, load_tokenizer
+from layerwise.recipe import Recipe, Rule, recipe_from_dict
+
+# bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first
+UNIFORM = [(3, 32), (2, 32), (4, None), (3, None), (3, 128), (4, 128)]
+
+
+def uniform_recipe(model, method: str, bits: int, block: int | None) -> Recipe:
+    """One config for every block linear; blocks of 128 fall back to 64 / 32 where they do not divide."""
+    rules = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            size = block if block is None else next(b for b in (block, 64, 32) if module.in_features % b == 0)
+            rules.append({"match": f"^{name}$", "config": {"method": method, "bits": bits, "block_size": size}})
+    return recipe_from_dict({"rules": rules})
+
+
+def run_point(model, recipe, windows, eval_ids, args) -> dict:
+    work = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    result = LayerwiseCompressor(work, recipe, device="cpu").compress(windows)
+    seconds = time.perf_counter() - t0
+    numel = sum(work.get_submodule(r.name).weight.numel() for r in result.layers)
+    bpw = sum(r.bits_per_weight * work.get_submodule(r.name).weight.numel() for r in result.layers) / numel
+    ppl = perplexity(work.float(), eval_ids, seqlen=args.seqlen, batch_size=8)["ppl"]
+    return {"bits_per_weight": bpw, "ppl": ppl, "compress_s": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="../shared/models/wt2-llama-4l")
+    p.add_argument("--tag", default="ref")
+    p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    p.add_argument("--eval", dest="eval_text", default="../shared/data/wikitext-2/test.txt")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=0, help="first N windows of the evaluation text (0: all)")
+    p.add_argument("--scale-windows", type=int, default=16)
+    p.add_argument("--results", default="benchmarks/RESULTS.md")
+    p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    windows, _ = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, 0)
+    eval_ids = tokenize_text(tokenizer, load_text(args.eval_text, "evaluation"))
+    if args.eval_windows:
+        eval_ids = eval_ids[: args.eval_windows * args.seqlen]
+    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
+    fp16 = perplexity(copy.deepcopy(model).float(), eval_ids, seqlen=args.seqlen, batch_size=8)["ppl"]
+    log(f"float16 ppl {fp16:.3f}")
+    t0 = time.perf_counter()
+    menus = layer_menus(model, menu_recipe({"method": "gptq"}))
+    table = measure_candidates(model, menus, windows, device="cpu")
+    scales = output_fisher_scales(model, list(menus), windows[: args.scale_windows], device="cpu")
+    measure_s = time.perf_counter() - t0
+    log(f"measured {sum(len(v) for v in table.values())} candidates in {measure_s:.0f} s")
+    command = "python " + " ".join(sys.argv)
+    data = {"model": args.model, "fp16_ppl": fp16, "measure_s": measure_s, "command": command,
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": int(eval_ids.numel()), "rows": []}
+    rows = data["rows"]
+    for bits, block in UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
+        settings = f"{bits}-bit {'per-channel' if block is None else f'block {block}'}"
+        row = run_point(model, uniform_recipe(model, "gptq", bits, block), windows, eval_ids, args)
+        rows.append({"curve": "gptq-uniform", "settings": settings, **row})
+        log(rows[-1])
+        allocation = allocate_from_table(model, table, scales, Target(bits=row["bits_per_weight"]))
+        point = run_point(model, allocation.recipe, windows, eval_ids, args)
+        rows.append({"curve": "gptq-mixed", "settings": f"target {row['bits_per_weight']:.3f}", **point,
+                     "predicted_dloss": allocation.predicted_dloss, "mix": mix_of(allocation, table)})
+        log(rows[-1])
+        rows.append({"curve": "rtn-uniform", "settings": settings,
+                     **run_point(model, uniform_recipe(model, "rtn", bits, block), windows, eval_ids, args)})
+        log(rows[-1])
+        publish(data, args)
+
+
+def mix_of(allocation, table) -> dict:
+    """{"3b32": layers, …}: how many layers took each config."""
+    mix = {}
+    for name, k in allocation.chosen.items():
+        c = table[name][k].config
+        key = f"{c.bits}b{'pc' if c.block_size is None else c.block_size}"
+        mix[key] = mix.get(key, 0) + 1
+    return mix
+
+
+def publish(data: dict, args) -> None:
+    for r in data["rows"]:
+        r["dppl"] = r["ppl"] - data["fp16_ppl"]
+    out_dir = Path(args.results).parent
+    (out_dir / f"budget-{args.tag}.json").write_text(json.dumps(data, indent=1))
+    plot(data, out_dir / f"budget-{args.tag}.png")
+    update_results(Path(args.results), f"budget-{args.tag}", render(data, f"budget-{args.tag}.png"))
+
+
+def render(data: dict, png: str) -> str:
+    lines = [
+        f"## Size budget: mixed vs uniform bits ({Path(data['model']).name})", "",
+        f"Reproduce: `{data['command']}`", "",
+        f"Model `{data['model']}`; calibration {data['nsamples']} × {data['seqlen']}-token windows of WikiText-2 valid "
+        f"(seed 0); perplexity on the first {data['eval_tokens']:,} tokens of WikiText-2 test in {data['seqlen']}-token "
+        f"windows (float16 {data['fp16_ppl']:.3f}). Mixed = `--target-bits` at each uniform GPTQ point's bits per weight, "
+        f"default menu (GPTQ 2/3/4/8 bits × per-channel / 128 / 32); measuring every candidate and the loss scales "
+        f"once took {data['measure_s']:.0f} s (shared 2-core machine).", "",
+        "| curve | settings | bits/weight | ppl | Δppl | mixed / uniform Δppl | compress s | mix (layers per config) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    uniform = {round(r["bits_per_weight"], 3): r for r in data["rows"] if r["curve"] == "gptq-uniform"}
+    for r in sorted(data["rows"], key=lambda r: (r["bits_per_weight"], r["curve"])):
+        ratio = ""
+        if r["curve"] == "gptq-mixed":
+            ref = min(uniform.values(), key=lambda u: abs(u["bits_per_weight"] - r["bits_per_weight"]))
+            ratio = f"{r['dppl'] / ref['dppl']:.2f}" if ref["dppl"] > 0 else "–"
+        mix = ", ".join(f"{k}×{v}" for k, v in sorted(r.get("mix", {}).items()))
+        lines.append(f"| {r['curve']} | {r['settings']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['dppl']:+.3f} | "
+                     f"{ratio} | {r['compress_s']:.1f} | {mix} |")
+    lines += ["", f"![Δppl vs bits per weight]({png})"]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve, style in (("rtn-uniform", "s:"), ("gptq-uniform", "o--"), ("gptq-mixed", "D-")):
+        pts = sorted((r["bits_per_weight"], r["dppl"]) for r in data["rows"] if r["curve"] == curve)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=curve)
+    ax.set_xlabel("bits per weight (every stored byte)")
+    ax.set_ylabel("Δ perplexity vs float16")
+    ax.set_yscale("log")
+    ax.set_title(Path(data["model"]).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""How much of a layer's output error reaches the model's loss: one scale per layer.
+
+A layer's output changes by δy = ΔW x. To second order the loss changes by ½ δyᵀ F δy, with F the
+Fisher of the loss with respect to that output (the mean of g gᵀ, g = ∂ loss / ∂y). Keeping F's
+diagonal (one weight per output channel: the quantization noise of different rows is
+uncorrelated) and taking g and δy independent over the calibration tokens gives
+
+    Δloss ≈ Σ_j s_j · (ΔW H ΔWᵀ)_jj,   s_j = Σ_t g_tj² / (4 T),   H = 2/T Σ_t x_t x_tᵀ
+
+where g_t is the gradient of the summed next-token loss with respect to the layer's output at
+token t (so it carries every later token's dependence on it) and T the number of tokens. Per
+channel, not one number per layer: a row scaled by c has c² its error and 1/c² its s_j, so the
+product — and the allocation — does not change when a model moves scale between layers. One
+backward pass per batch gives every layer's scales at once; no weight gradient is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..engine import resolve_device
+from ..errors import DataError
+from ..linears import linear_shape
+
+
+def output_fisher_scales(
+    model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 4, device: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """{layer name: s [out] float64} (mean next-token loss per unit of each row's (ΔW H ΔWᵀ)_jj)
+    over `windows` [N, L].
+
+    The model runs whole on `device` in float32; every parameter and buffer goes back to the CPU in
+    its own dtype afterwards, values unchanged (a blanket `model.to(float16)` would round the
+    float32 rotary frequencies)."""
+    dev = resolve_device(device)
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(device=dev, dtype=torch.float32)
+    model.eval()
+    sums = {name: torch.zeros(linear_shape(model.get_submodule(name))[0], dtype=torch.float64) for name in names}
+    handles = []
+
+    def add_square(name, grad):  # returns None: the gradient flows on unchanged
+        sums[name] += grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0).cpu()
+
+    def keep_grad(name, out):
+        out.register_hook(lambda g: add_square(name, g))
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: keep_grad(name, o)))
+    embed = model.get_input_embeddings()
+    handles.append(embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+    tokens = 0
+    try:
+        with torch.enable_grad():
+            for start in tqdm(range(0, windows.shape[0], batch_size), desc="loss scales", unit="batch", disable=None):
+                ids = windows[start : start + batch_size].to(dev)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise DataError(f"the next-token loss is {loss.item()} on calibration batch {start // batch_size}")
+                predicted = ids.shape[0] * (ids.shape[1] - 1)
+                (loss * predicted).backward()  # the summed loss: g_t as defined above
+                tokens += predicted
+    finally:
+        for h in handles:
+            h.remove()
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(device="cpu", dtype=dtype)
+    return {name: sums[name] / (4 * tokens) for name in names}

@@ -1,0 +1,80 @@
+"""Candidate menus: which configs a size budget may choose from, per layer.
+
+By default (`--method gptq` or `rtn` with `--target-*`) every block linear may take any of
+{2, 3, 4, 8} bits × {per-channel, blocks of 128, blocks of 32}; with `--method skm` (or `kmeans`)
+{2, 3, 4, 6}-bit palettes. The other flags given (`--sym`, `--no-act-order`, `--group-size`, …)
+apply to every candidate. A recipe can give its own `menu:` per rule instead.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from layerwise.models.families import get_module, resolve_family
+
+from ..errors import RecipeError
+from ..linears import is_compressible, linear_shape
+from ..recipe import Recipe, Rule, method_config
+from ..solvers import MethodConfig
+
+QUANT_MENU = tuple((bits, block) for bits in (2, 3, 4, 8) for block in (None, 128, 32))
+PALETTE_MENU_BITS = (2, 3, 4, 6)
+MENU_METHODS = ("gptq", "rtn", "skm", "kmeans")
+
+
+def default_menu(base: dict) -> tuple[MethodConfig, ...]:
+    """The default candidates for `base`, a method config dict (e.g. from the command-line flags)."""
+    method = base.get("method")
+    if method in ("gptq", "rtn"):
+        raws = [{**base, "bits": bits, "block_size": block} for bits, block in QUANT_MENU]
+    elif method in ("skm", "kmeans"):
+        raws = [{**base, "n_bits": bits} for bits in PALETTE_MENU_BITS]
+    else:
+        raise RecipeError(
+            f"--target-bits/--target-mb choose bits for {', '.join(MENU_METHODS)}, not {method!r}; "
+            "use one of those methods or a recipe whose rules give a 'menu'"
+        )
+    if "bits" in base or "n_bits" in base or "block_size" in base:
+        raise RecipeError("--bits and --block-size are what a budget chooses; drop them when giving --target-bits/--target-mb")
+    return tuple(method_config(raw, "default menu") for raw in raws)
+
+
+def menu_recipe(base: dict) -> Recipe:
+    """One rule: every block linear chooses from the default menu of `base`'s method."""
+    return Recipe((Rule(".*", None, default_menu(base)),))
+
+
+def layer_menus(model: nn.Module, recipe: Recipe) -> dict[str, tuple[MethodConfig, ...]]:
+    """{block linear name: its candidates that fit its shape}, in execution order. A rule with one
+    `config` gives a menu of one (its bytes count against the budget); `config: null` skips the layer."""
+    family = resolve_family(model)
+    if recipe.names_lm_head():
+        raise RecipeError("a size budget covers the block linears only; remove the lm_head rule")
+    menus = {}
+    for i, block in enumerate(get_module(model, family.blocks)):
+        for rel, module in block.named_modules():
+            if not is_compressible(module):
+                continue
+            name = f"{family.blocks}.{i}.{rel}"
+            rule = recipe.rule_for(name)
+            if rule is None or (rule.config is None and not rule.menu):
+                continue
+            menus[name] = _fitting(rule.menu or (rule.config,), module, name)
+    if not menus:
+        raise RecipeError("the recipe selects no layer for the budget; give a rule with a menu that matches some layers")
+    return menus
+
+
+def _fitting(menu: tuple[MethodConfig, ...], module: nn.Module, name: str) -> tuple[MethodConfig, ...]:
+    """The candidates whose block or group sizes tile this layer (e.g. no blocks of 128 for 704 inputs)."""
+    out_features, in_features = linear_shape(module)
+    fitting = []
+    for config in menu:
+        try:
+            config.check_shape(out_features, in_features, name)
+        except RecipeError:
+            continue
+        fitting.append(config)
+    if not fitting:
+        menu[0].check_shape(out_features, in_features, name)  # raises, naming the problem
+    return tuple(fitting)

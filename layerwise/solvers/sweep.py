@@ -1,0 +1,71 @@
+"""The lazy-batch OBS sweep that GPTQ, SparseGPT and SKM's error feedback share.
+
+Columns are visited in order; each is replaced by the value its solver's rule picks (a grid code, a
+pruned zero, a LUT entry), and the error is pushed onto the columns not visited yet through the
+upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): column i's error e_i = (w_i − q_i) / U_ii updates
+w_j −= e_i · U_ij for j > i. Inside a lazy batch of columns that update is done column by column;
+the columns after the batch get it once, as one matmul (Frantar et al.'s lazy batching).
+
+Rows never interact: every step is row-wise, so layers sharing one H can be swept as one stacked
+matrix, as long as each rule's choices are row-wise too (see stacking.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class ColumnRule(Protocol):
+    """What a solver supplies to the sweep: its per-column rounding and its block-start steps."""
+
+    def start_batch(self, i1: int, batch: torch.Tensor, diag_u: torch.Tensor) -> None:
+        """Called once per lazy batch before its first column. batch: [out, i2 − i1], the batch's
+        error-updated columns; diag_u: [i2 − i1] the matching diagonal of U (saliency masks)."""
+
+    def start_column(self, col: int, upcoming) -> None:
+        """Called before column `col` is rounded; `upcoming(width)` returns the current values of
+        columns col … col + width − 1 ([out, width], error-updated up to this column): grid fits
+        and n:m masks use it."""
+
+    def round(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        """The float32 value column `col` (current values w: [out]) becomes."""
+
+
+def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: int) -> None:
+    """Sweep W: [out, in] float32 in place against U: [in, in] upper Cholesky factor of H⁻¹.
+
+    Afterwards W holds, for every column, the value it had when it was rounded (the error-corrected
+    target the rule snapped from, used by SKM's LUT refit).
+    """
+    in_f = W.shape[1]
+    for i1 in range(0, in_f, lazy_batch):
+        i2 = min(i1 + lazy_batch, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1)
+        rest = W[:, i2:]
+        rule.start_batch(i1, W1, diag)
+        for i in range(i2 - i1):
+            rule.start_column(i1 + i, lambda width, i=i: upcoming_columns(W1, rest, i, width))
+            w = W1[:, i]
+            err = (w - rule.round(i1 + i, w)).div_(diag[i])
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        # W1[:, i] now holds q_i; q_i + e_i·U_ii is the value column i had when it was rounded
+        W[:, i1:i2] = W1.addcmul_(Err1, diag[None, :])
+        rest.addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+
+
+def upcoming_columns(batch: torch.Tensor, rest: torch.Tensor, i: int, width: int) -> torch.Tensor:
+    """The current values of the `width` columns starting at column i of a lazy batch.
+
+    batch: [out, b] the batch being swept (updated column by column); rest: [out, n] the columns
+    after it (updated once per batch). Only the needed columns are sliced, then joined.
+    """
+    head = batch[:, i : i + width]
+    if head.shape[1] >= width:
+        return head
+    return torch.cat([head, rest[:, : width - head.shape[1]]], dim=1)
