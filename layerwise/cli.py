@@ -17,7 +17,7 @@ import signal
 import sys
 import traceback
 
-from .errors import LayerwiseError, RecipeError
+from .errors import LayerwiseError, PeerError, RecipeError
 from .outputs import environment_failure
 
 log = logging.getLogger("layerwise")
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run (same arguments) after its last complete block")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations memory-mapped on disk next to --out (long windows, many samples)")
+    c.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="under torchrun / accelerate launch: seconds a rank waits for the others before stopping")
     c.add_argument("--eager-load", action="store_true",
                    help="load the whole model with from_pretrained instead of reading each block from disk when reached")
 
@@ -177,14 +179,16 @@ def _add_generate_and_families(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    follower = int(os.environ.get("RANK", "0")) != 0  # torch.distributed: rank 0 alone logs and reports
+    logging.basicConfig(level=logging.WARNING if args.quiet or follower else logging.INFO, format="%(message)s")
     _quiet_third_party()
     name = f"layerwise {args.command}"
     try:
         with _sigterm_as_interrupt(), _no_stdin():
             return COMMANDS[args.command](args) or 0
     except LayerwiseError as e:
-        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        if not follower or isinstance(e, PeerError):
+            print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args and e.args[0] == signal.SIGTERM else signal.SIGINT
@@ -279,6 +283,7 @@ def method_config_from_flags(args) -> dict:
 
 
 def cmd_compress(args) -> int:
+    from . import distributed
     from .pipeline import compress_to_checkpoint
     from .recipe import Recipe, load_recipe, method_config
 
@@ -287,16 +292,22 @@ def cmd_compress(args) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else Recipe.single(
         method_config(method_config_from_flags(args), "command line")
     )
-    path, result = compress_to_checkpoint(
-        args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
-        device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
-        allow_long_context=args.allow_long_context, inputs=(args.recipe,),
-        lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
-    )
-    from .inspect import summary
+    ranks, device = distributed.from_environment(args.device, args.dist_timeout)
+    try:
+        path, result = compress_to_checkpoint(
+            args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
+            device=device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
+            allow_long_context=args.allow_long_context, inputs=(args.recipe,),
+            lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
+            ranks=ranks,
+        )
+    finally:
+        distributed.leave(ranks)
+    if ranks.main:
+        from .inspect import summary
 
-    print(summary(path))
+        print(summary(path))
     return 0
 
 

@@ -26,17 +26,18 @@ from layerwise.models.families import Family, get_module, resolve_family
 from .activations import Activations
 from .capture import BlockInput, StopForward, capture_block_inputs, run_block
 from .dtypes import COMPUTE_DTYPE, kept_dtype
+from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians, share_solved
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
-from .lockstep import lockstep_block
 from .lazy import LazyBlocks
+from .lockstep import lockstep_block
 from .linears import (
     describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
     set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
-from .solvers import GROUP_SOLVERS, METHODS, MethodConfig
+from .solvers import GROUP_SOLVERS, METHODS, MethodConfig, Solution
 from .stacking import stack_runs
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class LayerwiseCompressor:
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
-                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool = True):
+                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool = True,
+                 ranks: Ranks = SINGLE):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
@@ -105,9 +107,12 @@ class LayerwiseCompressor:
         stack: solve the layers of one input group with one config as one stacked matrix
         (stacking.py; same result). lockstep: staged solving of a declared family in one forward per
         block (lockstep.py; same result, every batch's block activations in memory at once; not with
-        offload_dir); off: one forward per stage."""
+        offload_dir, and one process only); off: one forward per stage.
+        ranks: this process's share of the batches and layers under torch.distributed (`distributed`)."""
+        self.ranks = ranks
+        self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.stack = stack
-        self.lockstep = lockstep and offload_dir is None
+        self.lockstep = lockstep and offload_dir is None and ranks.world == 1
         self.model = model
         self.lazy = lazy
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -190,14 +195,15 @@ class LayerwiseCompressor:
             self._log_memory_estimate(windows, batches)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
-            for index in tqdm(todo, desc=desc, unit="block", disable=None):
+            for index in tqdm(todo, desc=desc, unit="block", disable=None if self.ranks.main else True):
                 self._process_block(index, index < done, batches, reports, writer, kept, on_block_output)
             if self.lazy is not None:
                 self.lazy.load_outside()
             if self.family.lm_head in self.plan and done <= len(self.blocks):
                 with self._outside_on_device():
                     head = get_module(self.model, self.family.lm_head)
-                    cw = self._compress_lm_head(batches, reports) if streamed else self._solve(self.family.lm_head, head, None, reports)
+                    hessian = self._lm_head_hessian(batches) if streamed else None
+                    cw = self._solve(self.family.lm_head, head, hessian, reports)
                 self._hand_over_head(cw, writer, kept, reports)
         finally:
             if batches is not None:
@@ -229,8 +235,8 @@ class LayerwiseCompressor:
         elif batches is not None:
             compressed, outputs = self._compress_block(index, block, batches, reports)
         else:
-            compressed = {name: self._solve(name, module, None, reports)
-                          for rel, module in block.named_modules() if (name := self._name(index, rel)) in self.plan}
+            compressed = self._solve_linears({name: module for rel, module in block.named_modules()
+                                              if (name := self._name(index, rel)) in self.plan}, None, reports)
         if batches is not None:  # the next block sees this block's compressed outputs
             if outputs is None:
                 batches.advance(lambda batch: run_block(block, batch, index))
@@ -246,10 +252,13 @@ class LayerwiseCompressor:
             self.lazy.release(block)
 
     def _capture(self, windows: torch.Tensor) -> Activations:
-        """Block-0 inputs of every calibration batch, stored as they are caught (so that offloaded
-        activations never sit in memory all at once)."""
+        """Block-0 inputs of this rank's calibration batches, stored as they are caught (so that
+        offloaded activations never sit in memory all at once)."""
         batches = Activations(self.offload_dir, self.device)
-        for s in range(0, windows.shape[0], self.batch_size):
+        self.total_batches = -(-windows.shape[0] // self.batch_size)
+        check_batches(self.ranks, self.total_batches)
+        for b in self.ranks.share(self.total_batches):
+            s = b * self.batch_size
             for batch in capture_block_inputs(self.model, self.blocks, windows[s : s + self.batch_size],
                                               self.batch_size, self.device):
                 batches.append(batch)
@@ -283,7 +292,8 @@ class LayerwiseCompressor:
             if not todo:
                 continue
             hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
-                                       stop_early=self.family.groups is not None)
+                                       stop_early=self.family.groups is not None, ranks=self.ranks,
+                                       total=self.total_batches)
             for group in todo:
                 compressed.update(self._solve_group(index, block, group, hessians[group[0]], reports))
         return compressed, None
@@ -308,10 +318,21 @@ class LayerwiseCompressor:
         return self._solve_linears({name: linear}, hessian, reports)[name]
 
     def _solve_linears(self, linears: dict[str, nn.Module], hessian, reports) -> dict[str, CompressedWeight]:
-        """Solve layers sharing one input; reports in their order."""
+        """Solve layers sharing one input (stacked where stack_runs allows); reports in their order.
+        The runs are dealt round-robin over the ranks and every rank takes every solution, so the
+        weights and reports do not depend on the world size."""
+        runs = stack_runs(list(linears), self.plan, self.stack)
+        mine = {j: self._solve_run(run, linears, hessian) for j, run in enumerate(runs) if self.ranks.solves(j)}
         solved = {}
-        for run in stack_runs(list(linears), self.plan, self.stack):
-            solved.update(self._solve_run(run, linears, hessian))
+        if self.ranks.world == 1:
+            for result in mine.values():
+                solved.update(result)
+        else:
+            packed = {j: {n: (portable(s.compressed), s.damping, s.notes, sec) for n, (s, sec) in r.items()}
+                      for j, r in mine.items()}
+            for result in share_solved(self.ranks, packed, len(runs)):
+                solved.update({n: (Solution(CompressedWeight.from_tensors(*cw), damping, notes), sec)
+                               for n, (cw, damping, notes, sec) in result.items()})
         return {name: self._record(name, linears[name], hessian, *solved[name], reports) for name in linears}
 
     def _solve_run(self, run: list[str], linears, hessian) -> dict:
@@ -353,13 +374,20 @@ class LayerwiseCompressor:
         set_weight_out_in(linear, dense)
         return cw
 
-    def _compress_lm_head(self, batches, reports) -> CompressedWeight:
+    def _lm_head_hessian(self, batches) -> torch.Tensor:
         norm = get_module(self.model, self.family.final_norm)
         head = get_module(self.model, self.family.lm_head)
-        acc = HessianAccumulator(head.in_features, self.device)
-        for batch in batches:
-            acc.add(norm(batch.hidden))
-        return self._solve(self.family.lm_head, head, acc.hessian, reports)
+
+        def blank():
+            return {"head": HessianAccumulator(head.in_features, self.device)}
+
+        def leaves():
+            for batch in batches:
+                leaf = blank()
+                leaf["head"].add(norm(batch.hidden))
+                yield leaf
+
+        return reduce_hessians(self.ranks, leaves(), self.total_batches, blank)["head"].hessian
 
     def _hand_over_head(self, cw, writer, kept, reports):
         if writer is not None:
@@ -406,40 +434,48 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 
 def collect_hessians(
-    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True
+    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True,
+    ranks: Ranks = SINGLE, total: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run every batch through `block` (block number `index`, whose captured arguments it is
-    called with), accumulating H of each named linear's input.
+    called with), accumulating H of each named linear's input. One partial H per batch, summed
+    along the fixed tree of `distributed.reduce_batches` (`batches`: this rank's share of `total`).
 
     With `stop_early` the forward is cut as soon as every named linear has seen its input: the
     rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
     (the q/k/v stage costs one norm, the o stage stops before o_proj, …). Only safe when each
     linear runs once per forward, which the declared families guarantee.
     """
-    accs, handles = {}, []
+    linears = {name: block.get_submodule(name) for name in names}
     pending: set[str] = set()
+    current: dict[str, HessianAccumulator] = {}
 
-    def grab(name, acc, x):
-        acc.add(x)
+    def blank():
+        return {name: HessianAccumulator(linear_shape(m)[1], m.weight.device) for name, m in linears.items()}
+
+    def grab(name, x):
+        current[name].add(x)
         pending.discard(name)
         if stop_early and not pending:
             raise StopForward
 
-    for name in names:
-        linear = block.get_submodule(name)
-        accs[name] = acc = HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
-        handles.append(linear.register_forward_pre_hook(lambda m, inp, name=name, acc=acc: grab(name, acc, inp[0])))
-    try:
+    def leaves():
         for batch in batches:
+            current.update(blank())
             pending.update(names)
             try:
                 run_block(block, batch, index)
             except StopForward:
                 pass
+            yield dict(current)
+
+    handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
+    try:
+        summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank)
     finally:
         for h in handles:
             h.remove()
-    return {name: acc.hessian for name, acc in accs.items()}
+    return {name: acc.hessian for name, acc in summed.items()}
 
 
 def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:

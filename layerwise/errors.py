@@ -35,3 +35,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, *args, left: str | None = None):
         super().__init__(*args)
         self.left = left
+
+
+class PeerError(LayerwiseError, RuntimeError):
+    """Another torch.distributed rank died or stopped answering (a collective failed or timed out)."""

@@ -13,14 +13,15 @@ log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
-    """Streaming `H = 2/N · Σ xᵀx` over N input rows, kept as a running mean (no growing sums).
+    """`H = 2/N · Σ xᵀx` over N input rows, kept as the plain sum Σ xᵀx and N until asked for.
 
-    x: [..., in] activations of one linear layer; H: [in, in] float32 (float64 accumulation is not
-    needed: each update is rescaled so H stays O(|x|²)).
+    x: [..., in] activations of one linear layer; H: [in, in] float32. Sums (not a running mean)
+    so that partial Hessians of fixed window shards can be added in a fixed order (`merge`): the
+    same additions on one rank or many give the same bits (`layerwise.distributed`).
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -30,12 +31,19 @@ class HessianAccumulator:
                 "non-finite activations reached a linear layer; the model produces NaN/Inf on the "
                 "calibration text (try float32 weights, or check the checkpoint)"
             )
-        n_new = x.shape[0]
-        total = self.rows + n_new
-        self.hessian.mul_(self.rows / total)
-        x = x * (2.0 / total) ** 0.5
-        self.hessian.addmm_(x.t(), x)
-        self.rows = total
+        self.sum.addmm_(x.t(), x)
+        self.rows += x.shape[0]
+
+    def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
+        """Add `other`'s rows into this one (in place); returns self."""
+        self.sum.add_(other.sum)
+        self.rows += other.rows
+        return self
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """2/N · Σ xᵀx: [in, in] float32 (a new tensor)."""
+        return self.sum * (2.0 / self.rows) if self.rows else self.sum.clone()
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None) -> float:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .capture import BlockInput, run_block
+from .distributed import TreeSum
 from .errors import ModelError
 from .hessian import HessianAccumulator
 from .linears import linear_shape
@@ -79,8 +80,9 @@ def lockstep_block(
     hessian)` compresses the group in place. Returns the block's outputs per batch (compressed)."""
     threads = [_Batch(block, index, b) for b in batches]
     current = {}
-    accs = {name: HessianAccumulator(linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device)
-            for name in leaders}
+    sizes = {name: (linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device) for name in leaders}
+    # one partial H per batch, summed along the fixed tree the staged and distributed paths use (same bits)
+    accs = {name: TreeSum(len(threads), lambda a, b: a.merge(b)) for name in leaders}
 
     def hook(name):
         def grab(module, inp):
@@ -88,7 +90,9 @@ def lockstep_block(
             if thread is None:  # a forward outside the lockstep run (none expected)
                 return
             if name in accs:  # (a second call is reported by the coordinator)
-                accs[name].add(inp[0])
+                partial = HessianAccumulator(*sizes[name])
+                partial.add(inp[0])
+                accs[name].push(partial)
             thread.pause(name)
         return grab
 
@@ -107,7 +111,7 @@ def lockstep_block(
                     f"the batches of one block paused at {sorted(map(str, points | {name}))}: its linears do not "
                     "run once per forward, in the same order for every batch (use lockstep=False)"
                 )
-            solve(name, accs.pop(name).hessian)
+            solve(name, accs.pop(name).result().hessian)
             for t in threads:
                 t.step()
         if accs:

@@ -13,6 +13,7 @@ import torch
 from layerwise.calib_data import calibration_windows, load_text, tokenize_text
 
 from .checkpoint import CheckpointWriter
+from .distributed import SINGLE, Ranks, opened_on_main
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .dtypes import checkpoint_plain_dtype
@@ -59,6 +60,7 @@ def compress_to_checkpoint(
     allow_non_finite: bool = False,
     allow_long_context: bool = False,
     inputs: tuple = (),
+    ranks: Ranks = SINGLE,
     manifest_extra: dict | None = None,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
@@ -67,7 +69,8 @@ def compress_to_checkpoint(
     lazy: read each block's weights from the safetensors files when it is reached (None: whenever
     `model_path` is a safetensors checkpoint and no `model` is passed). resume: continue an
     interrupted run with the same arguments after its last complete block. offload_activations:
-    keep the calibration activations memory-mapped on disk next to the output.
+    keep the calibration activations memory-mapped on disk next to the output. ranks: this process's
+    place under torch.distributed (`distributed.from_environment`); rank 0 alone writes.
     Everything that can be checked is checked before the output directory is created.
     inputs: further paths the run reads (a recipe file); --out may not touch them, the model or the text.
     allow_non_finite: NaN/Inf weights are accepted in layers the recipe leaves alone.
@@ -80,9 +83,10 @@ def compress_to_checkpoint(
     else:
         model_path_local = model_path
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path_local, trust_remote_code)
-    offload_dir = out_dir.parent / f".{out_dir.name}.activations" if offload_activations else None
+    suffix = f"-rank{ranks.rank}" if ranks.world > 1 else ""
+    offload_dir = out_dir.parent / f".{out_dir.name}.activations{suffix}" if offload_activations else None
     compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged,
-                                     lazy=blocks, offload_dir=offload_dir)
+                                     lazy=blocks, offload_dir=offload_dir, ranks=ranks)
     if allow_non_finite:  # the layers the recipe compresses must still be finite
         planned = {f"{name}.weight" for name in compressor.plan}
         check_finite(model.named_parameters(), model_path, only=planned)
@@ -105,9 +109,12 @@ def compress_to_checkpoint(
     run_args = {"source_model": str(model_path), "recipe": recipe.to_dict(), "calibration": calib_info, "seed": seed,
                 "staged": staged, "batch_size": batch_size, "device": str(compressor.device)}
     try:
-        with CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype, resume=resume,
-                              run_args=run_args, inputs=inputs) as writer:
+        with opened_on_main(ranks, lambda: CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype,
+                                                            resume=resume, run_args=run_args,
+                                                            inputs=inputs)) as writer:
             result = compressor.compress(windows, writer=writer)
+            if not ranks.main:
+                return out_dir, result
             writer.write_rest(_outside_tensors(model, compressor))
             manifest = {
                 "source_model": str(model_path),
