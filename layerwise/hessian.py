@@ -130,14 +130,15 @@ def prepare_hessian(
                 raise RuntimeError("inverse not positive definite")
             return PreparedHessian(U, dead, fraction, notes, damped=H if keep_damped else None)
         except RuntimeError:
-            if fraction * 10 > max_damp:
+            retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
+            if retry > max_damp:
                 raise NumericalError(
                     f"Cholesky of the Hessian failed even at damping {fraction:g}; the layer's "
                     "inputs are degenerate (use more or more varied calibration text)"
                 ) from None
-            note = f"Cholesky failed at damping {fraction:g}, retried at {fraction * 10:g}"
+            note = f"Cholesky failed at damping {fraction:g}, retried at {retry:g}"
             log.warning(note)
             notes.append(note)
-            fraction *= 10
+            fraction = retry
             if not keep_damped:
                 H = undamped()  # the failed factorization overwrote it

@@ -42,6 +42,15 @@ def test_cholesky_failure_retries_with_more_damping_and_says_so():
     assert prep.notes == ["Cholesky failed at damping 0.01, retried at 0.1", "Cholesky failed at damping 0.1, retried at 1"]
 
 
+def test_zero_damping_retries_from_the_default_fraction():
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    eig = torch.tensor([8.0, 1, 1, 1, 1, 1, 1, -0.2], dtype=torch.float64)
+    H = (q @ torch.diag(eig) @ q.T).float()
+    prep = prepare_hessian(H, damp=0.0)  # ten times zero would stay zero: the retry starts at 0.01
+    assert prep.damping == pytest.approx(1.0)
+    assert prep.notes[0] == "Cholesky failed at damping 0, retried at 0.01"
+
+
 def test_nan_hessian_is_an_error():
     with pytest.raises(NumericalError, match="NaN"):
         prepare_hessian(torch.full((3, 3), float("nan")))
