@@ -146,11 +146,12 @@ class TreeSum:
     same order, holding only the partial sums of the open subtrees."""
 
     def __init__(self, total: int, add: Callable[[T, T], T]):
-        self.add, self.stack = add, []
+        self.add, self.stack, self.remaining = add, [], total
         self.ops = iter(list(_postorder(0, total)))
         next(self.ops, None)  # the first step is always the first leaf
 
     def push(self, value: T) -> None:
+        self.remaining -= 1
         self.stack.append(value)
         for op in self.ops:  # the additions that complete subtrees, up to the next leaf
             if op == "leaf":
@@ -158,8 +159,12 @@ class TreeSum:
             right = self.stack.pop()
             self.stack.append(self.add(self.stack.pop(), right))
 
+    def ops_left(self) -> bool:
+        """Whether more leaves are expected (the post-order has steps left)."""
+        return self.remaining > 0
+
     def result(self) -> T:
-        if len(self.stack) != 1 or next(self.ops, None) is not None:
+        if len(self.stack) != 1 or self.remaining:
             raise RuntimeError("TreeSum.result() before every leaf was pushed")
         return self.stack[0]
 
@@ -204,11 +209,54 @@ def reduce_hessians(ranks: Ranks, leaves: Iterator[dict[str, HessianAccumulator]
 
     def broadcast(value, src):
         for acc in value.values():
-            ranks.broadcast_(acc.sum, src)
-            acc.rows = int(ranks.broadcast_(torch.tensor([acc.rows], dtype=torch.int64), src))
+            _broadcast_accumulator(ranks, acc, src)
         return value
 
     return reduce_batches(ranks, leaves, total, add, blank, broadcast)
+
+
+class HessianTree:
+    """One linear's Hessian over all `total` batches, fed this rank's per-batch partials in batch order
+    (lockstep solving is handed them by hooks): each subtree inside this rank's share is summed with a
+    `TreeSum`; `result()` broadcasts those sums and finishes the top of the same tree — the additions
+    of `reduce_hessians`, so lockstep and staged runs on any number of ranks give the same bits."""
+
+    def __init__(self, ranks: Ranks, total: int, in_features: int, device):
+        self.ranks, self.total = ranks, total
+        self.blank = lambda: HessianAccumulator(in_features, device)
+        self.spans = iter(cover(0, total, ranks.share(total)))
+        self.sums: dict[Span, HessianAccumulator] = {}
+        self.open: tuple[Span, TreeSum] | None = None
+
+    def push(self, partial: HessianAccumulator) -> None:
+        if self.open is None:
+            span = next(self.spans)
+            self.open = (span, TreeSum(span[1] - span[0], _merge))
+        span, tree = self.open
+        tree.push(partial)
+        if not tree.ops_left():
+            self.sums[span] = tree.result()
+            self.open = None
+
+    def result(self) -> HessianAccumulator:
+        if self.ranks.world == 1:
+            return self.sums[(0, self.total)]
+        known: dict[Span, HessianAccumulator] = {}
+        for r in range(self.ranks.world):
+            for span in cover(0, self.total, self.ranks.share(self.total, r)):
+                value = self.sums[span] if r == self.ranks.rank else self.blank()
+                known[span] = _broadcast_accumulator(self.ranks, value, r)
+        return tree_sum(iter(()), 0, self.total, _merge, known)
+
+
+def _merge(a: HessianAccumulator, b: HessianAccumulator) -> HessianAccumulator:
+    return a.merge(b)
+
+
+def _broadcast_accumulator(ranks: Ranks, acc: HessianAccumulator, src: int) -> HessianAccumulator:
+    ranks.broadcast_(acc.sum, src)
+    acc.rows = int(ranks.broadcast_(torch.tensor([acc.rows], dtype=torch.int64), src))
+    return acc
 
 
 def check_batches(ranks: Ranks, total: int) -> None:

@@ -107,12 +107,12 @@ class LayerwiseCompressor:
         stack: solve the layers of one input group with one config as one stacked matrix
         (stacking.py; same result). lockstep: staged solving of a declared family in one forward per
         block (lockstep.py; same result, every batch's block activations in memory at once; not with
-        offload_dir, and one process only); off: one forward per stage.
+        offload_dir); off: one forward per stage.
         ranks: this process's share of the batches and layers under torch.distributed (`distributed`)."""
         self.ranks = ranks
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.stack = stack
-        self.lockstep = lockstep and offload_dir is None and ranks.world == 1
+        self.lockstep = lockstep and offload_dir is None
         self.model = model
         self.lazy = lazy
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -305,7 +305,7 @@ class LayerwiseCompressor:
         def solve(leader, hessian):
             compressed.update(self._solve_group(index, block, groups[leader], hessian, reports))
 
-        outputs = lockstep_block(block, index, batches, list(groups), solve)
+        outputs = lockstep_block(block, index, batches, list(groups), solve, self.ranks, self.total_batches)
         return compressed, outputs
 
     def _solve_group(self, index, block, group, hessian, reports) -> dict[str, CompressedWeight]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .capture import BlockInput, run_block
-from .distributed import TreeSum
+from .distributed import SINGLE, HessianTree, Ranks
 from .errors import ModelError
 from .hessian import HessianAccumulator
 from .linears import linear_shape
@@ -74,15 +74,20 @@ def lockstep_block(
     batches: Iterable[BlockInput],
     leaders: list[str],
     solve: Callable[[str, torch.Tensor], None],
+    ranks: Ranks = SINGLE,
+    total: int | None = None,
 ) -> list[torch.Tensor]:
     """Run `block` (block number `index`, whose captured arguments each batch holds) over `batches`, solving each group at its input: `leaders` are the first linear
     of every group to solve (its input is the group's input), in any order; `solve(leader,
-    hessian)` compresses the group in place. Returns the block's outputs per batch (compressed)."""
+    hessian)` compresses the group in place. Returns the block's outputs per batch (compressed).
+    ranks, total: under torch.distributed `batches` is this rank's share of `total` batches; every
+    group's Hessian is then reduced across the ranks at its pause (`distributed.HessianTree`)."""
     threads = [_Batch(block, index, b) for b in batches]
     current = {}
     sizes = {name: (linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device) for name in leaders}
-    # one partial H per batch, summed along the fixed tree the staged and distributed paths use (same bits)
-    accs = {name: TreeSum(len(threads), lambda a, b: a.merge(b)) for name in leaders}
+    # one partial H per batch, summed along the fixed tree the staged path uses (same bits on any ranks)
+    total = len(threads) if total is None else total
+    accs = {name: HessianTree(ranks, total, *sizes[name]) for name in leaders}
 
     def hook(name):
         def grab(module, inp):
