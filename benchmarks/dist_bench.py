@@ -63,7 +63,7 @@ def render(args, rows: list[tuple[int, float]], same: bool, command: str) -> str
 
 def update_results(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
+    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\n<!-- |\Z)", re.S)  # up to the next section or grid marker
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
 
