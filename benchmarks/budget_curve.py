@@ -31,7 +31,7 @@ from layerwise.calib_data import calibration_windows, load_text, tokenize_text
 from layerwise.engine import LayerwiseCompressor
 from layerwise.evaluate import perplexity
 from layerwise.loading import load_model, load_tokenizer
-from layerwise.recipe import Recipe, Rule, recipe_from_dict
+from layerwise.recipe import Recipe, recipe_from_dict
 
 # bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first
 UNIFORM = [(3, 32), (2, 32), (4, None), (3, None), (3, 128), (4, 128)]

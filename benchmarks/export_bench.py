@@ -9,7 +9,6 @@ checks the decoded constexpr weights against the checkpoint bit for bit.
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ RECIPES = {
 
 def main() -> int:
     sys.path.insert(0, str(REPO / "tests" / "coreml"))
-    from test_export import assert_bit_exact, load_program, op_types  # the same decoder the tests use
+    from test_export import assert_bit_exact, load_program  # the same decoder the tests use
 
     from layerwise.bench import display_path, update_results
     from layerwise.checkpoint import load_compressed

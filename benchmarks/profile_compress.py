@@ -123,7 +123,7 @@ def main():
         t0, c0 = time.perf_counter(), time.process_time()
         compress_peer(PEERS[args.peer], model, windows)
         out["peer"], out["peer_s"], out["peer_cpu_s"] = args.peer, time.perf_counter() - t0, time.process_time() - c0
-    print(f"| part | wall s | CPU s | share of CPU |\n|---|---|---|---|")
+    print("| part | wall s | CPU s | share of CPU |\n|---|---|---|---|")
     for k, (w, c) in sorted(out["parts"].items(), key=lambda kv: -kv[1][1]):
         print(f"| {k} | {w:.1f} | {c:.1f} | {100 * c / max(total_cpu, 1e-9):.0f} % |")
     print(f"| **total** | {total:.1f} | {total_cpu:.1f} | |")

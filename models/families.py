@@ -10,7 +10,6 @@ time; an entry only names WHICH config fields apply. Nothing outside this module
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 

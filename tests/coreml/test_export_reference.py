@@ -1,7 +1,5 @@
 """Acceptance on the bundled reference model: GPTQ 4-bit block-32 checkpoint → `layerwise export`."""
 
-from pathlib import Path
-
 import pytest
 
 from layerwise.checkpoint import load_compressed
