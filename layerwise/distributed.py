@@ -189,6 +189,13 @@ def reduce_batches(ranks: Ranks, leaves: Iterator[T], total: int, add: Callable[
     if total == 0:
         return blank()
     mine = {span: tree_sum(leaves, *span, add) for span in cover(0, total, ranks.share(total))}
+    return finish_tree(ranks, total, mine, add, blank, broadcast)
+
+
+def finish_tree(ranks: Ranks, total: int, mine: dict[Span, T], add: Callable[[T, T], T],
+                blank: Callable[[], T], broadcast: Callable[[T, int], T]) -> T:
+    """The root of the tree from this rank's subtree sums `mine`: every rank's sums are broadcast in
+    rank order and the top of the tree is added up the same way on every rank."""
     if ranks.world == 1:
         return mine[(0, total)]
     known: dict[Span, T] = {}
@@ -239,14 +246,8 @@ class HessianTree:
             self.open = None
 
     def result(self) -> HessianAccumulator:
-        if self.ranks.world == 1:
-            return self.sums[(0, self.total)]
-        known: dict[Span, HessianAccumulator] = {}
-        for r in range(self.ranks.world):
-            for span in cover(0, self.total, self.ranks.share(self.total, r)):
-                value = self.sums[span] if r == self.ranks.rank else self.blank()
-                known[span] = _broadcast_accumulator(self.ranks, value, r)
-        return tree_sum(iter(()), 0, self.total, _merge, known)
+        return finish_tree(self.ranks, self.total, self.sums, _merge, self.blank,
+                           lambda acc, src: _broadcast_accumulator(self.ranks, acc, src))
 
 
 def _merge(a: HessianAccumulator, b: HessianAccumulator) -> HessianAccumulator:
