@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=0, help="first N windows of the evaluation text (0: all)")
     p.add_argument("--scale-windows", type=int, default=16)
     p.add_argument("--results", default="benchmarks/RESULTS.md")
+    p.add_argument("--table", help="cache of the measured candidates and loss scales (torch.save): read when it "
+                   "exists, else written, so a rerun with another allocation skips the measuring")
     p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -81,11 +83,7 @@ def main() -> None:
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
     fp16 = perplexity(copy.deepcopy(model).float(), eval_ids, seqlen=args.seqlen, batch_size=8)["ppl"]
     log(f"float16 ppl {fp16:.3f}")
-    t0 = time.perf_counter()
-    menus = layer_menus(model, menu_recipe({"method": "gptq"}))
-    table = measure_candidates(model, menus, windows, device="cpu")
-    scales = output_fisher_scales(model, list(menus), windows[: args.scale_windows], device="cpu")
-    measure_s = time.perf_counter() - t0
+    table, scales, measure_s = measured(model, windows, args)
     log(f"measured {sum(len(v) for v in table.values())} candidates in {measure_s:.0f} s")
     command = "python " + " ".join(sys.argv)
     data = {"model": args.model, "fp16_ppl": fp16, "measure_s": measure_s, "command": command,
@@ -105,6 +103,21 @@ def main() -> None:
                      **run_point(model, uniform_recipe(model, "rtn", bits, block), windows, eval_ids, args)})
         log(rows[-1])
         publish(data, args)
+
+
+def measured(model, windows, args) -> tuple[dict, dict, float]:
+    """(table, scales, seconds it took to measure them), from --table when it holds them."""
+    if args.table and Path(args.table).exists():
+        cached = torch.load(args.table, weights_only=False)
+        return cached["table"], cached["scales"], cached["measure_s"]
+    t0 = time.perf_counter()
+    menus = layer_menus(model, menu_recipe({"method": "gptq"}))
+    table = measure_candidates(model, menus, windows, device="cpu")
+    scales = output_fisher_scales(model, list(menus), windows[: args.scale_windows], device="cpu")
+    measure_s = time.perf_counter() - t0
+    if args.table:
+        torch.save({"table": table, "scales": scales, "measure_s": measure_s}, args.table)
+    return table, scales, measure_s
 
 
 def mix_of(allocation, table) -> dict:

@@ -73,16 +73,20 @@ class CheckpointWriter:
             self._start()
         return self
 
-    def _start(self) -> None:
-        if self.tmp_dir.exists() and self.resume:
-            self._load_progress()
-        elif self.resume:
+    def check_start(self) -> None:
+        """Raise now what `__enter__` would about an unfinished run (callers with long work before it)."""
+        if self.resume and not self.tmp_dir.exists():
             raise ModelError(f"--resume: there is no unfinished run for {self.out_dir} (no {self.tmp_dir.name}); "
                              "run without --resume")
-        elif self.tmp_dir.exists() and not self.overwrite and (self.tmp_dir / RUN).is_file():
+        if not self.resume and self.tmp_dir.exists() and not self.overwrite and (self.tmp_dir / RUN).is_file():
             done = len(json.loads((self.tmp_dir / RUN).read_text()).get("blocks", []))
             raise ModelError(f"{self.tmp_dir} holds an unfinished run ({done} blocks written); add --resume to continue "
                              "it, or --overwrite to start over")
+
+    def _start(self) -> None:
+        self.check_start()
+        if self.resume:
+            self._load_progress()
         else:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.tmp_dir.mkdir()

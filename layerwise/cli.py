@@ -322,6 +322,8 @@ def _compress_to_budget(args) -> int:
     path, _, allocation = compress_to_budget(
         args.model, args.out, recipe, target, args.calib, args.nsamples, args.seqlen, args.seed,
         device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+        resume=args.resume, offload_activations=args.offload_activations, trust_remote_code=args.trust_remote_code,
+        allow_non_finite=args.allow_non_finite, allow_long_context=args.allow_long_context, inputs=(args.recipe,),
     )
     print(summary(path))
     print(f"budget {target.describe()}: {allocation.bits_per_weight:.4f} bits/weight, "

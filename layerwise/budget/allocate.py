@@ -24,8 +24,11 @@ from .menu import layer_menus
 log = logging.getLogger(__name__)
 
 EXPORT_CONTEXT = 512  # `layerwise export`'s default --context: the rotary tables it stores
-PROGRAM_BYTES_PER_BLOCK = 6_000  # model.mil text, manifest and metadata per decoder block (measured, README)
-PROGRAM_BYTES_FIXED = 60_000
+# model.mlmodel (the program) and Manifest.json: measured 26.8 kB per decoder block and 13.5 kB besides
+# (tiny Llamas of 2 and 4 blocks, every form), rounded up so the package stays below the target
+PROGRAM_BYTES_PER_BLOCK = 28_000
+PROGRAM_BYTES_FIXED = 14_000
+DEDUP_FROM = 100  # coremltools' const_deduplication threshold (elements)
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,13 @@ class Allocation:
 
 def allocate(
     model: nn.Module, recipe: Recipe, windows: torch.Tensor, target: Target, device: str = "auto",
-    batch_size: int = 8, scale_windows: int = 16,
+    batch_size: int = 8, scale_windows: int = 16, offload_dir=None,
 ) -> Allocation:
     """Measure, weigh and choose. `recipe` has menus (rules with one config count as a menu of one);
-    `windows` [N, L] calibrate both the candidates' errors and (the first `scale_windows`) the scales."""
+    `windows` [N, L] calibrate both the candidates' errors and (the first `scale_windows`) the scales.
+    offload_dir: keep the measuring pass's activations memory-mapped there (the engine's option)."""
     menus = layer_menus(model, recipe)
-    table = measure_candidates(model, menus, windows, device=device, batch_size=batch_size)
+    table = measure_candidates(model, menus, windows, device=device, batch_size=batch_size, offload_dir=offload_dir)
     scales = output_fisher_scales(model, list(menus), windows[:scale_windows], batch_size=min(batch_size, 4), device=device)
     return allocate_from_table(model, table, scales, target)
 
@@ -139,18 +143,32 @@ def fixed_export_bytes(model: nn.Module, budgeted: list[str]) -> int:
 
 def other_blob_bytes(model: nn.Module, budgeted: list[str]) -> int:
     """Weight-file bytes besides the budgeted layers: every other tensor as float16 (tied ones
-    once), the rotary tables of a context of EXPORT_CONTEXT, and the file's 64-byte header."""
+    once), the zero biases the export gives bias-less linears, the rotary tables of a context of
+    EXPORT_CONTEXT, and the file's 64-byte header."""
     skip = {f"{n}.weight" for n in budgeted}
     seen, total = set(), 0
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if name in skip or key in seen or not tensor.is_floating_point():
+        if name in skip or key in seen or not tensor.is_floating_point() or _elided(tensor):
             continue
         seen.add(key)
         total += blob_bytes(tensor.numel(), 16)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return total + 2 * blob_bytes(EXPORT_CONTEXT * head_dim, 16) + BLOB_HEADER_BYTES
+    return total + zero_bias_bytes(model) + 2 * blob_bytes(EXPORT_CONTEXT * head_dim, 16) + BLOB_HEADER_BYTES
+
+
+def zero_bias_bytes(model: nn.Module) -> int:
+    """coremltools' torch frontend gives every linear without a bias a float16 zero bias [out];
+    its `const_deduplication` pass keeps one copy of equal constants of DEDUP_FROM elements or more."""
+    sizes = [m.out_features for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
+    kept = [n for n in sizes if n < DEDUP_FROM] + sorted({n for n in sizes if n >= DEDUP_FROM})
+    return sum(blob_bytes(n, 16) for n in kept)
+
+
+def _elided(tensor: torch.Tensor) -> bool:
+    """A norm weight of all ones: the converter drops the multiplication (and the constant)."""
+    return tensor.dim() == 1 and bool((tensor == 1).all())
 
 
 def _numel(model: nn.Module, name: str) -> int:

@@ -3,7 +3,9 @@
 The engine's own streaming pass (capture, per-block Hessians, lazy blocks, every family's
 arguments) with one difference: each layer's solve step solves every candidate of its menu
 (through the solvers' public API), records them, and leaves the weight as it was — so every
-Hessian is that of the *uncompressed* model. Solving a candidate is cheap next to a forward pass.
+Hessian is that of the *uncompressed* model. Layers sharing an input (q/k/v, gate/up) solve each
+common candidate as one stacked matrix where the method has a group solver (the same answers as
+one by one, one Hessian factorization instead of one per layer).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..formats import CompressedWeight
 from ..hessian import relative_error
 from ..linears import weight_out_in
 from ..recipe import Recipe, Rule
-from ..solvers import METHODS, MethodConfig
+from ..solvers import GROUP_SOLVERS, METHODS, MethodConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,11 @@ class Candidate:
 
 def measure_candidates(
     model: nn.Module, menus: dict[str, tuple[MethodConfig, ...]], windows: torch.Tensor,
-    device: str = "auto", batch_size: int = 8,
+    device: str = "auto", batch_size: int = 8, offload_dir=None,
 ) -> dict[str, list[Candidate]]:
-    """{layer name: one Candidate per config of its menu}. windows: [N, L] token ids."""
-    measurer = _CandidateMeasurer(model, menus, device=device, batch_size=batch_size)
+    """{layer name: one Candidate per config of its menu}. windows: [N, L] token ids.
+    offload_dir: keep the block activations memory-mapped there (the engine's --offload-activations)."""
+    measurer = _CandidateMeasurer(model, menus, device=device, batch_size=batch_size, offload_dir=offload_dir)
     measurer.compress(windows)
     return {name: measurer.table[name] for name in menus}
 
@@ -65,9 +68,18 @@ class _CandidateMeasurer(LayerwiseCompressor):
 
     def _solve_linears(self, linears, hessian, reports) -> dict[str, CompressedWeight]:
         """Every solve of the engine (one layer or a group sharing `hessian`) goes through here."""
-        for name, linear in linears.items():
-            weight = weight_out_in(linear)
-            self.table[name] = [_candidate(weight, hessian, config) for config in self.menus[name]]
+        weights = {name: weight_out_in(linear) for name, linear in linears.items()}
+        solved: dict[str, list[CompressedWeight | None]] = {name: [None] * len(self.menus[name]) for name in linears}
+        for name in linears:
+            for k, config in enumerate(self.menus[name]):
+                if solved[name][k] is not None:
+                    continue
+                # every layer of the group whose menu has this config (configs are unhashable dataclasses)
+                members = [(n, self.menus[n].index(config)) for n in linears if config in self.menus[n]]
+                for (n, j), cw in zip(members, _solve(config, [weights[n] for n, _ in members], hessian)):
+                    solved[n][j] = cw
+        for name in linears:
+            self.table[name] = [_candidate(weights[name], cw, hessian, c) for cw, c in zip(solved[name], self.menus[name])]
         # what the engine keeps for each layer (no writer): nothing worth the memory
         return {name: _PLACEHOLDER for name in linears}
 
@@ -75,9 +87,15 @@ class _CandidateMeasurer(LayerwiseCompressor):
 _PLACEHOLDER = CompressedWeight((1, 1), "dense", values=torch.zeros(1, 1, dtype=torch.float16))
 
 
-def _candidate(weight: torch.Tensor, hessian: torch.Tensor, config: MethodConfig) -> Candidate:
-    solution = METHODS[config.method][1](weight, hessian if config.needs_hessian else None, config)
-    cw = solution.compressed
+def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor) -> list[CompressedWeight]:
+    """One candidate for layers sharing `hessian`: stacked when the method has a group solver."""
+    h = hessian if config.needs_hessian else None
+    if len(weights) > 1 and config.method in GROUP_SOLVERS:
+        return [s.compressed for s in GROUP_SOLVERS[config.method](weights, h, config)]
+    return [METHODS[config.method][1](w, h, config).compressed for w in weights]
+
+
+def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor, config: MethodConfig) -> Candidate:
     dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
     delta = dense - weight.to(torch.float32)
     rows = ((delta @ hessian) * delta).sum(dim=1).double().cpu()

@@ -44,8 +44,19 @@ def test_weight_file_is_the_priced_layout(mixed_export):
     weights = package_bytes(pkg / "Data" / "com.apple.CoreML" / "weights")
     model = load_compressed(checkpoint)
     budgeted = sum(exported_bytes(cw) for cw in compressed.values())
-    # header + one blob per constant; measured 9,280 bytes (0.8 %) more than priced on this tiny model
-    # (constants of the export wrapper not yet identified), so the bound is 1 %, not byte equality
-    assert 0 <= weights - (budgeted + other_blob_bytes(model, list(compressed))) < 0.01 * weights
+    # header + one blob per constant, the converter's zero biases included: byte for byte
+    assert weights == budgeted + other_blob_bytes(model, list(compressed))
     predicted_mb = read_manifest(checkpoint)["budget"]["predicted_export_mb"]
     assert abs(package_bytes(pkg) / 1e6 - predicted_mb) / predicted_mb < 0.02
+
+
+@pytest.mark.parametrize("target_mb", [1.2, 1.24])
+def test_target_mb_package_is_within_one_percent_below(tiny_dirs, calib_text_file, tmp_path, target_mb):
+    """The whole exported package (weight file, program, manifest) lands in [0.99, 1] × the target."""
+    checkpoint, pkg = tmp_path / "ck", tmp_path / "ck.mlpackage"
+    assert main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(checkpoint), "--calib", str(calib_text_file),
+                 *SMALL, "--method", "gptq", "--target-mb", str(target_mb)]) == 0
+    assert main(["-q", "export", str(checkpoint), "--out", str(pkg), "--context", "512",
+                 "--allow-long-context"]) == 0
+    size = package_bytes(pkg) / 1e6
+    assert 0.99 * target_mb <= size <= target_mb, size
