@@ -71,8 +71,12 @@ def main() -> None:
     p.add_argument("--results", default="benchmarks/RESULTS.md")
     p.add_argument("--table", help="cache of the measured candidates and loss scales (torch.save): read when it "
                    "exists, else written, so a rerun with another allocation skips the measuring")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section and plot from budget-<tag>.json")
     p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
     args = p.parse_args()
+    if args.render_only:
+        publish(json.loads((Path(args.results).parent / f"budget-{args.tag}.json").read_text()), args)
+        return
     torch.manual_seed(0)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -131,6 +135,8 @@ def mix_of(allocation, table) -> dict:
 
 
 def publish(data: dict, args) -> None:
+    for key in ("command", "model"):  # no machine paths in the committed files
+        data[key] = data[key].replace(str(Path.home()), "~")
     for r in data["rows"]:
         r["dppl"] = r["ppl"] - data["fp16_ppl"]
     out_dir = Path(args.results).parent
