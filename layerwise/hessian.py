@@ -104,7 +104,7 @@ def prepare_hessian(
 
     def undamped() -> torch.Tensor:
         """A fresh [in, in] copy in sweep order, dead columns with H_ii = 1."""
-        H = hessian[perm][:, perm] if perm is not None else hessian.clone()
+        H = _permuted(hessian, perm) if perm is not None else hessian.clone()
         H[dead, dead] = 1.0
         return H
 
@@ -117,18 +117,23 @@ def prepare_hessian(
     info = torch.zeros((), dtype=torch.int32, device=H.device)
     while True:
         # Damped and factored in place: the clone of H per attempt and L, H⁻¹, U alive together
-        # were the peak of a whole compress run (6.8 × [in, in]); now H (+ its copy U with keep_damped).
+        # were the peak of a whole compress run (6.8 × [in, in]). LAPACK works on column-major
+        # matrices, and torch gives a row-major `out=` a column-major temporary (one more [in, in]
+        # per call): the calls below get the column-major view U.mT instead, which needs U exactly
+        # symmetric (its lower triangle is what was factored before) and leaves the factor
+        # transposed, turned back tile by tile. Same LAPACK calls on the same values: same bits.
         H[eye, eye] = diag + fraction * mean_diag
         U = H.clone() if keep_damped else H
+        _mirror_lower(U)
+        A = U.mT
         try:
-            torch.linalg.cholesky_ex(U, out=(U, info))  # L, lower
+            torch.linalg.cholesky_ex(A, out=(A, info))  # L, lower
             if info.item() != 0:
                 raise RuntimeError("not positive definite")
-            torch.cholesky_inverse(U, out=U)  # H⁻¹
-            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))  # U with H⁻¹ = UᵀU
+            torch.cholesky_inverse(A, out=A)  # H⁻¹
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))  # U with H⁻¹ = UᵀU (U holds it transposed)
             if info.item() != 0 or not torch.isfinite(U).all():
                 raise RuntimeError("inverse not positive definite")
-            return PreparedHessian(U, dead, fraction, notes, damped=H if keep_damped else None)
         except RuntimeError:
             retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
             if retry > max_damp:
@@ -142,3 +147,43 @@ def prepare_hessian(
             fraction = retry
             if not keep_damped:
                 H = undamped()  # the failed factorization overwrote it
+            continue
+        _transpose_in_place(U)
+        return PreparedHessian(U, dead, fraction, notes, damped=H if keep_damped else None)
+
+
+_TILE = 512  # rows per temporary in the in-place copies below (512 × in floats, not [in, in])
+
+
+def _permuted(hessian: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """hessian[perm][:, perm] with one [in, in] allocation (the columns permuted a tile of rows at a time)."""
+    H = hessian.index_select(0, perm)
+    for i in range(0, H.shape[0], _TILE):
+        H[i : i + _TILE] = H[i : i + _TILE].index_select(1, perm)
+    return H
+
+
+def _tiles(n: int):
+    """(rows, columns) slice pairs of the tiles on and above the diagonal of an [n, n] matrix."""
+    for i in range(0, n, _TILE):
+        for j in range(i, n, _TILE):
+            yield slice(i, i + _TILE), slice(j, j + _TILE)
+
+
+def _mirror_lower(H: torch.Tensor) -> None:
+    """Copy H's lower triangle onto its upper one, in place (bit copies: H becomes exactly symmetric)."""
+    for rows, cols in _tiles(H.shape[0]):
+        if rows == cols:
+            tile = H[rows, cols]
+            above = torch.ones_like(tile, dtype=torch.bool).triu(1)
+            tile.copy_(torch.where(above, tile.t(), tile))
+        else:
+            H[rows, cols] = H[cols, rows].t()
+
+
+def _transpose_in_place(H: torch.Tensor) -> None:
+    """H ← Hᵀ for a square H, a tile at a time."""
+    for rows, cols in _tiles(H.shape[0]):
+        upper = H[rows, cols].clone()
+        H[rows, cols] = H[cols, rows].t() if rows != cols else upper.t()
+        H[cols, rows] = upper.t()

@@ -61,3 +61,27 @@ def test_relative_error_zero_for_exact():
     H = torch.eye(6)
     assert relative_error(w, w, H) == 0
     assert relative_error(w, torch.zeros_like(w), H) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_in_place_factorization_is_bit_identical_to_the_plain_formula(act_order):
+    """prepare_hessian factors in one buffer (column-major view, tiles); the result must be the
+    bits of the out-of-place LAPACK calls on the lower triangle, for a Hessian that is not exactly
+    symmetric (streamed sums are not), wider than one tile, with a dead column."""
+    torch.manual_seed(0)
+    n = 1100  # two full 512-row tiles and a partial one
+    x = torch.randn(n + 50, n)
+    x[:, 3] = 0
+    hessian = x.t() @ x + 1e-3 * torch.randn(n, n).triu(1)  # the upper triangle differs from the lower
+    perm = torch.randperm(n) if act_order else None
+    got = prepare_hessian(hessian, 0.01, perm=perm)
+
+    H = hessian[perm][:, perm] if act_order else hessian.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    eye = torch.arange(n)
+    H[eye, eye] = H[eye, eye].clone() + 0.01 * torch.mean(torch.diag(H)).item()
+    lower = torch.linalg.cholesky(H)  # reads the lower triangle only
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    assert torch.equal(got.cholesky_of_inverse, expected)
+    assert torch.equal(got.cholesky_of_inverse, got.cholesky_of_inverse.triu())
