@@ -32,7 +32,7 @@ from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
 from .lazy import LazyBlocks
 from .lockstep import lockstep_block
-from .memory import available_memory
+from .memory import available_memory, give_back_large_frees, trim_heap
 from .upcast import restore_linears, upcast_per_call
 from .linears import (
     describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
@@ -182,6 +182,7 @@ class LayerwiseCompressor:
         """
         start = time.perf_counter()
         self.model.eval()
+        give_back_large_frees()  # one block's temporaries at a time, not every block's fragments
         streamed = self.needs_data or on_block_output is not None
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
@@ -259,6 +260,7 @@ class LayerwiseCompressor:
             self._hand_over(index, block, compressed, writer, kept, reports)
         if self.lazy is not None:
             self.lazy.release(block)
+        trim_heap()
 
     def _capture(self, windows: torch.Tensor) -> Activations:
         """Block-0 inputs of this rank's calibration batches, stored as they are caught (so that
@@ -496,9 +498,11 @@ def collect_hessians(
     current: dict[str, HessianAccumulator] = {}
 
     def blank():
-        return {name: HessianAccumulator(linear_shape(m)[1], m.weight.device) for name, m in linears.items()}
+        return {name: _blank_for(m) for name, m in linears.items()}
 
     def grab(name, x):
+        if name not in current:  # made here, not before the forward: an 8192-wide H is 268 MB, not
+            current[name] = _blank_for(linears[name])  # to be resident beside the forward's temporaries
         current[name].add(x)
         pending.discard(name)
         if stop_early and not pending:
@@ -506,13 +510,13 @@ def collect_hessians(
 
     def leaves():
         for batch in batches:
-            current.update(blank())
+            current.clear()
             pending.update(names)
             try:
                 run_block(block, batch, index)
             except StopForward:
                 pass
-            yield dict(current)
+            yield {name: current.get(name) or _blank_for(m) for name, m in linears.items()}
 
     handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
     try:
@@ -521,6 +525,10 @@ def collect_hessians(
         for h in handles:
             h.remove()
     return {name: acc.hessian for name, acc in summed.items()}
+
+
+def _blank_for(linear: nn.Module) -> HessianAccumulator:
+    return HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
 
 
 def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
