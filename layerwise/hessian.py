@@ -52,8 +52,9 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
     hessian None: H = I, the weight-space |ΔW|² / |W|² (data-free methods, no inputs seen)."""
     w = weight.to(torch.float32)
     delta = approx.to(torch.float32) - w
-    num = ((delta if hessian is None else delta @ hessian) * delta).sum()
-    den = ((w if hessian is None else w @ hessian) * w).sum()
+    # products in place: one [out, in] temporary fewer each, the same values
+    num = ((delta * delta) if hessian is None else (delta @ hessian).mul_(delta)).sum()
+    den = ((w * w) if hessian is None else (w @ hessian).mul_(w)).sum()
     return float(num / den) if den > 0 else float(num)
 
 
@@ -93,7 +94,7 @@ def prepare_hessian(
     `perm` (optional) reorders the columns first (act-order). The input is not modified.
     `keep_damped` also returns the factored H (an extra [in, in] copy, only for solvers that use it).
     """
-    if not torch.isfinite(hessian).all():
+    if not _all_finite(hessian):
         raise NumericalError(
             "the Hessian holds NaN/Inf: the calibration activations overflowed even in float32; check the "
             "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
@@ -132,7 +133,7 @@ def prepare_hessian(
                 raise RuntimeError("not positive definite")
             torch.cholesky_inverse(A, out=A)  # H⁻¹
             torch.linalg.cholesky_ex(A, upper=True, out=(A, info))  # U with H⁻¹ = UᵀU (U holds it transposed)
-            if info.item() != 0 or not torch.isfinite(U).all():
+            if info.item() != 0 or not _all_finite(U):
                 raise RuntimeError("inverse not positive definite")
         except RuntimeError:
             retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
@@ -161,6 +162,12 @@ def _permuted(hessian: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     for i in range(0, H.shape[0], _TILE):
         H[i : i + _TILE] = H[i : i + _TILE].index_select(1, perm)
     return H
+
+
+def _all_finite(H: torch.Tensor) -> bool:
+    """torch.isfinite(H).all() a tile of rows at a time: on the whole matrix it makes an abs() copy
+    and boolean masks, +1.7 × [in, in] at once."""
+    return all(bool(torch.isfinite(H[i : i + _TILE]).all()) for i in range(0, H.shape[0], _TILE))
 
 
 def _tiles(n: int):
