@@ -183,6 +183,7 @@ class LayerwiseCompressor:
         start = time.perf_counter()
         self.model.eval()
         give_back_large_frees()  # one block's temporaries at a time, not every block's fragments
+        trim_heap()  # what reading the model and tokenizing the calibration text left in the heaps
         streamed = self.needs_data or on_block_output is not None
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
@@ -291,10 +292,11 @@ class LayerwiseCompressor:
         )
 
     def _choose_lockstep(self, batches: Activations) -> None:
-        """"auto": lockstep only when its extra memory fits. Every batch then waits inside the block
-        at once, each holding about its widest linear input (the MLP intermediate) and two
-        hidden-wide tensors per token in float32; allowed up to the block's own float32 weights
-        (the working set at most doubles) and half the memory available. Otherwise the staged path,
+        """"auto": lockstep only when its extra memory is small. Every batch then waits inside the
+        block at once, each holding about its widest linear input (the MLP intermediate) and two
+        hidden-wide tensors per token in float32, and that is on top of the peak of the run: the
+        widest group's solve happens while they wait. Allowed: a quarter of the block's float32
+        weights (half its float16 size) and half the memory available. Otherwise the staged path,
         which gives the same bytes with one forward per stage."""
         if self.lockstep != "auto":
             return
@@ -302,11 +304,11 @@ class LayerwiseCompressor:
         widths = [linear_shape(m)[1] for m in block.modules() if is_compressible(m)]
         hidden = batches.hidden_width()
         extra = 4 * batches.tokens() * (max(widths, default=hidden) + 2 * hidden)
-        allowed = 4 * sum(p.numel() for p in block.parameters())
+        allowed = sum(p.numel() for p in block.parameters())  # a quarter of 4 bytes per weight
         have = available_memory()
         self.lockstep = extra <= allowed and (have is None or 2 * extra <= have)
-        log.info("lockstep solving %s: every batch paused inside a block holds about %.0f MB (allowed: %.0f MB, the "
-                 "block's float32 weights%s)", "on" if self.lockstep else "off, one forward per stage (same result)",
+        log.info("lockstep solving %s: every batch paused inside a block holds about %.0f MB (allowed: %.0f MB, a "
+                 "quarter of the block's float32 weights%s)", "on" if self.lockstep else "off, one forward per stage (same result)",
                  extra / 1e6, allowed / 1e6, f", and half of {have / 1e6:.0f} MB available" if have else "")
 
     def _compress_block(self, index, block, batches, reports) -> tuple[dict[str, CompressedWeight], list | None]:
