@@ -9,7 +9,7 @@ setting runs back to back in this one script, so the ratios compare runs under t
     python benchmarks/memory_bench.py                                   # everything, to the end
     python benchmarks/memory_bench.py --stop-after-blocks 2 --extra=--no-mse-clip --runs lazy,eager,coremltools
 
-`--stop-after-blocks K` sends SIGINT to `compress` once K block shards are complete (the interrupted
+`--stop-after-blocks K` sends SIGTERM to `compress` once K block shards are complete (the interrupted
 run is resumable, and the peak of the steady per-block working set is reached by then); the shards
 written by the lazy and the eager run are then compared byte for byte.
 """
@@ -58,7 +58,7 @@ def model_bytes(directory: Path) -> int:
 
 
 def measured(cmd: list[str], stop_dir: Path | None = None, stop_after: int = 0, timeout: float | None = None) -> dict:
-    """Run `cmd` under /usr/bin/time; SIGINT it once `stop_after` shards exist in `stop_dir`, or after `timeout`."""
+    """Run `cmd` under /usr/bin/time; SIGTERM it once `stop_after` shards exist in `stop_dir`, or after `timeout`."""
     report = Path(os.environ.get("TMPDIR", "/tmp")) / f"memory-bench-{os.getpid()}.time"
     start = time.perf_counter()
     proc = subprocess.Popen(["/usr/bin/time", "-o", str(report), "-f", "%M", *cmd], cwd=REPO,
@@ -70,7 +70,9 @@ def measured(cmd: list[str], stop_dir: Path | None = None, stop_after: int = 0, 
         if (stop_after and shards >= stop_after) or (timeout and time.perf_counter() - start > timeout):
             stopped = f"{shards} block shards" if stop_after else f"{timeout:.0f} s"
             for pid in _children(proc.pid):  # the measured command itself, below /usr/bin/time
-                os.kill(pid, signal.SIGINT)
+                # SIGTERM, not SIGINT: a job started in the background (nohup … &) ignores SIGINT; the
+                # CLI stops on SIGTERM the same resumable way
+                os.kill(pid, signal.SIGTERM)
             proc.wait()
     seconds = time.perf_counter() - start
     err = proc.stderr.read()
@@ -109,8 +111,8 @@ def main() -> None:
     p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
     p.add_argument("--windows", default="8x256,32x512", help="NxL settings, comma separated")
     p.add_argument("--runs", default="lazy,eager,coremltools,export")
-    p.add_argument("--stop-after-blocks", type=int, default=0, help="SIGINT compress after K block shards (0: run to the end)")
-    p.add_argument("--ct-timeout", type=float, default=0, help="SIGINT coremltools after this many seconds (0: none)")
+    p.add_argument("--stop-after-blocks", type=int, default=0, help="SIGTERM compress after K block shards (0: run to the end)")
+    p.add_argument("--ct-timeout", type=float, default=0, help="SIGTERM coremltools after this many seconds (0: none)")
     p.add_argument("--extra", default="", help="more compress flags, e.g. --extra=--no-mse-clip")
     p.add_argument("--work", default="~/.cache/layerwise-bench/runs", help="where checkpoints are written")
     p.add_argument("--results", default="benchmarks/RESULTS.md")
