@@ -24,12 +24,14 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               verify: bool = True, allow_non_finite: bool = False):
+               verify: bool = True, allow_non_finite: bool = False, dense: bool = True):
     """A causal LM from a checkpoint directory, a HF directory or a Hub id, on `device`.
 
     dtype "auto" keeps the stored dtype of a HF model (a layerwise checkpoint loads as float32).
     verify: check a checkpoint's shard sha256s. allow_non_finite: skip the NaN/Inf weight check
     (the caller then checks the weights it uses, see `check_finite`).
+    dense=False (export): a checkpoint's compressed weights stay compressed (placeholders in the
+    model, see `load_compressed`) and its other tensors keep their stored dtype.
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
@@ -37,14 +39,23 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
 
     device = str(resolve_device(device))  # an unknown or absent device is one line, not a torch traceback
     if is_checkpoint(name_or_path):
-        model = load_compressed(name_or_path, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], device=device,
-                                verify=verify, trust_remote_code=trust_remote_code)
+        stored = None if not dense else torch.float32
+        model = load_compressed(name_or_path, dtype=stored if dtype == "auto" else DTYPES[dtype], device=device,
+                                verify=verify, trust_remote_code=trust_remote_code, dense=dense)
     else:
         model = _load_hf(name_or_path, dtype, trust_remote_code).to(device).eval()
     check_causal(model, name_or_path)
     if not allow_non_finite:
-        check_finite(model.named_parameters(), name_or_path)
+        check_finite(model.named_parameters() if dense else _decoded_parameters(model), name_or_path)
     return model
+
+
+def _decoded_parameters(model):
+    """(name, values) of every parameter, a compressed layer's decoded one layer at a time."""
+    compressed = getattr(model, "layerwise_compressed", {})
+    for name, p in model.named_parameters():
+        module = name.removesuffix(".weight")
+        yield name, compressed[module].dequantize() if module in compressed else p
 
 
 def _load_hf(name_or_path: str, dtype: str, trust_remote_code: bool):

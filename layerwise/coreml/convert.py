@@ -18,7 +18,6 @@ Single function ``main`` takes any q_len in [1, context]; multifunction packages
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -73,7 +72,7 @@ def export_mlpackage(
         raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
     compressed = dict(compressed or {})
     held = held_weights(model)
-    values = {**held, **_compressed_values(model, compressed)}  # parameter name → what is exported
+    values = _exported_values(model, held, compressed)
     shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
 
     programs = {}
@@ -204,9 +203,11 @@ def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
         mlmodel.save(str(path))
 
 
-def _compressed_values(model: torch.nn.Module, compressed: dict[str, CompressedWeight]) -> dict[str, CompressedWeight]:
-    """Parameter name → CompressedWeight, each checked against the module it compresses."""
-    values = {}
+def _exported_values(model, held: dict[str, torch.Tensor], compressed: dict[str, CompressedWeight]) -> dict:
+    """Parameter name → what is exported for it: the tensor, or (module name, CompressedWeight) for
+    a compressed module's weight and every name tied to it (the frontend names a tied weight once)."""
+    values: dict = dict(held)
+    by_tensor = {}
     for name, cw in compressed.items():
         try:
             weight = model.get_submodule(name).weight
@@ -214,7 +215,10 @@ def _compressed_values(model: torch.nn.Module, compressed: dict[str, CompressedW
             raise ModelError(f"compressed weight {name!r} names no module with a weight") from None
         if tuple(weight.shape) != cw.shape:
             raise ModelError(f"{name}: compressed shape {cw.shape} != weight {tuple(weight.shape)}")
-        values[f"{name}.weight"] = cw
+        by_tensor[id(weight)] = (name, cw)
+    for param, tensor in held.items():
+        if id(tensor) in by_tensor:
+            values[param] = by_tensor[id(tensor)]
     return values
 
 

@@ -4,10 +4,11 @@ Tracing and coremltools' passes need every weight's shape, not its values: the v
 at the end as the checkpoint's own constexpr ops or float16 consts (`weights.swap_stand_ins`).
 So while exporting, each 2-D+ weight is
 
-    in torch:  a float32 zero tensor with stride 0 (`placeholder`: no memory, right shape);
+    in torch:  float32 zeros in pages never written (`memory.placeholder`: no resident memory);
     in MIL:    as the first pass of the pipeline (`layerwise::stand_in_weights`), its frontend
-               const is replaced by a stand-in ``constexpr_lut_to_dense`` (uint1 indices, also
-               stride 0, and a 2-entry LUT that numbers the weight) → cast to float32.
+               const is replaced by a stand-in ``constexpr_lut_to_dense`` whose LUT entries are
+               whole rows (uint1 indices [..., 1], a [.., 2, columns] LUT that numbers the weight),
+               tiny next to the weight → cast to float32.
 
 A constexpr's value is never materialized by the passes (const folding, deduplication, the float16
 cast), and the float16 pass's cast next to ours folds away (``cast_optimization``), so the stand-in
@@ -29,19 +30,12 @@ from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.helper import block_context_manager
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 
+from ..memory import placeholder
+
 log = logging.getLogger(__name__)
 
 PASS = "layerwise::stand_in_weights"
 LUT_NUMBERS = 2048  # consecutive integers exact in float16; a stand-in's LUT holds (i % 2048, i // 2048)
-
-
-def placeholder(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A zero tensor of `shape` that owns one element (stride 0 everywhere)."""
-    return torch.zeros((), dtype=dtype).expand(tuple(shape))
-
-
-def is_placeholder(t: torch.Tensor) -> bool:
-    return t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
 def held_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +62,7 @@ _ACTIVE: list[StandIns] = []  # the conversion in progress (a graph pass takes n
 
 @contextlib.contextmanager
 def standing_in(model: torch.nn.Module, held: dict[str, torch.Tensor]):
-    """Trace-ready model: `held` parameters as stride-0 float32 placeholders, every other floating
+    """Trace-ready model: `held` parameters as float32 placeholders, every other floating
     tensor as a CPU float32 copy (small: norms, biases, rotary buffers); restored afterwards."""
     saved = []
     held_ids = {id(t) for t in held.values()}
@@ -123,12 +117,15 @@ class stand_in_weights(AbstractGraphPass):
         for op in list(block.operations):
             if op.op_type != "const" or op.name not in stand_ins.names:
                 continue
-            val = op.outputs[0].val
-            i = stand_ins.next_number()  # distinct LUTs: const deduplication must not merge two stand-ins
+            shape = op.outputs[0].shape
+            # one LUT entry is a whole row (vector_axis = last): the indices are [..., 1], the LUT
+            # [1, .., 2, last] holds this stand-in's number, distinct so deduplication merges none
+            lut = np.zeros((1,) * len(shape) + (2, shape[-1]), np.float16)
+            i = stand_ins.next_number()
+            lut.reshape(-1)[:2] = i % LUT_NUMBERS, i // LUT_NUMBERS
             new = mb.constexpr_lut_to_dense(
-                indices=np.broadcast_to(np.zeros((), types.nptype_from_builtin(types.uint1)), val.shape),
-                lut=np.array([i % LUT_NUMBERS, i // LUT_NUMBERS], np.float16).reshape((1,) * val.ndim + (2, 1)),
-                name=op.name + "_stand_in", before_op=op,
+                indices=np.zeros(shape[:-1] + (1,), types.nptype_from_builtin(types.uint1)),
+                lut=lut, vector_axis=len(shape) - 1, name=op.name + "_stand_in", before_op=op,
             )
             stand_ins.made[new.op.name] = op.name
             # named: an unnamed op would take a number from the counter that names coremltools' own casts

@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "main") -> dict[str, str]:
     """Put each held weight's real value where its stand-in is (see `standins`).
 
-    values: parameter name (``model.layers.0.mlp.up_proj.weight``) → CompressedWeight (stored as the
-        constexpr op(s) decoding its codes, named after the module, or as a float16 const when dense)
-        or a torch tensor (a float16 const ``<parameter>_to_fp16``, the name the float16 pass gave it).
+    values: parameter name (``model.layers.0.mlp.up_proj.weight``) → (module name, CompressedWeight),
+        stored as the constexpr op(s) decoding its codes, named after the module (a float16 const when
+        dense), or → a torch tensor, a float16 const ``<parameter>_to_fp16`` (the float16 pass's name).
     Each weight lands just before its first user, where coremltools' float16 pass had put its const.
     Returns module name → MIL op type now producing its weight, for the CompressedWeights.
     """
@@ -64,22 +64,23 @@ def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "
                 new = _real_weight(param, value, first_user)
             block.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, force_replace=True)
             _remove(block, op)
-            if isinstance(value, CompressedWeight):
-                done[param.removesuffix(".weight")] = new.op.op_type
-    missing = [p for p, v in values.items() if isinstance(v, CompressedWeight) and p.removesuffix(".weight") not in done]
+            if isinstance(value, tuple):
+                done[value[0]] = new.op.op_type
+    missing = sorted({v[0] for v in values.values() if isinstance(v, tuple)} - set(done))
     if missing:
-        raise ModelError(f"the weight {missing[0]} is not used by the converted program; it cannot be exported compressed")
+        raise ModelError(f"the weight of {missing[0]} is not used by the converted program; it cannot be exported compressed")
     log.info("compressed %d weights in function %r: %s", len(done), function, _summary(done))
     return done
 
 
 def _real_weight(param: str, value, before_op):
     """The op(s) producing `param`'s exported value, built before `before_op`."""
-    if not isinstance(value, CompressedWeight):
+    if not isinstance(value, tuple):
         return mb.const(val=float16_array(value), name=f"{param}_to_fp16", before_op=before_op)
-    if value.scheme == "dense" and value.mask is None:
-        return mb.const(val=_np(value.dequantize()), name=f"{param}_to_fp16", before_op=before_op)
-    return constexpr_weight(value, name=_op_name(param.removesuffix(".weight")), before_op=before_op)
+    module, cw = value
+    if cw.scheme == "dense" and cw.mask is None:
+        return mb.const(val=_np(cw.dequantize()), name=f"{param}_to_fp16", before_op=before_op)
+    return constexpr_weight(cw, name=_op_name(module), before_op=before_op)
 
 
 def float16_array(t: torch.Tensor) -> np.ndarray:
