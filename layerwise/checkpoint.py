@@ -247,6 +247,7 @@ def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     compressed: dict[str, CompressedWeight] = {}
     for shard in _shards(path, manifest, verify):
         parts: dict[str, dict[str, torch.Tensor]] = {}
+        shard_plain: dict[str, torch.Tensor] = {}
         for key, tensor in _read_shard(shard).items():
             layer, sep, part = key.rpartition(".weight.")
             if sep and part in PARTS:
@@ -256,7 +257,10 @@ def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
                     raise CheckpointError(f"{shard}: tensor {key} should be in {layers[layer]['shard']} per {MANIFEST}")
                 parts.setdefault(layer, {})[part] = tensor
             else:
-                plain[key] = tensor
+                shard_plain[key] = tensor
+        # a shard's tensors view its memory-mapped file: beside packed codes, keep copies (norms,
+        # biases), so the mapping, with every page of codes read while unpacking, goes with the shard
+        plain.update({k: v.clone() for k, v in shard_plain.items()} if parts else shard_plain)
         for name in list(parts):  # a layer lives in one shard: decode it now, drop its packed parts
             compressed[name] = _decode_layer(name, layers[name], parts.pop(name), path)
     missing = set(layers) - set(compressed)
@@ -273,6 +277,10 @@ def _decode_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor], path:
         raise CheckpointError(f"{path}: layer {name} does not decode ({_first_line(e)}); the checkpoint is damaged") from None
     if cw.kept != meta["kept"]:
         raise CheckpointError(f"{path}: layer {name} keeps {cw.kept} weights, the manifest says {meta['kept']}")
+    # copies of the tensors kept as read (scales, LUTs): views would keep the shard's mapping alive
+    for field in ("scale", "lut", "lut_codes", "lut_scale", "values"):
+        if getattr(cw, field) is not None:
+            setattr(cw, field, getattr(cw, field).clone())
     return cw
 
 

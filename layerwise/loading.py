@@ -51,11 +51,25 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
 
 
 def _decoded_parameters(model):
-    """(name, values) of every parameter, a compressed layer's decoded one layer at a time."""
+    """(name, tensor) whose values are finite iff the parameter's (decoded) values are: a compressed
+    layer's own tensors where they decide it, else its dequantized weight (one layer at a time)."""
     compressed = getattr(model, "layerwise_compressed", {})
     for name, p in model.named_parameters():
-        module = name.removesuffix(".weight")
-        yield name, compressed[module].dequantize() if module in compressed else p
+        cw = compressed.get(name.removesuffix(".weight"))
+        if cw is None:
+            yield name, p
+        elif cw.scheme == "lut":  # decoded values are LUT entries
+            yield name, cw.lut
+        elif cw.scheme == "affine" and _affine_stays_finite(cw):
+            continue
+        else:  # dense values, or a grid whose extreme steps might overflow float16
+            yield name, cw.dequantize()
+
+
+def _affine_stays_finite(cw) -> bool:
+    """Every scale·(code − zero point) is a finite float16 when |scale|·(2**bits − 1) ≤ 65504."""
+    scale = cw.scale.float()
+    return bool(torch.isfinite(scale).all()) and float(scale.abs().max()) * (2**cw.bits - 1) <= 65504
 
 
 def _load_hf(name_or_path: str, dtype: str, trust_remote_code: bool):
