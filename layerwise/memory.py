@@ -1,9 +1,13 @@
 """Refusing work that cannot fit in memory before it is allocated (the kernel's OOM killer gives no
-message, and may take other processes with it)."""
+message, and may take other processes with it), and placeholder tensors that take none."""
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
+
+import torch
 
 from .errors import LayerwiseError
 
@@ -66,3 +70,14 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def placeholder(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Zeros of `shape` that take no resident memory until written: a private anonymous mapping,
+    whose pages the kernel maps to its single zero page when read. For weights whose shape is used
+    (tracing, conversion) while their values live elsewhere. Contiguous, so reading it (a matmul
+    while tracing) makes no dense copy either, unlike a stride-0 expanded tensor."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if not nbytes:
+        return torch.zeros(tuple(shape), dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(tuple(shape))
