@@ -18,7 +18,13 @@ class HessianAccumulator:
     x: [..., in] activations of one linear layer; H: [in, in] float32. Sums (not a running mean)
     so that partial Hessians of fixed window shards can be added in a fixed order (`merge`): the
     same additions on one rank or many give the same bits (`layerwise.distributed`).
+
+    H is symmetric, so only its upper block triangle is computed: row panels of `PANEL` inputs,
+    panel i holding xᵢᵀ x[:, panel i onwards] (about 60 % of the full product's work for the wide
+    inputs of an MLP); `hessian` mirrors the upper triangle into the lower one.
     """
+
+    PANEL = 256  # inputs per row panel: wide enough for efficient matmuls
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -31,7 +37,10 @@ class HessianAccumulator:
                 "non-finite activations reached a linear layer; the model produces NaN/Inf on the "
                 "calibration text (try float32 weights, or check the checkpoint)"
             )
-        self.sum.addmm_(x.t(), x)
+        n = x.shape[1]
+        for lo in range(0, n, self.PANEL):
+            hi = min(lo + self.PANEL, n)
+            self.sum[lo:hi, lo:].addmm_(x[:, lo:hi].t(), x[:, lo:])
         self.rows += x.shape[0]
 
     def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
@@ -42,8 +51,10 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """2/N · Σ xᵀx: [in, in] float32 (a new tensor)."""
-        return self.sum * (2.0 / self.rows) if self.rows else self.sum.clone()
+        """2/N · Σ xᵀx: [in, in] float32 (a new tensor), exactly symmetric."""
+        upper = torch.triu(self.sum)
+        full = upper.add_(torch.triu(self.sum, diagonal=1).t())
+        return full.mul_(2.0 / self.rows) if self.rows else full
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -52,15 +63,33 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
     hessian None: H = I, the weight-space |ΔW|² / |W|² (data-free methods, no inputs seen)."""
     w = weight.to(torch.float32)
     delta = approx.to(torch.float32) - w
-    num = ((delta if hessian is None else delta @ hessian) * delta).sum()
-    den = ((w if hessian is None else w @ hessian) * w).sum()
+    if hessian is None:
+        num, den = (delta * delta).sum(), (w * w).sum()
+    else:
+        num, den = quadratic_forms(torch.stack([delta, w]), hessian)
     return float(num / den) if den > 0 else float(num)
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ): proportional to the layer's summed squared output error on the calibration data."""
     delta = approx.to(torch.float32) - weight.to(torch.float32)
-    return float(((delta @ hessian) * delta).sum())
+    return float(quadratic_forms(delta[None], hessian)[0])
+
+
+def quadratic_forms(a: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """[k] tr(Aⱼ H Aⱼᵀ) of a: [k, rows, in] with a symmetric H: [in, in].
+
+    Only H's upper block triangle is read (row panels as in `HessianAccumulator`): the diagonal
+    blocks count once and the blocks above them twice, about 60 % of the full product's work."""
+    flat = a.reshape(-1, a.shape[-1])
+    n, panel = flat.shape[1], HessianAccumulator.PANEL
+    total = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+    for lo in range(0, n, panel):
+        hi = min(lo + panel, n)
+        part = (flat[:, lo:hi] @ hessian[lo:hi, lo:]).reshape(a.shape[0], a.shape[1], n - lo)
+        total += (part[..., : hi - lo] * a[..., lo:hi]).sum(dim=(1, 2))
+        total += 2 * (part[..., hi - lo :] * a[..., hi:]).sum(dim=(1, 2))
+    return total
 
 
 def dead_columns(hessian: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from layerwise.errors import NumericalError
-from layerwise.hessian import HessianAccumulator, prepare_hessian, relative_error
+from layerwise.hessian import HessianAccumulator, output_error, prepare_hessian, relative_error
 
 
 def test_streaming_hessian_equals_batch_formula():
@@ -12,6 +12,19 @@ def test_streaming_hessian_equals_batch_formula():
         acc.add(chunk)
     assert torch.allclose(acc.hessian, 2 / 1000 * x.T @ x, rtol=1e-5, atol=1e-6)
     assert acc.rows == 1000
+
+
+def test_panelled_hessian_is_symmetric_and_equals_the_full_product():
+    # wider than one panel (and not a multiple of it): only the upper block triangle is computed
+    width = 2 * HessianAccumulator.PANEL + 37
+    x = torch.randn(300, width, dtype=torch.float64)
+    acc = HessianAccumulator(width)
+    for chunk in x.float().split(120):
+        acc.add(chunk)
+    H = acc.hessian
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), 2 / 300 * x.T @ x, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(torch.tril(acc.sum, diagonal=-HessianAccumulator.PANEL)) == 0  # never computed
 
 
 def test_nan_activations_are_an_error():
@@ -61,3 +74,15 @@ def test_relative_error_zero_for_exact():
     H = torch.eye(6)
     assert relative_error(w, w, H) == 0
     assert relative_error(w, torch.zeros_like(w), H) == pytest.approx(1.0)
+
+
+def test_relative_and_output_error_equal_the_trace_formulas():
+    width = 2 * HessianAccumulator.PANEL + 11  # three panels
+    x = torch.randn(700, width, dtype=torch.float64)
+    H = (2 / 700 * x.T @ x)
+    w, q = torch.randn(40, width, dtype=torch.float64), torch.randn(40, width, dtype=torch.float64)
+    delta = q - w
+    num, den = torch.trace(delta @ H @ delta.T), torch.trace(w @ H @ w.T)
+    assert relative_error(w.float(), q.float(), H.float()) == pytest.approx(float(num / den), rel=1e-4)
+    assert output_error(w.float(), q.float(), H.float()) == pytest.approx(float(num), rel=1e-4)
+    assert relative_error(w.float(), q.float(), None) == pytest.approx(float((delta**2).sum() / (w**2).sum()), rel=1e-5)
