@@ -86,3 +86,19 @@ def test_relative_and_output_error_equal_the_trace_formulas():
     assert relative_error(w.float(), q.float(), H.float()) == pytest.approx(float(num / den), rel=1e-4)
     assert output_error(w.float(), q.float(), H.float()) == pytest.approx(float(num), rel=1e-4)
     assert relative_error(w.float(), q.float(), None) == pytest.approx(float((delta**2).sum() / (w**2).sum()), rel=1e-5)
+
+
+def test_wide_layers_report_their_error_from_evenly_spaced_rows():
+    from layerwise.hessian import REPORT_ROWS, report_rows
+
+    x = torch.randn(400, 64)
+    H = 2 / 400 * x.T @ x
+    w = torch.randn(4 * REPORT_ROWS, 64)
+    q = w + 0.1 * torch.randn_like(w)
+    rows = report_rows(w.shape[0])
+    assert len(rows) == REPORT_ROWS and rows[0] == 0 and rows[-1] == w.shape[0] - 1
+    exact = torch.trace((q - w) @ H @ (q - w).T) / torch.trace(w @ H @ w.T)
+    assert relative_error(w, q, H) == pytest.approx(float(exact), rel=0.1)  # an estimate on a quarter of the rows
+    assert relative_error(w[:REPORT_ROWS], q[:REPORT_ROWS], H) == pytest.approx(
+        float(torch.trace((q - w)[:REPORT_ROWS] @ H @ (q - w)[:REPORT_ROWS].T) / torch.trace(w[:REPORT_ROWS] @ H @ w[:REPORT_ROWS].T)),
+        rel=1e-4)
