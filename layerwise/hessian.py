@@ -135,6 +135,10 @@ def prepare_hessian(
     A failed Cholesky retries with ten times the damping, up to `max_damp`; each retry is noted.
     `perm` (optional) reorders the columns first (act-order). The input is not modified.
     `keep_damped` also returns the factored H (an extra [in, in] copy, only for solvers that use it).
+
+    U comes from one Cholesky and one triangular inverse (`_cholesky_of_inverse_`), in place in
+    one [in, in] buffer: the textbook route (Cholesky, inverse from it, Cholesky again) does twice
+    the arithmetic, and its buffers were once the memory peak of a whole compress run.
     """
     if not torch.isfinite(hessian).all():
         raise NumericalError(
@@ -142,46 +146,85 @@ def prepare_hessian(
             "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
         )
     dead = dead_columns(hessian)
-    if perm is not None:
-        dead = dead[perm]
+    order = perm if perm is not None else torch.arange(hessian.shape[0], device=hessian.device)
+    dead = dead[order]
+    reverse = order.flip(0)
 
-    def undamped() -> torch.Tensor:
-        """A fresh [in, in] copy in sweep order, dead columns with H_ii = 1."""
-        H = hessian[perm][:, perm] if perm is not None else hessian.clone()
-        H[dead, dead] = 1.0
+    def undamped_reversed() -> torch.Tensor:
+        """A fresh [in, in] copy in reversed sweep order (J H J), dead columns with H_ii = 1."""
+        H = hessian[reverse[:, None], reverse[None, :]]
+        gone = dead.flip(0)
+        H[gone, gone] = 1.0
         return H
 
-    H = undamped()
+    H = undamped_reversed()
     mean_diag = torch.mean(torch.diag(H)).item()
     notes: list[str] = []
     fraction = damp
     eye = torch.arange(H.shape[0], device=H.device)
     diag = H[eye, eye].clone()
-    info = torch.zeros((), dtype=torch.int32, device=H.device)
     while True:
-        # Damped and factored in place: the clone of H per attempt and L, H⁻¹, U alive together
-        # were the peak of a whole compress run (6.8 × [in, in]); now H (+ its copy U with keep_damped).
         H[eye, eye] = diag + fraction * mean_diag
-        U = H.clone() if keep_damped else H
-        try:
-            torch.linalg.cholesky_ex(U, out=(U, info))  # L, lower
-            if info.item() != 0:
-                raise RuntimeError("not positive definite")
-            torch.cholesky_inverse(U, out=U)  # H⁻¹
-            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))  # U with H⁻¹ = UᵀU
-            if info.item() != 0 or not torch.isfinite(U).all():
-                raise RuntimeError("inverse not positive definite")
-            return PreparedHessian(U, dead, fraction, notes, damped=H if keep_damped else None)
-        except RuntimeError:
-            retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
-            if retry > max_damp:
-                raise NumericalError(
-                    f"Cholesky of the Hessian failed even at damping {fraction:g}; the layer's "
-                    "inputs are degenerate (use more or more varied calibration text)"
-                ) from None
-            note = f"Cholesky failed at damping {fraction:g}, retried at {retry:g}"
-            log.warning(note)
-            notes.append(note)
-            fraction = retry
-            if not keep_damped:
-                H = undamped()  # the failed factorization overwrote it
+        damped = H.clone() if keep_damped else None
+        if _cholesky_of_inverse_(H):
+            if damped is not None:
+                _rotate_half_turn_(damped)  # back to sweep order
+            return PreparedHessian(H, dead, fraction, notes, damped=damped)
+        retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
+        if retry > max_damp:
+            raise NumericalError(
+                f"Cholesky of the Hessian failed even at damping {fraction:g}; the layer's "
+                "inputs are degenerate (use more or more varied calibration text)"
+            )
+        note = f"Cholesky failed at damping {fraction:g}, retried at {retry:g}"
+        log.warning(note)
+        notes.append(note)
+        fraction = retry
+        H = undamped_reversed()  # the failed factorization overwrote it
+
+
+def _cholesky_of_inverse_(M: torch.Tensor) -> bool:
+    """M = J H J (H in reversed order) → in place U, upper, with H⁻¹ = UᵀU; False if H is not
+    positive definite (M is then garbage).
+
+    J H J = L Lᵀ (L lower) gives H = R Rᵀ with R = J L J upper, so H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ =
+    J L⁻¹ J: one Cholesky (n³/3) and one triangular inverse (n³/3) where Cholesky, inverse and
+    Cholesky again cost 4n³/3."""
+    info = torch.zeros((), dtype=torch.int32, device=M.device)
+    torch.linalg.cholesky_ex(M, out=(M, info))
+    if info.item() != 0:
+        return False
+    M.tril_()  # only the lower triangle is L
+    _invert_lower_(M)
+    _rotate_half_turn_(M)
+    return bool(torch.isfinite(M).all())
+
+
+INVERSE_LEAF = 128  # below this size a triangular inverse is one solve_triangular
+
+
+def _invert_lower_(L: torch.Tensor) -> None:
+    """L (lower triangular, zeros above) → L⁻¹ in place, by halves: [[A, 0], [B, C]]⁻¹ =
+    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]; two matrix products per level, n³/3 multiply-adds in all."""
+    n = L.shape[0]
+    if n <= INVERSE_LEAF:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return
+    h = n // 2
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    _invert_lower_(A)
+    _invert_lower_(C)
+    B.copy_(torch.matmul(C, torch.matmul(B, A)).neg_())
+
+
+def _rotate_half_turn_(M: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """M[i, j] ← M[n−1−i, m−1−j] in place (J M J): the flat buffer reversed, swapping chunks from
+    both ends so no second [in, in] buffer is needed."""
+    flat = M.view(-1)
+    total = flat.numel()
+    for lo in range(0, total // 2, chunk):
+        hi = min(lo + chunk, total // 2)
+        head = flat[lo:hi].clone()
+        flat[lo:hi] = flat[total - hi : total - lo].flip(0)
+        flat[total - hi : total - lo] = head.flip(0)

@@ -102,3 +102,22 @@ def test_wide_layers_report_their_error_from_evenly_spaced_rows():
     assert relative_error(w[:REPORT_ROWS], q[:REPORT_ROWS], H) == pytest.approx(
         float(torch.trace((q - w)[:REPORT_ROWS] @ H @ (q - w)[:REPORT_ROWS].T) / torch.trace(w[:REPORT_ROWS] @ H @ w[:REPORT_ROWS].T)),
         rel=1e-4)
+
+
+@pytest.mark.parametrize("width", [5, 300])  # one leaf; several levels of the blocked inverse
+def test_inverse_factor_equals_the_textbook_route(width):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * width, width, generator=g, dtype=torch.float64)
+    x[:, 1] = 0  # a dead column
+    H = (2 / (2 * width) * x.T @ x).float()
+    perm = torch.randperm(width, generator=g)
+    prep = prepare_hessian(H, damp=0.05, perm=perm, keep_damped=True)
+    Hd = H[perm][:, perm].double()
+    d = prep.dead.nonzero().flatten()
+    Hd[d, d] = 1.0
+    Hd += 0.05 * torch.diag(Hd).mean() * torch.eye(width, dtype=torch.float64)
+    assert torch.equal(prep.damped, Hd.float())  # the factored H, in sweep order
+    reference = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    U = prep.cholesky_of_inverse
+    assert torch.equal(U, torch.triu(U))
+    assert torch.allclose(U.double(), reference, rtol=1e-3, atol=1e-4 * reference.abs().max())
