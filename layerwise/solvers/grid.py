@@ -71,17 +71,11 @@ def _candidate_errors(w, lo, hi, maxq, sym, weight, idx):
 
 def _grid_errors(w, scale, zero, maxq, weight):
     """[K, rows] Σ_cols weight·|q(w) − w|^2.4 of w: [rows, cols] on K grids (scale, zero: [K, rows]),
-    with the arithmetic of quantize / dequantize. Symmetric grids (one zero point z) clamp the
-    centred code to [−z, maxq − z]: the same integers in two operations fewer."""
+    with the arithmetic of quantize / dequantize. The centred code round(w/s) is clamped to
+    [−z, maxq − z]: the integers of clamp(round(w/s) + z, 0, maxq) − z in two operations fewer."""
     s = scale.float()[:, :, None]
-    q = torch.div(w[None], s).round_()
-    first = zero.flatten()[0]
-    if bool((zero == first).all()):
-        z = float(first)
-        q.clamp_(-z, maxq - z)
-    else:
-        z = zero.float()[:, :, None]
-        q.add_(z).clamp_(0, maxq).sub_(z)
+    z = zero.float()[:, :, None]
+    q = torch.div(w[None], s).round_().clamp_(-z, maxq - z)
     err = q.mul_(s).to(torch.float16).float().sub_(w[None]).abs_().pow_(2.4)
     if weight is not None:
         err.mul_(weight[None])
