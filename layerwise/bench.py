@@ -109,6 +109,9 @@ def _smollm2_rows():
 
 
 GRIDS["smollm2"] = _smollm2_rows()
+# the same rows in two halves (each with the float16 baseline), to run side by side on two cores
+GRIDS["smollm2-gptq"] = [None, *GRIDS["smollm2"][1:7], *GRIDS["smollm2"][14:16]]
+GRIDS["smollm2-sparse-palettize"] = [None, *GRIDS["smollm2"][7:14], *GRIDS["smollm2"][16:]]
 
 
 def settings_label(cfg: dict | None) -> str:
@@ -197,8 +200,9 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
             out["layer_errors"] = {r.name: r.rel_error for r in result.layers}
             del model
             evaluated = load_compressed(path)
-        out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
-        add_forward_ratios(out)
+        if cfg is not None and any(rule.config.needs_hessian for rule in recipe.rules):  # calibrated: × forward
+            out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
+            add_forward_ratios(out)
         res = perplexity(evaluated, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
         out["ppl"] = res["ppl"]
         out["eval_tokens"] = res["tokens"]
@@ -399,7 +403,7 @@ def checks(grid: str, rows: list[dict]) -> list[str]:
                     named = "" if rtn["settings"] == r["settings"] else f" ({rtn['settings']})"
                     lines.append(f"GPTQ {r['settings']}: {r['ppl']:.3f} {verdict} RTN{named} {rtn['ppl']:.3f} "
                                  f"(Δppl ratio GPTQ/RTN {ratio:.2f})")
-    if grid == "smollm2":
+    if grid.startswith("smollm2"):
         lines += peer_ratios(rows)
     if grid == "sparse":
         for pattern in ("sparsity=0.5", "nm=2:4"):

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
-    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 | quick")
+    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 (or its halves smollm2-gptq, smollm2-sparse-palettize) | quick")
     b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
     b.add_argument("--calib", default=BUNDLED_CALIBRATION)
     b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")

@@ -146,8 +146,9 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device,
     kept = {n: float((modules[n].weight != 0).float().mean()) for n in targets}
     out["bits_per_weight"] = peer_bits(peer, shapes, kept)
 
-    out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
-    add_forward_ratios(out)
+    if peer["kind"] in ("layerwise", "skm"):  # calibrated: × forward (data-free peers have no windows to compare)
+        out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
+        add_forward_ratios(out)
     res = perplexity(model, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
     out["ppl"] = res["ppl"]
     out["eval_tokens"] = res["tokens"]
