@@ -48,8 +48,12 @@ def test_float16_linears_upcast_per_call_equal_float32_compute(kind, lockstep):
     assert all(p.dtype == torch.float16 for p in half.parameters())
 
 
-def test_lockstep_auto_falls_back_to_staged_when_its_activations_outgrow_the_block(caplog):
-    # tiny llama block: 37k weights, lockstep allowed 37 kB; it holds ~1 kB per token (128 + 2 × 64 floats)
+def test_lockstep_auto_falls_back_to_staged_when_its_activations_outgrow_the_memory(caplog, monkeypatch):
+    # tiny llama block: it holds ~1 kB per token (128 + 2 × 64 floats); with 400 kB "available",
+    # lockstep may hold 100 kB
+    import layerwise.engine
+
+    monkeypatch.setattr(layerwise.engine, "available_memory", lambda: 400_000)
     results = {}
     for n, expect in ((1, True), (4, False)):
         with caplog.at_level(logging.INFO, logger="layerwise.engine"):
