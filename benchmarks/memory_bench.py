@@ -8,8 +8,13 @@ setting runs back to back in this one script, so the ratios compare runs under t
 
     python benchmarks/memory_bench.py                                   # everything, to the end
     python benchmarks/memory_bench.py --stop-after-blocks 2 --extra=--no-mse-clip --runs lazy,eager,coremltools
+    python benchmarks/memory_bench.py --export CKPT[,CKPT…] [--export-baseline DIR]   # export only
 
-`--stop-after-blocks K` sends SIGINT to `compress` once K block shards are complete (the interrupted
+`--export` measures `layerwise export` of existing checkpoints (section `memory-export`), each next to
+a bare `import` of what export imports, and, with `--export-baseline DIR` (a checkout of an older
+commit), the same export by that code back to back.
+
+`--stop-after-blocks K` sends SIGTERM to `compress` once K block shards are complete (the interrupted
 run is resumable, and the peak of the steady per-block working set is reached by then); the shards
 written by the lazy and the eager run are then compared byte for byte.
 """
@@ -57,11 +62,12 @@ def model_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def measured(cmd: list[str], stop_dir: Path | None = None, stop_after: int = 0, timeout: float | None = None) -> dict:
-    """Run `cmd` under /usr/bin/time; SIGINT it once `stop_after` shards exist in `stop_dir`, or after `timeout`."""
+def measured(cmd: list[str], stop_dir: Path | None = None, stop_after: int = 0, timeout: float | None = None,
+             cwd: Path = REPO) -> dict:
+    """Run `cmd` under /usr/bin/time; SIGTERM it once `stop_after` shards exist in `stop_dir`, or after `timeout`."""
     report = Path(os.environ.get("TMPDIR", "/tmp")) / f"memory-bench-{os.getpid()}.time"
     start = time.perf_counter()
-    proc = subprocess.Popen(["/usr/bin/time", "-o", str(report), "-f", "%M", *cmd], cwd=REPO,
+    proc = subprocess.Popen(["/usr/bin/time", "-o", str(report), "-f", "%M", *cmd], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stopped = None
     while proc.poll() is None:
@@ -70,7 +76,9 @@ def measured(cmd: list[str], stop_dir: Path | None = None, stop_after: int = 0, 
         if (stop_after and shards >= stop_after) or (timeout and time.perf_counter() - start > timeout):
             stopped = f"{shards} block shards" if stop_after else f"{timeout:.0f} s"
             for pid in _children(proc.pid):  # the measured command itself, below /usr/bin/time
-                os.kill(pid, signal.SIGINT)
+                # SIGTERM, not SIGINT: a job started in the background (nohup … &) ignores SIGINT; the
+                # CLI stops on SIGTERM the same resumable way
+                os.kill(pid, signal.SIGTERM)
             proc.wait()
     seconds = time.perf_counter() - start
     err = proc.stderr.read()
@@ -109,11 +117,15 @@ def main() -> None:
     p.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
     p.add_argument("--windows", default="8x256,32x512", help="NxL settings, comma separated")
     p.add_argument("--runs", default="lazy,eager,coremltools,export")
-    p.add_argument("--stop-after-blocks", type=int, default=0, help="SIGINT compress after K block shards (0: run to the end)")
-    p.add_argument("--ct-timeout", type=float, default=0, help="SIGINT coremltools after this many seconds (0: none)")
+    p.add_argument("--stop-after-blocks", type=int, default=0, help="SIGTERM compress after K block shards (0: run to the end)")
+    p.add_argument("--ct-timeout", type=float, default=0, help="SIGTERM coremltools after this many seconds (0: none)")
     p.add_argument("--extra", default="", help="more compress flags, e.g. --extra=--no-mse-clip")
     p.add_argument("--work", default="~/.cache/layerwise-bench/runs", help="where checkpoints are written")
     p.add_argument("--results", default="benchmarks/RESULTS.md")
+    p.add_argument("--export", help="export only: checkpoint directories, comma separated (section memory-export)")
+    p.add_argument("--export-baseline", help="with --export: a checkout of older code, its export run back to back")
+    p.add_argument("--export-baseline-max-mb", type=float, default=500,
+                   help="run the baseline only on checkpoints up to this size (the old export held a float32 copy)")
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--coremltools-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -126,6 +138,8 @@ def main() -> None:
     model = Path(args.model_dir).expanduser()
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
+    if args.export:
+        return export_only(args, work)
     if not model.is_dir():
         print(f"building {model} …", flush=True)
         subprocess.run([sys.executable, __file__, "--build", str(model)], check=True)
@@ -172,6 +186,61 @@ def main() -> None:
     from layerwise.bench import update_results
 
     update_results(REPO / args.results, "memory-" + args.windows.replace(",", "-"), section)
+
+
+EXPORT_IMPORTS = "import torch, transformers, coremltools, layerwise.cli, layerwise.coreml.convert"
+
+
+def export_only(args, work: Path) -> None:
+    """Peak RSS of `layerwise export` per checkpoint (and of the baseline code, and of the imports alone)."""
+    from layerwise.bench import display_path, machine, update_results
+
+    codes = [("this code", REPO)]
+    if args.export_baseline:
+        codes.append(("baseline", Path(args.export_baseline).expanduser().resolve()))
+    rows = []
+    for label, src in codes:
+        res = measured([sys.executable, "-c", EXPORT_IMPORTS], cwd=src)
+        rows.append({"checkpoint": "(imports only)", "code": label, "size": None, **res})
+        print(rows[-1], flush=True)
+    for ckpt in (Path(c).expanduser() for c in args.export.split(",")):
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        for label, src in codes:
+            if label == "baseline" and size > args.export_baseline_max_mb * 2**20:
+                rows.append({"checkpoint": display_path(str(ckpt)), "code": label, "size": size, "peak_mb": None,
+                             "seconds": 0, "ok": True, "note": f"not run: over --export-baseline-max-mb "
+                             f"{args.export_baseline_max_mb:.0f}"})
+                continue
+            pkg = work / f"export-{ckpt.name}.mlpackage"
+            cmd = [sys.executable, "-m", "layerwise.cli", "-q", "export", str(ckpt), "--out", str(pkg), "--context", "512",
+                   "--overwrite"]
+            print(f"[{ckpt.name}] export ({label}) …", flush=True)
+            rows.append({"checkpoint": display_path(str(ckpt)), "code": label, "size": size, **measured(cmd, cwd=src)})
+            print(rows[-1], flush=True)
+    load = os.getloadavg()
+    cmd = "python benchmarks/memory_bench.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Memory: `layerwise export` of a checkpoint",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        "Each row its own process under `/usr/bin/time -f %M` (peak resident set); `layerwise -q export CKPT --out "
+        "PKG --context 512`; `(imports only)`: `python -c \"" + EXPORT_IMPORTS + "\"`.  ",
+        f"Machine: {machine()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared).",
+        "",
+        "| checkpoint | code | checkpoint (MB) | peak RSS (MB) | × checkpoint | budget 2 × (MB) | seconds | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        peak, size = r["peak_mb"], r["size"]
+        note = r.get("note") or ("" if r["ok"] else f"failed (rc {r.get('rc')})")
+        ratio = f"{peak * 2**20 / size:.2f}" if peak and size else ""
+        budget = f"{2 * size / 2**20:.0f}" if size else ""
+        lines.append(f"| {r['checkpoint']} | {r['code']} | {f'{size / 2**20:.1f}' if size else ''} | "
+                     f"{f'{peak:.0f}' if peak else ''} | {ratio} | {budget} | {r['seconds']:.0f} | {note} |")
+    lines += ["", "MB = 2^20 bytes. Checkpoint size: every file in its directory."]
+    section = "\n".join(lines)
+    print(section)
+    update_results(REPO / args.results, "memory-export", section)
 
 
 def _clean(out: Path) -> None:

@@ -49,6 +49,7 @@ def instrument(clock: Clock) -> None:
     import importlib
 
     import layerwise.engine as engine
+    from layerwise.hessian import HessianAccumulator
     import layerwise.solvers as solvers
 
     # the modules (the package's attributes of the same names are the solver functions)
@@ -60,6 +61,7 @@ def instrument(clock: Clock) -> None:
     clock.patch(engine, "lockstep_block", "block forwards + Hessians (lockstep, one forward per block)")
     clock.patch(engine, "run_block", "block forwards (next block's inputs)")
     clock.patch(engine, "relative_error", "report (relative error)")
+    clock.patch(HessianAccumulator, "add", "Hessian accumulation (XᵀX)")
     for mod in (gptq, sparsegpt, palettize, rtn):
         clock.patch(mod, "prepare_hessian", "solve: prepare_hessian (Cholesky)")
         clock.patch(mod, "fit_grid", "solve: grid fits (MSE clipping)")

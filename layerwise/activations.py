@@ -66,6 +66,13 @@ class Activations:
     def nbytes(self) -> int:
         return sum(4 * int(np.prod(s)) for s in self._shapes)
 
+    def tokens(self) -> int:
+        """Calibration tokens held (batch × length, summed over the batches)."""
+        return sum(int(np.prod(s[:-1])) for s in self._shapes)
+
+    def hidden_width(self) -> int:
+        return self._shapes[0][-1]
+
     def close(self) -> None:
         for f in self._files:
             if f is not None:

@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 COLUMNS = ("method", "settings", "ppl", "delta_ppl", "bits_per_weight", "checkpoint_mb", "compress_s",
-           "time_vs_forward", "peak_rss_mb", "gpu_peak_mb", "peer", "error")
+           "time_vs_forward", "compress_cpu_s", "cpu_vs_forward", "peak_rss_mb", "gpu_peak_mb", "peer", "error")
 
 
 def _q(method, bits, block=None, **kw):
@@ -109,6 +109,9 @@ def _smollm2_rows():
 
 
 GRIDS["smollm2"] = _smollm2_rows()
+# the same rows in two halves (each with the float16 baseline), to run side by side on two cores
+GRIDS["smollm2-gptq"] = [None, *GRIDS["smollm2"][1:7], *GRIDS["smollm2"][14:16]]
+GRIDS["smollm2-sparse-palettize"] = [None, *GRIDS["smollm2"][7:14], *GRIDS["smollm2"][16:]]
 
 
 def settings_label(cfg: dict | None) -> str:
@@ -122,11 +125,12 @@ def settings_label(cfg: dict | None) -> str:
 
 
 def run_row(cfg: dict | None, model: str, calib: str, eval_text: str, nsamples: int, seqlen: int,
-            seed: int, device: str, eval_tokens: int | None = None) -> dict:
-    """One grid row in a fresh process; returns its measurements (or the error)."""
+            seed: int, device: str, eval_tokens: int | None = None, threads: int | None = None) -> dict:
+    """One grid row in a fresh process (`threads` torch threads, default torch's); returns its
+    measurements (or the error)."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_row_worker, (cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens))
+        return pool.apply(_row_worker, (cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens, threads))
 
 
 def evaluation_ids(tokenizer, eval_text: str, eval_tokens: int | None = None) -> torch.Tensor:
@@ -137,8 +141,9 @@ def evaluation_ids(tokenizer, eval_text: str, eval_tokens: int | None = None) ->
     return ids if eval_tokens is None else ids[:eval_tokens]
 
 
-def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
+def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None, threads=None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 
@@ -146,8 +151,10 @@ def _row_worker(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, devic
     if cfg is not None and cfg.get("peer"):  # a coremltools row: keeps its own error, like ours
         from .peers import measure_peer
 
-        return measure_peer(cfg["method"], model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens)
-    row = {"method": "float16" if cfg is None else cfg["method"], "settings": settings_label(cfg), "peer": False}
+        row = measure_peer(cfg["method"], model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens)
+        return {**row, "threads": torch.get_num_threads()}
+    row = {"method": "float16" if cfg is None else cfg["method"], "settings": settings_label(cfg), "peer": False,
+           "threads": torch.get_num_threads()}
     try:
         row.update(_measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens))
     except Exception as e:  # a failing configuration keeps its row, with the error
@@ -180,8 +187,10 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
                 recipe = recipe_from_dict({"rules": cfg["rules"]}, "bench")
             else:
                 recipe = Recipe.single(method_config(dict(cfg), "bench"))
+            cpu = time.process_time()
             path, result = compress_to_checkpoint(model_path, tmp / "ck", recipe, calib, seed=seed, device=device,
                                                   model=model, tokenizer=tokenizer, windows=windows)
+            out["compress_cpu_s"] = time.process_time() - cpu
             out["compress_s"] = result.seconds
             out["peak_rss_mb"] = _peak_rss_mb()
             out["gpu_peak_mb"] = gpu_peak_mb()
@@ -191,10 +200,9 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
             out["layer_errors"] = {r.name: r.rel_error for r in result.layers}
             del model
             evaluated = load_compressed(path)
-        forward_s = time_forward(load_model(model_path, dtype="float32"), windows)
-        out["forward_s"] = forward_s
-        if "compress_s" in out:
-            out["time_vs_forward"] = out["compress_s"] / forward_s
+        if cfg is not None and any(rule.config.needs_hessian for rule in recipe.rules):  # calibrated: × forward
+            out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
+            add_forward_ratios(out)
         res = perplexity(evaluated, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
         out["ppl"] = res["ppl"]
         out["eval_tokens"] = res["tokens"]
@@ -211,6 +219,22 @@ def time_forward(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     for i in range(0, windows.shape[0], batch_size):
         model(input_ids=windows[i : i + batch_size], use_cache=False)
     return time.perf_counter() - start
+
+
+def timed_forward(model, windows: torch.Tensor) -> dict:
+    """One plain float forward over the windows: wall and CPU seconds (CPU: this process's time, which
+    other work on a shared machine disturbs much less)."""
+    cpu = time.process_time()
+    wall = time_forward(model, windows)
+    return {"forward_s": wall, "forward_cpu_s": time.process_time() - cpu}
+
+
+def add_forward_ratios(row: dict) -> None:
+    """Compression time over one forward, wall and CPU, where both are known."""
+    if row.get("compress_s") and row.get("forward_s"):
+        row["time_vs_forward"] = row["compress_s"] / row["forward_s"]
+    if row.get("compress_cpu_s") and row.get("forward_cpu_s"):
+        row["cpu_vs_forward"] = row["compress_cpu_s"] / row["forward_cpu_s"]
 
 
 def gpu_peak_mb() -> float | None:
@@ -231,13 +255,15 @@ def machine() -> str:
 
 
 def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, nsamples=128, seqlen=256, seed=0,
-             device="cpu", progress=print, on_row=None, repeat: int = 1, eval_tokens: int | None = None) -> list[dict]:
+             device="cpu", progress=print, on_row=None, repeat: int = 1, eval_tokens: int | None = None,
+             threads: int | None = None) -> list[dict]:
     """Run every row (`repeat` times, each in a fresh process); `on_row(results so far)` after each
     row, so a long grid leaves partial results."""
     results = []
     for i, cfg in enumerate(rows, 1):
         progress(f"[{i}/{len(rows)}] {settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}")
-        runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens) for _ in range(repeat)]
+        runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens, threads)
+                for _ in range(repeat)]
         results.append(median_of_runs(runs))
         base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
         for r in results:
@@ -248,7 +274,7 @@ def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, ns
     return results
 
 
-TIMED = ("compress_s", "forward_s", "time_vs_forward")
+TIMED = ("compress_s", "forward_s", "time_vs_forward", "compress_cpu_s", "forward_cpu_s", "cpu_vs_forward")
 
 
 def median_of_runs(runs: list[dict]) -> dict:
@@ -271,18 +297,23 @@ def median_of_runs(runs: list[dict]) -> dict:
 
 def markdown_table(rows: list[dict], fp16_mb: float | None = None) -> str:
     gpu = any(r.get("gpu_peak_mb") for r in rows)  # a GPU column only when a row ran on CUDA
-    head = "| method | settings | ppl | Δppl vs fp16 | bits/weight | checkpoint MB | compress s | × forward | peak RSS MB |"
-    head += " GPU peak MB |" if gpu else ""
-    width = 10 if gpu else 9
+    cpu = any(r.get("compress_cpu_s") for r in rows)  # CPU seconds where the rows measured them
+    head = "| method | settings | ppl | Δppl vs fp16 | bits/weight | checkpoint MB | compress s | × forward |"
+    head += " compress CPU s | CPU × forward |" if cpu else ""
+    head += " peak RSS MB |" + (" GPU peak MB |" if gpu else "")
+    width = 9 + 2 * cpu + gpu
     lines = [head, "|" + "---|" * width]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['method']} | {r['settings']} | failed: {r['error']} |" + " |" * (width - 3))
             continue
-        line = "| {m} | {s} | {ppl} | {d} | {b} | {mb} | {t} | {x} | {rss} |".format(
+        line = "| {m} | {s} | {ppl} | {d} | {b} | {mb} | {t} | {x} |".format(
             m=r["method"] + (" (peer)" if r.get("peer") else ""), s=r["settings"], ppl=_f(r.get("ppl"), 3),
             d=_f(r.get("delta_ppl"), 3, sign=True), b=_f(r.get("bits_per_weight"), 3), mb=_f(r.get("checkpoint_mb"), 2),
-            t=_f(r.get("compress_s"), 1), x=_f(r.get("time_vs_forward"), 1), rss=_f(r.get("peak_rss_mb"), 0))
+            t=_f(r.get("compress_s"), 1), x=_f(r.get("time_vs_forward"), 1))
+        if cpu:
+            line += f" {_f(r.get('compress_cpu_s'), 1)} | {_f(r.get('cpu_vs_forward'), 1)} |"
+        line += f" {_f(r.get('peak_rss_mb'), 0)} |"
         lines.append(line + (f" {_f(r.get('gpu_peak_mb'), 0)} |" if gpu else ""))
     return "\n".join(lines)
 
@@ -372,7 +403,7 @@ def checks(grid: str, rows: list[dict]) -> list[str]:
                     named = "" if rtn["settings"] == r["settings"] else f" ({rtn['settings']})"
                     lines.append(f"GPTQ {r['settings']}: {r['ppl']:.3f} {verdict} RTN{named} {rtn['ppl']:.3f} "
                                  f"(Δppl ratio GPTQ/RTN {ratio:.2f})")
-    if grid == "smollm2":
+    if grid.startswith("smollm2"):
         lines += peer_ratios(rows)
     if grid == "sparse":
         for pattern in ("sparsity=0.5", "nm=2:4"):
@@ -410,6 +441,9 @@ def peer_ratios(rows: list[dict]) -> list[str]:
         if ours.get("compress_s") and peer.get("compress_s"):
             parts.append(f"time {ours['compress_s']:.1f} s vs {peer['compress_s']:.1f} s "
                          f"({ours['compress_s'] / peer['compress_s']:.2f} ×)")
+        if ours.get("compress_cpu_s") and peer.get("compress_cpu_s"):
+            parts.append(f"CPU {ours['compress_cpu_s']:.1f} s vs {peer['compress_cpu_s']:.1f} s "
+                         f"({ours['compress_cpu_s'] / peer['compress_cpu_s']:.2f} ×)")
         if ours.get("delta_ppl") is not None and peer.get("delta_ppl"):
             parts.append(f"Δppl {ours['delta_ppl']:+.3f} vs {peer['delta_ppl']:+.3f} "
                          f"({ours['delta_ppl'] / peer['delta_ppl']:.2f} ×)")
@@ -429,6 +463,15 @@ def update_results(md_path: Path, grid: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     md_path.write_text(text)
+
+
+def _cpu_note(rows: list[dict]) -> str:
+    if not any(r.get("compress_cpu_s") for r in rows):
+        return ""
+    threads = sorted({r["threads"] for r in rows if r.get("threads")})
+    return ("Compress CPU s is the row process's CPU time (`time.process_time`) over the same call, with "
+            f"{' / '.join(map(str, threads))} torch thread(s); CPU × forward divides it by the forward's CPU "
+            "time. On a shared machine CPU seconds of a one-thread process are the stable measure.")
 
 
 def _runs_note(rows: list[dict]) -> str:
@@ -477,6 +520,7 @@ def render_section(grid: str, rows: list[dict], command: str, model: str, calib:
         "Compress s excludes model load and evaluation; × forward divides it by one plain float32 forward "
         "over the same calibration windows timed in the same process "
         f"(median {sorted(forward)[len(forward) // 2]:.2f} s)." if forward else "",
+        _cpu_note(rows),
         f"Peak RSS is the row's own process. {_runs_note(rows)}{rss_note}",
         "",
         markdown_table(rows),

@@ -34,6 +34,7 @@ from .errors import CheckpointError, Interrupted, LayerwiseError, ModelError, Re
 from .formats import CompressedWeight
 from .linears import to_module_layout
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
+from .memory import placeholder
 from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale
 
 log = logging.getLogger(__name__)
@@ -247,8 +248,10 @@ def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     manifest = read_manifest(path)
     layers = manifest["layers"]
     plain: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    compressed: dict[str, CompressedWeight] = {}
     for shard in _shards(path, manifest, verify):
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        shard_plain: dict[str, torch.Tensor] = {}
         for key, tensor in _read_shard(shard).items():
             layer, sep, part = key.rpartition(".weight.")
             if sep and part in PARTS:
@@ -258,20 +261,31 @@ def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
                     raise CheckpointError(f"{shard}: tensor {key} should be in {layers[layer]['shard']} per {MANIFEST}")
                 parts.setdefault(layer, {})[part] = tensor
             else:
-                plain[key] = tensor
-    missing = set(layers) - set(parts)
+                shard_plain[key] = tensor
+        # a shard's tensors view its memory-mapped file: beside packed codes, keep copies (norms,
+        # biases), so the mapping, with every page of codes read while unpacking, goes with the shard
+        plain.update({k: v.clone() for k, v in shard_plain.items()} if parts else shard_plain)
+        for name in list(parts):  # a layer lives in one shard: decode it now, drop its packed parts
+            compressed[name] = _decode_layer(name, layers[name], parts.pop(name), path)
+    missing = set(layers) - set(compressed)
     if missing:
         raise CheckpointError(f"{path}: checkpoint is incomplete, no tensors for {sorted(missing)[:3]}")
-    compressed = {}
-    for name, tensors in parts.items():
-        check_parts(name, layers[name], tensors, path)
-        try:
-            compressed[name] = CompressedWeight.from_tensors(layers[name], tensors)
-        except (ValueError, RuntimeError) as e:  # e.g. codes beyond `bits`, a mask that disagrees with `kept`
-            raise CheckpointError(f"{path}: layer {name} does not decode ({_first_line(e)}); the checkpoint is damaged") from None
-        if compressed[name].kept != layers[name]["kept"]:
-            raise CheckpointError(f"{path}: layer {name} keeps {compressed[name].kept} weights, the manifest says {layers[name]['kept']}")
     return plain, compressed
+
+
+def _decode_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> CompressedWeight:
+    check_parts(name, meta, tensors, path)
+    try:
+        cw = CompressedWeight.from_tensors(meta, tensors)
+    except (ValueError, RuntimeError) as e:  # e.g. codes beyond `bits`, a mask that disagrees with `kept`
+        raise CheckpointError(f"{path}: layer {name} does not decode ({_first_line(e)}); the checkpoint is damaged") from None
+    if cw.kept != meta["kept"]:
+        raise CheckpointError(f"{path}: layer {name} keeps {cw.kept} weights, the manifest says {meta['kept']}")
+    # copies of the tensors kept as read (scales, LUTs): views would keep the shard's mapping alive
+    for field in ("scale", "lut", "lut_codes", "lut_scale", "values"):
+        if getattr(cw, field) is not None:
+            setattr(cw, field, getattr(cw, field).clone())
+    return cw
 
 
 def _shards(path: Path, manifest: dict, verify: bool) -> list[Path]:
@@ -305,12 +319,15 @@ def _read_shard(shard: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{shard} is not a readable safetensors file ({_first_line(e)}); the checkpoint is damaged") from None
 
 
-def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", verify: bool = True,
-                    trust_remote_code: bool = False):
+def load_compressed(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str = "cpu", verify: bool = True,
+                    trust_remote_code: bool = False, dense: bool = True):
     """A transformers model whose dense weights equal the checkpoint's dequantized codes.
 
     The compressed form stays attached as `model.layerwise_compressed` (name → CompressedWeight) and
     the manifest as `model.layerwise_manifest`, for export.
+    dtype: of the floating tensors (None: as stored). dense=False: each compressed layer's weight is a
+    placeholder of its shape (`memory.placeholder`, no memory) and only the CompressedWeight holds it —
+    for export, which never needs the dense values.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -326,8 +343,13 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
         model = AutoModelForCausalLM.from_config(config)
     state = dict(plain)
     for name, cw in compressed.items():
-        state[f"{name}.weight"] = to_module_layout(model.get_submodule(name), cw.dequantize())  # Conv1D: [in, out]
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        module = model.get_submodule(name)
+        if dense:
+            state[f"{name}.weight"] = to_module_layout(module, cw.dequantize())  # Conv1D: [in, out]
+        else:
+            state[f"{name}.weight"] = placeholder(module.weight.shape, dtype or torch.float16)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in result.missing_keys if _is_tied(model, k)}
     if set(result.missing_keys) - tied or result.unexpected_keys:

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
-    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 | quick")
+    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 (or its halves smollm2-gptq, smollm2-sparse-palettize) | quick")
     b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
     b.add_argument("--calib", default=BUNDLED_CALIBRATION)
     b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeat", type=positive, default=1, help="runs per row; times reported as medians")
     b.add_argument("--eval-tokens", type=positive, help="evaluate on the first N tokens of the evaluation text only (slow machines)")
+    b.add_argument("--threads", type=positive, help="torch threads of every row's process (1: CPU seconds that other "
+                   "work on a shared machine disturbs least; the table then shows them next to wall seconds)")
     b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     _add_generate_and_families(sub)
@@ -398,7 +400,7 @@ def cmd_bench(args) -> int:
 
     rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
                     args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat,
-                    eval_tokens=args.eval_tokens)
+                    eval_tokens=args.eval_tokens, threads=args.threads)
     print(publish(rows, True))
     return 1 if any(r.get("error") for r in rows) else 0
 

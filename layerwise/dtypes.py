@@ -1,6 +1,7 @@
 """The storage policy for floating-point weights, stated once.
 
-- Compute: every block (and the tensors outside the blocks) runs in float32 while it is compressed.
+- Compute: every block (and the tensors outside the blocks) runs in float32 while it is compressed;
+  a float16 block's nn.Linear weights stay float16 and are upcast per call (`upcast.py`).
 - Kept in memory afterwards: the stored dtype, except bfloat16, which comes back as float32 — the
   compressed layers' values are float16 numbers and bfloat16 cannot hold them exactly.
 - Written to a checkpoint's plain tensors (norms, biases, embeddings): float16 for a float32 model,

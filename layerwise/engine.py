@@ -32,6 +32,8 @@ from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
 from .lazy import LazyBlocks
 from .lockstep import lockstep_block
+from .memory import available_memory, give_back_large_frees, trim_heap
+from .upcast import restore_linears, upcast_per_call
 from .linears import (
     describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
     set_weight_out_in, weight_out_in,
@@ -98,7 +100,7 @@ class LayerwiseCompressor:
 
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
-                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool = True,
+                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
                  ranks: Ranks = SINGLE):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
@@ -107,12 +109,13 @@ class LayerwiseCompressor:
         stack: solve the layers of one input group with one config as one stacked matrix
         (stacking.py; same result). lockstep: staged solving of a declared family in one forward per
         block (lockstep.py; same result, every batch's block activations in memory at once; not with
-        offload_dir); off: one forward per stage.
+        offload_dir); False: one forward per stage; "auto": lockstep when its extra activations fit
+        (`_choose_lockstep`).
         ranks: this process's share of the batches and layers under torch.distributed (`distributed`)."""
         self.ranks = ranks
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.stack = stack
-        self.lockstep = lockstep and offload_dir is None
+        self.lockstep = lockstep if offload_dir is None else False
         self.model = model
         self.lazy = lazy
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -179,6 +182,9 @@ class LayerwiseCompressor:
         """
         start = time.perf_counter()
         self.model.eval()
+        if self.offload_dir is not None:  # the low-memory mode: one block's temporaries at a time, not
+            give_back_large_frees()  # every block's fragments (an mmap per large temporary: ~20 % more CPU)
+        trim_heap()  # what reading the model and tokenizing the calibration text left in the heaps
         streamed = self.needs_data or on_block_output is not None
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
@@ -188,11 +194,13 @@ class LayerwiseCompressor:
         batches = None
         try:
             if streamed:
-                with self._outside_on_device():  # only for the capture: float32 embeddings are big
+                with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
                     batches = self._capture(windows)
             if self.lazy is not None:
                 self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, batches)
+            if batches is not None:
+                self._choose_lockstep(batches)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None if self.ranks.main else True):
@@ -211,14 +219,17 @@ class LayerwiseCompressor:
         return CompressionResult(reports, kept, time.perf_counter() - start, self.left_out)
 
     @contextlib.contextmanager
-    def _outside_on_device(self):
-        """The tensors outside the blocks on the device in float32, given back (`dtypes.kept_dtype`) after."""
-        prefix = self.family.blocks + "."
-        stored = _move_outside(self.model, prefix, self.device)
+    def _outside_on_device(self, head: bool = True):
+        """The tensors outside the blocks on the device in float32, given back (`dtypes.kept_dtype`) after.
+        head=False leaves the final norm and lm_head as they are: the capture stops before them
+        (an untied lm_head in float32 is as big as the embeddings)."""
+        after = () if head else tuple(p + "." for p in (self.family.final_norm, self.family.lm_head) if p)
+        skip = (self.family.blocks + ".",) + after
+        stored = _move_outside(self.model, skip, self.device)
         try:
             yield
         finally:
-            _move_outside(self.model, prefix, torch.device("cpu"), stored)
+            _move_outside(self.model, skip, torch.device("cpu"), stored)
 
     def _process_block(self, index, replay, batches, reports, writer, kept, on_block_output) -> None:
         """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
@@ -226,12 +237,12 @@ class LayerwiseCompressor:
         block = self.blocks[index]
         if self.lazy is not None:
             self.lazy.load(index, block)
-        keep_dtype = _onload(block, self.device)
+        keep_dtype, upcast = _onload(block, self.device)
         outputs = None
         if replay:
             compressed = writer.read_block(index)
             for name, cw in compressed.items():
-                set_weight_out_in(get_module(self.model, name), cw.dequantize().to(device=self.device, dtype=COMPUTE_DTYPE))
+                _put_dense(get_module(self.model, name), cw)
         elif batches is not None:
             compressed, outputs = self._compress_block(index, block, batches, reports)
         else:
@@ -246,10 +257,12 @@ class LayerwiseCompressor:
             if on_block_output is not None:
                 on_block_output(index, batches.hidden_states())
         block.to(device="cpu", dtype=keep_dtype)
+        restore_linears(upcast)
         if not replay:
             self._hand_over(index, block, compressed, writer, kept, reports)
         if self.lazy is not None:
             self.lazy.release(block)
+        trim_heap()
 
     def _capture(self, windows: torch.Tensor) -> Activations:
         """Block-0 inputs of this rank's calibration batches, stored as they are caught (so that
@@ -278,6 +291,24 @@ class LayerwiseCompressor:
             block_bytes / 1e6, "x".join(map(str, windows.shape)) if windows is not None else "-", act_bytes / 1e6,
             where, hessian_bytes / 1e6,
         )
+
+    def _choose_lockstep(self, batches: Activations) -> None:
+        """"auto": lockstep when its extra memory fits comfortably. Every batch then waits inside the
+        block at once, each holding about its widest linear input (the MLP intermediate) and two
+        hidden-wide tensors per token in float32, on top of the widest group's solve. Allowed: a
+        quarter of the memory available now. Otherwise the staged path, which gives the same bytes
+        with one forward per stage (about 2.6 block forwards instead of one: issue 15's speed)."""
+        if self.lockstep != "auto":
+            return
+        block = self.blocks[0]
+        widths = [linear_shape(m)[1] for m in block.modules() if is_compressible(m)]
+        hidden = batches.hidden_width()
+        extra = 4 * batches.tokens() * (max(widths, default=hidden) + 2 * hidden)
+        have = available_memory()
+        self.lockstep = have is None or 4 * extra <= have
+        log.info("lockstep solving %s: every batch paused inside a block holds about %.0f MB%s",
+                 "on" if self.lockstep else "off, one forward per stage (same result)", extra / 1e6,
+                 f" (allowed: a quarter of {have / 1e6:.0f} MB available)" if have else "")
 
     def _compress_block(self, index, block, batches, reports) -> tuple[dict[str, CompressedWeight], list | None]:
         """The block's compressed layers, and its compressed outputs per batch when the lockstep
@@ -358,11 +389,13 @@ class LayerwiseCompressor:
         weight = weight_out_in(linear)  # [out, in]
         cw = solution.compressed
         dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
+        rel_error = relative_error(weight, dense, hessian)
+        del dense
         reports.append(
             LayerReport(
                 name=name,
                 method=config.method,
-                rel_error=relative_error(weight, dense, hessian),
+                rel_error=rel_error,
                 error_space="output" if hessian is not None else "weight",
                 seconds=seconds,
                 bits_per_weight=cw.bits_per_weight(),
@@ -371,7 +404,7 @@ class LayerwiseCompressor:
                 notes=solution.notes,
             )
         )
-        set_weight_out_in(linear, dense)
+        _put_dense(linear, cw)
         return cw
 
     def _lm_head_hessian(self, batches) -> torch.Tensor:
@@ -421,11 +454,26 @@ def _warn_if_mostly_left_out(left_out: dict, planned: bool) -> None:
         log.warning("most block weights stay float16: %s", describe_left_out(left_out))
 
 
-def _onload(block: nn.Module, device: torch.device) -> torch.dtype:
-    """Move `block` to `device` in float32; returns the dtype to keep it in afterwards (`dtypes.kept_dtype`)."""
+def _onload(block: nn.Module, device: torch.device) -> tuple[torch.dtype, list[nn.Linear]]:
+    """Move `block` to `device` for float32 compute; returns the dtype to keep it in afterwards
+    (`dtypes.kept_dtype`) and its linears that compute in float32 from float16 storage (`upcast`),
+    to hand to `restore_linears` once the block is done."""
     dtype = next(block.parameters()).dtype
-    block.to(device=device, dtype=COMPUTE_DTYPE)
-    return kept_dtype(dtype)
+    kept = kept_dtype(dtype)
+    upcast = upcast_per_call(block) if kept == torch.float16 else []
+    narrow = {id(m.weight) for m in upcast}
+    block.to(device=device)
+    for tensor in list(block.parameters()) + list(block.buffers()):
+        if tensor.is_floating_point() and id(tensor) not in narrow:
+            tensor.data = tensor.data.to(COMPUTE_DTYPE)
+    return kept, upcast
+
+
+def _put_dense(linear: nn.Module, cw: CompressedWeight) -> None:
+    """The compressed weight's dense values into `linear` (later stages and blocks see them), in the
+    dtype it stores its weight in (float16 values: exact in float16 and float32)."""
+    weight = linear.weight
+    set_weight_out_in(linear, cw.dequantize().to(device=weight.device, dtype=weight.dtype))
 
 
 def _wants_fisher(config: MethodConfig) -> bool:
@@ -451,9 +499,11 @@ def collect_hessians(
     current: dict[str, HessianAccumulator] = {}
 
     def blank():
-        return {name: HessianAccumulator(linear_shape(m)[1], m.weight.device) for name, m in linears.items()}
+        return {name: _blank_for(m) for name, m in linears.items()}
 
     def grab(name, x):
+        if name not in current:  # made here, not before the forward: an 8192-wide H is 268 MB, not
+            current[name] = _blank_for(linears[name])  # to be resident beside the forward's temporaries
         current[name].add(x)
         pending.discard(name)
         if stop_early and not pending:
@@ -461,13 +511,13 @@ def collect_hessians(
 
     def leaves():
         for batch in batches:
-            current.update(blank())
+            current.clear()
             pending.update(names)
             try:
                 run_block(block, batch, index)
             except StopForward:
                 pass
-            yield dict(current)
+            yield {name: current.get(name) or _blank_for(m) for name, m in linears.items()}
 
     handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
     try:
@@ -476,6 +526,10 @@ def collect_hessians(
         for h in handles:
             h.remove()
     return {name: acc.hessian for name, acc in summed.items()}
+
+
+def _blank_for(linear: nn.Module) -> HessianAccumulator:
+    return HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
 
 
 def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
@@ -497,13 +551,14 @@ def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tu
 
 
 def _move_outside(
-    model: nn.Module, block_prefix: str, device: torch.device, dtypes: dict[str, torch.dtype] | None = None
+    model: nn.Module, skip: tuple[str, ...], device: torch.device, dtypes: dict[str, torch.dtype] | None = None
 ) -> dict[str, torch.dtype]:
-    """Move every parameter and buffer outside the blocks to `device` (tied ones once), as float32,
-    or back to the `dtypes` returned by the first call; returns the dtypes found."""
+    """Move every parameter and buffer whose name starts with none of `skip` (the blocks' prefix, …)
+    to `device` (tied ones once), as float32, or back to the `dtypes` returned by the first call;
+    returns the dtypes found."""
     found = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(block_prefix):
+        if name.startswith(skip):
             continue
         found[name] = tensor.dtype
         dtype = COMPUTE_DTYPE if tensor.is_floating_point() else tensor.dtype

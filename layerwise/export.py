@@ -38,7 +38,8 @@ def export_model(model_path: str, out_path: str | Path, context: int = 512, mult
         raise ModelError(f"--prefill-length {prefill_length} must lie in [1, --context {context}]")
     out_path = check_output(out_path, overwrite, inputs=(model_path,))
     tokenizer_dir = check_output(tokenizer_dir_for(out_path), overwrite, inputs=(model_path,), flag="tokenizer folder")
-    model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify)
+    # dense=False: the compressed layers reach the converter as codes only, never as dense copies
+    model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify, dense=False)
     check_length(model.config, context, "--context", allow_long_context)
     check_state_memory(model.config, context)
     from .coreml import export_mlpackage

@@ -229,6 +229,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `count` values as a flat uint8 tensor."""
     if bits == 8:
         return packed[:count].clone()
+    if bits in (1, 2, 4):  # whole values per byte: shift and mask, no bit planes (8x + 2x temporaries)
+        p, per = packed.numpy(), 8 // bits
+        out = np.empty(len(p) * per, dtype=np.uint8)
+        for k in range(per):
+            out[k::per] = (p >> (k * bits)) & ((1 << bits) - 1)
+        return torch.from_numpy(out[:count].copy() if len(out) > count else out)
     flat = np.unpackbits(packed.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
     return torch.from_numpy((flat.astype(np.uint16) @ weights).astype(np.uint8))

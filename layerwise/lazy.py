@@ -94,7 +94,11 @@ class LazyBlocks:
         for file, group in by_file.items():
             with _reading(file) as f:
                 for name in group:
-                    state[name] = _cast(f.get_tensor(prefix + name), self.dtype)
+                    raw = f.get_tensor(prefix + name)
+                    cast = _cast(raw, self.dtype)
+                    # memory of its own, not the mapped file's pages: a solved weight's replacement
+                    # then frees the original instead of adding to the mapping, which stays resident
+                    state[name] = raw.clone() if cast is raw else cast
         check_finite(((prefix + n, t) for n, t in state.items()), str(self.files[prefix + names[0]].parent),
                      only=self.finite_names)
         block.load_state_dict(state, strict=True, assign=True)

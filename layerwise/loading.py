@@ -24,12 +24,14 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               verify: bool = True, allow_non_finite: bool = False):
+               verify: bool = True, allow_non_finite: bool = False, dense: bool = True):
     """A causal LM from a checkpoint directory, a HF directory or a Hub id, on `device`.
 
     dtype "auto" keeps the stored dtype of a HF model (a layerwise checkpoint loads as float32).
     verify: check a checkpoint's shard sha256s. allow_non_finite: skip the NaN/Inf weight check
     (the caller then checks the weights it uses, see `check_finite`).
+    dense=False (export): a checkpoint's compressed weights stay compressed (placeholders in the
+    model, see `load_compressed`) and its other tensors keep their stored dtype.
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
@@ -37,14 +39,37 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
 
     device = str(resolve_device(device))  # an unknown or absent device is one line, not a torch traceback
     if is_checkpoint(name_or_path):
-        model = load_compressed(name_or_path, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], device=device,
-                                verify=verify, trust_remote_code=trust_remote_code)
+        stored = None if not dense else torch.float32
+        model = load_compressed(name_or_path, dtype=stored if dtype == "auto" else DTYPES[dtype], device=device,
+                                verify=verify, trust_remote_code=trust_remote_code, dense=dense)
     else:
         model = _load_hf(name_or_path, dtype, trust_remote_code).to(device).eval()
     check_causal(model, name_or_path)
     if not allow_non_finite:
-        check_finite(model.named_parameters(), name_or_path)
+        check_finite(model.named_parameters() if dense else _decoded_parameters(model), name_or_path)
     return model
+
+
+def _decoded_parameters(model):
+    """(name, tensor) whose values are finite iff the parameter's (decoded) values are: a compressed
+    layer's own tensors where they decide it, else its dequantized weight (one layer at a time)."""
+    compressed = getattr(model, "layerwise_compressed", {})
+    for name, p in model.named_parameters():
+        cw = compressed.get(name.removesuffix(".weight"))
+        if cw is None:
+            yield name, p
+        elif cw.scheme == "lut":  # decoded values are LUT entries
+            yield name, cw.lut
+        elif cw.scheme == "affine" and _affine_stays_finite(cw):
+            continue
+        else:  # dense values, or a grid whose extreme steps might overflow float16
+            yield name, cw.dequantize()
+
+
+def _affine_stays_finite(cw) -> bool:
+    """Every scale·(code − zero point) is a finite float16 when |scale|·(2**bits − 1) ≤ 65504."""
+    scale = cw.scale.float()
+    return bool(torch.isfinite(scale).all()) and float(scale.abs().max()) * (2**cw.bits - 1) <= 65504
 
 
 def _load_hf(name_or_path: str, dtype: str, trust_remote_code: bool):
@@ -138,7 +163,7 @@ def check_finite(named_tensors, name: str, only: set[str] | None = None) -> None
     for tensor_name, tensor in named_tensors:
         if only is not None and tensor_name not in only:
             continue
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not _all_finite(tensor):
             nan = int(torch.isnan(tensor).sum())
             inf = int(torch.isinf(tensor).sum())
             hint = ("the recipe compresses it, so it must be finite (leave that layer alone with config: null)"
@@ -146,6 +171,13 @@ def check_finite(named_tensors, name: str, only: set[str] | None = None) -> None
             raise NumericalError(
                 f"{name}: tensor {tensor_name} holds {nan} NaN and {inf} Inf values; the model is damaged ({hint})"
             )
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(tensor).all(), a few million values at a time: on a float16 embedding the
+    whole-tensor call allocates a float32 copy and a bool mask of it (470 MiB on a 32k × 3072 one)."""
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def max_positions(config) -> int | None:

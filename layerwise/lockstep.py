@@ -98,6 +98,7 @@ def lockstep_block(
                 partial = HessianAccumulator(*sizes[name])
                 partial.add(inp[0])
                 accs[name].push(partial)
+                del partial  # this frame waits through the solve: it must not keep an [in, in] alive
             thread.pause(name)
         return grab
 

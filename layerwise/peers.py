@@ -110,7 +110,7 @@ def measure_peer(name: str, model_path: str, calib: str, eval_text: str, nsample
 
 
 def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None) -> dict:
-    from layerwise.bench import evaluation_ids, gpu_peak_mb, time_forward
+    from layerwise.bench import add_forward_ratios, evaluation_ids, gpu_peak_mb, timed_forward
     from layerwise.calib_data import calibration_windows
     from layerwise.evaluate import perplexity
     from layerwise.loading import load_model, load_tokenizer
@@ -127,9 +127,9 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device,
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
     _import_coremltools()  # the (slow) import stays outside the timed call
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = compress_peer(peer, model, windows, dev)
-    out = {"compress_s": time.perf_counter() - start}
+    out = {"compress_s": time.perf_counter() - start, "compress_cpu_s": time.process_time() - cpu}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     out["gpu_peak_mb"] = gpu_peak_mb()
     model.zero_grad(set_to_none=True)  # SKM leaves its squared gradients behind
@@ -146,8 +146,9 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device,
     kept = {n: float((modules[n].weight != 0).float().mean()) for n in targets}
     out["bits_per_weight"] = peer_bits(peer, shapes, kept)
 
-    out["forward_s"] = time_forward(load_model(model_path, dtype="float32"), windows)
-    out["time_vs_forward"] = out["compress_s"] / out["forward_s"]
+    if peer["kind"] in ("layerwise", "skm"):  # calibrated: × forward (data-free peers have no windows to compare)
+        out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
+        add_forward_ratios(out)
     res = perplexity(model, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
     out["ppl"] = res["ppl"]
     out["eval_tokens"] = res["tokens"]

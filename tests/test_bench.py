@@ -16,7 +16,8 @@ def test_bench_quick_writes_table_csv_json_and_png(tiny_dirs, calib_text_file, t
     assert code == 0
     text = results.read_text()
     assert "kept text" in text and "<!-- grid:quick -->" in text and "Reproduce: `" in text
-    header = "| method | settings | ppl | Δppl vs fp16 | bits/weight | checkpoint MB | compress s | × forward | peak RSS MB |"
+    header = ("| method | settings | ppl | Δppl vs fp16 | bits/weight | checkpoint MB | compress s | × forward | "
+              "compress CPU s | CPU × forward | peak RSS MB |")
     assert header in text
     rows = json.loads((tmp_path / "bench-quick.json").read_text())
     assert [r["method"] for r in rows] == ["float16", "rtn", "gptq"]

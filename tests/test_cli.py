@@ -166,7 +166,7 @@ def test_refine_steps_flag():
         return method_config(method_config_from_flags(build_parser().parse_args(argv)), "flags")
 
     assert config("--refine-steps", "0").refine_steps == 0
-    assert config().refine_steps == 32
+    assert config().refine_steps == 12
 
 
 def test_data_free_method_reads_no_calibration(tiny_dirs, tmp_path, capsys):

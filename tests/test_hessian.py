@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from layerwise.errors import NumericalError
-from layerwise.hessian import HessianAccumulator, prepare_hessian, relative_error
+from layerwise.hessian import HessianAccumulator, output_error, prepare_hessian, relative_error
 
 
 def test_streaming_hessian_equals_batch_formula():
@@ -12,6 +12,19 @@ def test_streaming_hessian_equals_batch_formula():
         acc.add(chunk)
     assert torch.allclose(acc.hessian, 2 / 1000 * x.T @ x, rtol=1e-5, atol=1e-6)
     assert acc.rows == 1000
+
+
+def test_panelled_hessian_is_symmetric_and_equals_the_full_product():
+    # wider than one panel (and not a multiple of it): only the upper block triangle is computed
+    width = 2 * HessianAccumulator.PANEL + 37
+    x = torch.randn(300, width, dtype=torch.float64)
+    acc = HessianAccumulator(width)
+    for chunk in x.float().split(120):
+        acc.add(chunk)
+    H = acc.hessian
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), 2 / 300 * x.T @ x, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(torch.tril(acc.sum, diagonal=-HessianAccumulator.PANEL)) == 0  # never computed
 
 
 def test_nan_activations_are_an_error():
@@ -61,3 +74,81 @@ def test_relative_error_zero_for_exact():
     H = torch.eye(6)
     assert relative_error(w, w, H) == 0
     assert relative_error(w, torch.zeros_like(w), H) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_in_place_factorization_of_a_wide_unsymmetric_hessian(act_order):
+    """prepare_hessian factors in one buffer (column-major view, tiles, a blocked inverse): for a
+    Hessian that is not exactly symmetric (streamed sums need not be), wider than one tile, with a
+    dead column, the answer is the one for the symmetric matrix with the same lower triangle (in
+    sweep order), and the textbook factor of it."""
+    torch.manual_seed(0)
+    n = 1100  # two full 512-row tiles and a partial one
+    x = torch.randn(n + 50, n)
+    x[:, 3] = 0
+    hessian = x.t() @ x + 1e-3 * torch.randn(n, n).triu(1)  # the upper triangle differs from the lower
+    perm = torch.randperm(n) if act_order else None
+    got = prepare_hessian(hessian, 0.01, perm=perm).cholesky_of_inverse
+    assert torch.equal(got, got.triu())
+
+    H = hessian[perm][:, perm] if act_order else hessian.clone()
+    rev = torch.arange(n - 1, -1, -1)
+    R = H[rev][:, rev]
+    R = R.tril() + R.tril(-1).t()  # the triangle that is factored, made symmetric
+    symmetric = R[rev][:, rev]
+    same = prepare_hessian(symmetric[torch.argsort(perm)][:, torch.argsort(perm)] if act_order else symmetric,
+                           0.01, perm=perm).cholesky_of_inverse
+    assert torch.equal(got, same)
+    Hd = symmetric.double()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd += 0.01 * torch.diag(Hd).mean() * torch.eye(n, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.allclose(got.double(), reference, rtol=1e-2, atol=1e-3 * reference.abs().max())
+
+
+def test_relative_and_output_error_equal_the_trace_formulas():
+    width = 2 * HessianAccumulator.PANEL + 11  # three panels
+    x = torch.randn(700, width, dtype=torch.float64)
+    H = (2 / 700 * x.T @ x)
+    w, q = torch.randn(40, width, dtype=torch.float64), torch.randn(40, width, dtype=torch.float64)
+    delta = q - w
+    num, den = torch.trace(delta @ H @ delta.T), torch.trace(w @ H @ w.T)
+    assert relative_error(w.float(), q.float(), H.float()) == pytest.approx(float(num / den), rel=1e-4)
+    assert output_error(w.float(), q.float(), H.float()) == pytest.approx(float(num), rel=1e-4)
+    assert relative_error(w.float(), q.float(), None) == pytest.approx(float((delta**2).sum() / (w**2).sum()), rel=1e-5)
+
+
+def test_wide_layers_report_their_error_from_evenly_spaced_rows():
+    from layerwise.hessian import REPORT_ROWS, report_rows
+
+    x = torch.randn(400, 64)
+    H = 2 / 400 * x.T @ x
+    w = torch.randn(4 * REPORT_ROWS, 64)
+    q = w + 0.1 * torch.randn_like(w)
+    rows = report_rows(w.shape[0])
+    assert len(rows) == REPORT_ROWS and rows[0] == 0 and rows[-1] == w.shape[0] - 1
+    exact = torch.trace((q - w) @ H @ (q - w).T) / torch.trace(w @ H @ w.T)
+    assert relative_error(w, q, H) == pytest.approx(float(exact), rel=0.1)  # an estimate on a quarter of the rows
+    assert relative_error(w[:REPORT_ROWS], q[:REPORT_ROWS], H) == pytest.approx(
+        float(torch.trace((q - w)[:REPORT_ROWS] @ H @ (q - w)[:REPORT_ROWS].T) / torch.trace(w[:REPORT_ROWS] @ H @ w[:REPORT_ROWS].T)),
+        rel=1e-4)
+
+
+@pytest.mark.parametrize("width", [5, 300])  # one leaf; several levels of the blocked inverse
+def test_inverse_factor_equals_the_textbook_route(width):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * width, width, generator=g, dtype=torch.float64)
+    x[:, 1] = 0  # a dead column
+    H = (2 / (2 * width) * x.T @ x).float()
+    perm = torch.randperm(width, generator=g)
+    prep = prepare_hessian(H, damp=0.05, perm=perm, keep_damped=True)
+    Hd = H[perm][:, perm].double()
+    d = prep.dead.nonzero().flatten()
+    Hd[d, d] = 1.0
+    Hd += 0.05 * torch.diag(Hd).mean() * torch.eye(width, dtype=torch.float64)
+    assert torch.equal(prep.damped, Hd.float())  # the factored H, in sweep order
+    reference = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    U = prep.cholesky_of_inverse
+    assert torch.equal(U, torch.triu(U))
+    assert torch.allclose(U.double(), reference, rtol=1e-3, atol=1e-4 * reference.abs().max())

@@ -1,10 +1,11 @@
 """export_mlpackage: HF causal LM → stateful iOS18 mlpackage, compressed weights carried bit for bit.
 
-Steps: wrap the model in `StatefulCausalLM` (KV cache in float16 buffers, fused SDPA), hold each
-compressed module's weight at ``cw.dequantize()`` while tracing and converting (restored after),
-convert to a pymil program with ``k_cache``/``v_cache`` states, swap the dense weight consts for
-constexpr ops built from the CompressedWeights (`weights.compress_program`), save to a temporary
-package next to `out_path` and rename it into place.
+Steps: wrap the model in `StatefulCausalLM` (KV cache in float16 buffers, fused SDPA), trace and
+convert it to a pymil program with ``k_cache``/``v_cache`` states while every 2-D+ weight is a
+stand-in that costs no memory (`standins`), put the real weights in (float16 consts, or constexpr
+ops built from the CompressedWeights: `weights.swap_stand_ins`), save to a temporary package next
+to `out_path` and rename it into place. Peak memory: the weights as loaded (compressed codes, float16
+tensors) plus coremltools' own, never a dense copy of the model.
 
 Program interface (every function):
     inputs   input_ids   [1, q_len] int32
@@ -17,7 +18,6 @@ Single function ``main`` takes any q_len in [1, context]; multifunction packages
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -59,7 +59,8 @@ def export_mlpackage(
     import coremltools as ct
 
     from ..models.stateful import StatefulCausalLM
-    from .weights import compress_program
+    from .standins import StandIns, held_weights, standing_in
+    from .weights import swap_stand_ins
 
     start = time.perf_counter()
     out_path = Path(out_path)
@@ -70,19 +71,21 @@ def export_mlpackage(
     if multifunction and not 1 <= prefill_length <= context:
         raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
     compressed = dict(compressed or {})
-    model = cpu_float32(model)
-    wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
+    held = held_weights(model)
+    values = _exported_values(model, held, compressed)
     shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
 
     programs = {}
-    with _holding(model, compressed), torch.no_grad():
+    stand_ins = StandIns(set(held))
+    with standing_in(model, held), torch.no_grad():
+        wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
         traced = _trace(wrapper)
         for fn, (ids_shape, mask_shape) in shapes.items():
-            programs[fn] = _convert(ct, traced, wrapper, ids_shape, mask_shape)
+            programs[fn] = _convert(ct, traced, wrapper, ids_shape, mask_shape, stand_ins)
     del traced
     kinds: dict[str, int] = {}  # MIL op type producing each compressed weight → count
     for i, prog in enumerate(programs.values()):
-        for op_type in compress_program(prog, compressed).values():
+        for op_type in swap_stand_ins(prog, stand_ins, values).values():
             kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
     ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
     missing = [op for op in wrapper.required_ops() if op not in ops]
@@ -149,21 +152,25 @@ def _trace(wrapper) -> torch.jit.ScriptModule:
     return traced
 
 
-def _convert(ct, traced, wrapper, ids_shape, mask_shape):
+def _convert(ct, traced, wrapper, ids_shape, mask_shape, stand_ins):
     """Traced wrapper → pymil Program (float16, iOS18, two states) for one input geometry."""
+    from .standins import converting, pipeline
+
     state = ct.TensorType(shape=wrapper.state_shape, dtype=np.float16)
-    return ct.convert(
-        traced,
-        inputs=[
-            ct.TensorType(INPUT_NAMES[0], shape=ids_shape, dtype=np.int32),
-            ct.TensorType(INPUT_NAMES[1], shape=mask_shape, dtype=np.float16),
-        ],
-        outputs=[ct.TensorType("logits", dtype=np.float16)],
-        states=[ct.StateType(wrapped_type=state, name=name) for name in STATE_NAMES],
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        convert_to="milinternal",
-    )
+    with converting(stand_ins):
+        return ct.convert(
+            traced,
+            inputs=[
+                ct.TensorType(INPUT_NAMES[0], shape=ids_shape, dtype=np.int32),
+                ct.TensorType(INPUT_NAMES[1], shape=mask_shape, dtype=np.float16),
+            ],
+            outputs=[ct.TensorType("logits", dtype=np.float16)],
+            states=[ct.StateType(wrapped_type=state, name=name) for name in STATE_NAMES],
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.precision.FLOAT16,
+            convert_to="milinternal",
+            pass_pipeline=pipeline(),
+        )
 
 
 def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
@@ -196,24 +203,23 @@ def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
         mlmodel.save(str(path))
 
 
-@contextlib.contextmanager
-def _holding(model: torch.nn.Module, compressed: dict[str, CompressedWeight]):
-    """Temporarily set each compressed module's weight to ``cw.dequantize()`` (float32 copy)."""
-    saved = []
-    try:
-        for name, cw in compressed.items():
-            try:
-                weight = model.get_submodule(name).weight
-            except AttributeError:
-                raise ModelError(f"compressed weight {name!r} names no module with a weight") from None
-            if tuple(weight.shape) != cw.shape:
-                raise ModelError(f"{name}: compressed shape {cw.shape} != weight {tuple(weight.shape)}")
-            saved.append((weight, weight.data))
-            weight.data = cw.dequantize().to(weight.dtype)
-        yield
-    finally:
-        for weight, data in reversed(saved):
-            weight.data = data
+def _exported_values(model, held: dict[str, torch.Tensor], compressed: dict[str, CompressedWeight]) -> dict:
+    """Parameter name → what is exported for it: the tensor, or (module name, CompressedWeight) for
+    a compressed module's weight and every name tied to it (the frontend names a tied weight once)."""
+    values: dict = dict(held)
+    by_tensor = {}
+    for name, cw in compressed.items():
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ModelError(f"compressed weight {name!r} names no module with a weight") from None
+        if tuple(weight.shape) != cw.shape:
+            raise ModelError(f"{name}: compressed shape {cw.shape} != weight {tuple(weight.shape)}")
+        by_tensor[id(weight)] = (name, cw)
+    for param, tensor in held.items():
+        if id(tensor) in by_tensor:
+            values[param] = by_tensor[id(tensor)]
+    return values
 
 
 def cpu_float32(model: torch.nn.Module) -> torch.nn.Module:

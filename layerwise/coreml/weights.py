@@ -1,8 +1,9 @@
 """Hand CompressedWeights to Core ML as iOS18 constexpr ops, bit for bit.
 
-The converter never fits a palette or a scale here: the program is converted with the dense
-float16 weights (``cw.dequantize()``), then `compress_program` swaps each such ``const`` for the
-constexpr op(s) that decode the checkpoint's own codes, scales, zero points, LUTs and masks:
+The converter never fits a palette or a scale here, nor sees the weights: the program is converted
+with stand-ins (`standins`), then `swap_stand_ins` puts in each stand-in's place the float16 const
+of a plain weight or the constexpr op(s) that decode the checkpoint's own codes, scales, zero
+points, LUTs and masks:
 
     affine            constexpr_blockwise_shift_scale(data=uint4|uint8 codes, scale, offset=zero point)
     affine, symmetric constexpr_blockwise_shift_scale(data=int4|int8 codes − 2**(bits−1), scale), no offset
@@ -36,61 +37,66 @@ log = logging.getLogger(__name__)
 
 
 
-def compress_program(
-    prog, compressed: dict[str, CompressedWeight], function: str = "main"
-) -> dict[str, str]:
-    """Replace the float16 weight const of every compressed module by its constexpr decode.
+def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "main") -> dict[str, str]:
+    """Put each held weight's real value where its stand-in is (see `standins`).
 
-    prog: pymil Program (converted with the dense ``cw.dequantize()`` weights).
-    compressed: HF module name (e.g. ``model.layers.0.mlp.up_proj``) → CompressedWeight.
-    Returns module name → MIL op type that now produces its weight.
-    A const is matched by exact float16 value and shape; a module whose weight is not found
-    (e.g. the model did not hold ``cw.dequantize()`` when traced) raises ModelError.
+    values: parameter name (``model.layers.0.mlp.up_proj.weight``) → (module name, CompressedWeight),
+        stored as the constexpr op(s) decoding its codes, named after the module (a float16 const when
+        dense), or → a torch tensor, a float16 const ``<parameter>_to_fp16`` (the float16 pass's name).
+    Each weight lands just before its first user, where coremltools' float16 pass had put its const.
+    Returns module name → MIL op type now producing its weight, for the CompressedWeights.
     """
+    block = prog.functions[function]
+    done: dict[str, str] = {}
     with mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["layerwise_compress"])):
-        done = _swap_consts(prog.functions[function], compressed)
+        position = {id(op): i for i, op in enumerate(block.operations)}
+        for op in list(block.operations):
+            param = stand_ins.made.get(op.name)
+            if param is None:
+                continue
+            var = op.outputs[0]
+            first_user = min(var.child_ops, key=lambda user: position[id(user)], default=None)
+            if first_user is None:  # an unused weight: nothing to store
+                _remove(block, op)
+                continue
+            value = values[param]
+            with block:
+                new = _real_weight(param, value, first_user)
+            block.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, force_replace=True)
+            _remove(block, op)
+            if isinstance(value, tuple):
+                done[value[0]] = new.op.op_type
+    missing = sorted({v[0] for v in values.values() if isinstance(v, tuple)} - set(done))
+    if missing:
+        raise ModelError(f"the weight of {missing[0]} is not used by the converted program; it cannot be exported compressed")
     log.info("compressed %d weights in function %r: %s", len(done), function, _summary(done))
     return done
 
 
-def _swap_consts(block, compressed: dict[str, CompressedWeight]) -> dict[str, str]:
-    """Find each weight's const by (shape, exact bits) and rewire its users to the constexpr."""
-    consts: dict[tuple, list] = {}
-    for op in block.operations:
-        val = op.outputs[0].val if op.op_type == "const" else None
-        if isinstance(val, np.ndarray) and val.dtype == np.float16 and val.ndim == 2:
-            consts.setdefault(_key(val), []).append(op)
-    swapped: dict[int, object] = {}  # id(const op) → its constexpr Var (identical weights share one)
-    done: dict[str, str] = {}
-    for name, cw in compressed.items():
-        dense = _np(cw.dequantize())
-        ops = [op for op in consts.get(_key(dense), []) if _same(op, dense, swapped)]
-        if not ops:
-            raise ModelError(
-                f"the weight of {name} {tuple(cw.shape)} is not in the converted program with its "
-                "compressed values; load cw.dequantize() into the model before exporting"
-            )
-        if cw.scheme == "dense" and cw.mask is None:
-            done[name] = "const"
-            continue
-        for op in ops:
-            if id(op) not in swapped:
-                with block:
-                    new = constexpr_weight(cw, name=_op_name(name), before_op=op)
-                block.replace_uses_of_var_after_op(
-                    anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
-                )
-                block.remove_ops([op])
-                swapped[id(op)] = new
-            done[name] = swapped[id(op)].op.op_type
-    return done
+def _real_weight(param: str, value, before_op):
+    """The op(s) producing `param`'s exported value, built before `before_op`."""
+    if not isinstance(value, tuple):
+        return mb.const(val=float16_array(value), name=f"{param}_to_fp16", before_op=before_op)
+    module, cw = value
+    if cw.scheme == "dense" and cw.mask is None:
+        return mb.const(val=_np(cw.dequantize()), name=f"{param}_to_fp16", before_op=before_op)
+    return constexpr_weight(cw, name=_op_name(module), before_op=before_op)
 
 
-def _same(op, dense: np.ndarray, swapped: dict) -> bool:
-    """The const `op` (possibly swapped already) holds exactly `dense`, bit for bit."""
-    if id(op) in swapped:
-        return True
-    return np.array_equal(op.outputs[0].val.view(np.uint16), dense.view(np.uint16))
+def float16_array(t: torch.Tensor) -> np.ndarray:
+    """`t` as float16 numpy, rounded as coremltools' float16 pass rounds a float32 const (a float16
+    tensor is shared, not copied)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.float16:
+        return t.numpy()
+    return t.float().numpy().astype(np.float16)
+
+
+def _remove(block, op) -> None:
+    """Remove a stand-in and the consts only it used."""
+    inputs = [v.op for v in op.inputs.values() if v.op is not None and v.op.op_type == "const"]
+    block.remove_ops([op])
+    block.remove_ops([c for c in inputs if not c.outputs[0].child_ops and c in block.operations])
 
 
 def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
@@ -159,23 +165,20 @@ def _affine_grid(cw: CompressedWeight) -> np.ndarray:
 
 
 def _uint(a: np.ndarray, bits: int) -> np.ndarray:
-    """Integer array → numpy array tagged with MIL's uint{bits} (sub-byte types are packed on save)."""
+    """Integer array → numpy array tagged with MIL's uint{bits} (sub-byte types are packed on save);
+    a contiguous uint8 array is viewed, not copied (the codes of a whole model are that big)."""
     dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-    return np.ascontiguousarray(a).astype(np.uint8).astype(dtype)
+    return np.ascontiguousarray(a).astype(np.uint8, copy=False).view(dtype)
 
 
 def _int(a: np.ndarray, bits: int) -> np.ndarray:
     """Signed integer array → numpy array tagged with MIL's int{bits}."""
     dtype = types.nptype_from_builtin(types.string_to_builtin(f"int{bits}"))
-    return np.ascontiguousarray(a).astype(np.int8).astype(dtype)
+    return np.ascontiguousarray(a).astype(np.int8, copy=False).view(dtype)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
-
-
-def _key(val: np.ndarray) -> tuple:
-    return val.shape, hash(np.ascontiguousarray(val).view(np.uint16).tobytes())
 
 
 def _op_name(module: str) -> str:

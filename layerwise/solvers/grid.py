@@ -71,11 +71,12 @@ def _candidate_errors(w, lo, hi, maxq, sym, weight, idx):
 
 def _grid_errors(w, scale, zero, maxq, weight):
     """[K, rows] Σ_cols weight·|q(w) − w|^2.4 of w: [rows, cols] on K grids (scale, zero: [K, rows]),
-    with the arithmetic of quantize / dequantize."""
+    with the arithmetic of quantize / dequantize. The centred code round(w/s) is clamped to
+    [−z, maxq − z]: the integers of clamp(round(w/s) + z, 0, maxq) − z in two operations fewer."""
     s = scale.float()[:, :, None]
     z = zero.float()[:, :, None]
-    q = torch.div(w[None], s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s)
-    err = q.to(torch.float16).float().sub_(w[None]).abs_().pow_(2.4)
+    q = torch.div(w[None], s).round_().clamp_(-z, maxq - z)
+    err = q.mul_(s).to(torch.float16).float().sub_(w[None]).abs_().pow_(2.4)
     if weight is not None:
         err.mul_(weight[None])
     return err.sum(dim=2)

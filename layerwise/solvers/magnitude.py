@@ -29,13 +29,30 @@ def prune_counts(sparsity: float, sizes: list[int]) -> list[int]:
 def keep_lowest(scores: torch.Tensor, prune: int | torch.Tensor) -> torch.Tensor:
     """bool keep-mask of scores: [rows, cols] with the `prune` lowest of each row False.
 
-    `prune`: one count for every row or a [rows] tensor. Ties break by column (stable sort), so the
-    mask is deterministic and the count exact.
+    `prune`: one count for every row or a [rows] tensor. Ties break by column (the order of a
+    stable sort), so the mask is deterministic and the count exact. With one count for all rows the
+    k-th smallest score is found by selection, not by sorting: everything below it is pruned, and
+    of the scores equal to it the first ones by column, as many as the count still needs.
     """
+    counts = torch.as_tensor(prune, device=scores.device).reshape(-1)
+    if counts.numel() > 1 and bool((counts != counts[0]).any()):
+        return _keep_lowest_sorted(scores, counts.reshape(-1, 1))
+    k = int(counts[0])
+    cols = scores.shape[1]
+    if k <= 0 or k >= cols:
+        return torch.full_like(scores, k <= 0, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=1, keepdim=True).values
+    below = scores < kth
+    ties = scores == kth
+    still = k - below.sum(dim=1, keepdim=True)  # ties to prune, first ones by column
+    return ~(below | (ties & (ties.cumsum(dim=1) <= still)))
+
+
+def _keep_lowest_sorted(scores: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
+    """keep_lowest for a different count per row ([rows, 1]): ranks from a stable sort."""
     order = torch.argsort(scores, dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    prune = torch.as_tensor(prune, device=scores.device).reshape(-1, 1)
     return ranks >= prune
 
 

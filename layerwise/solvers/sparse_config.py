@@ -89,7 +89,10 @@ class SparseConfig(MethodConfig):
             )
 
 
-REFINE_STEPS = 32
+# Conjugate-gradient steps of the masked refinement: on SmolLM2-135M layers (16 windows) 8 steps
+# reach 90-95 % of the output-error reduction of 32, 16 steps 99 %; each step is one W·H matmul,
+# which on SmolLM2 made 32 steps 60 % of SparseGPT's whole compression time.
+REFINE_STEPS = 12
 
 
 @dataclass

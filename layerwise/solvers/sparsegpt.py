@@ -121,9 +121,10 @@ class _PruneRule:
             self.codes[:, col] = codes
             q = dequantize(codes, self.scale[:, g], self.zero[:, g]).float()
         else:
-            q = w.to(torch.float16).float()
-            self.values[:, col] = q.to(torch.float16)
-        return torch.where(self.mask[:, col], q, torch.zeros_like(q))
+            half = w.to(torch.float16)
+            self.values[:, col] = half
+            q = half.float()
+        return torch.where(self.mask[:, col], q, 0.0)
 
 
 def _refined(target, values, mask, prepared, steps, notes) -> torch.Tensor:

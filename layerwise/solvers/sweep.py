@@ -38,34 +38,39 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: in
 
     Afterwards W holds, for every column, the value it had when it was rounded (the error-corrected
     target the rule snapped from, used by SKM's LUT refit).
+
+    The sweep works on Wᵀ ([in, out], one contiguous row per column of W): every per-column step
+    then reads and writes contiguous memory instead of one float per cache line, which is most of
+    a column's cost on wide layers. Rules still see [out, …] views.
     """
     in_f = W.shape[1]
+    WT = W.t().contiguous()
     for i1 in range(0, in_f, lazy_batch):
         i2 = min(i1 + lazy_batch, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
+        batch = WT[i1:i2].clone()  # [b, out]
+        errors = torch.empty_like(batch)
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1)
-        rest = W[:, i2:]
-        rule.start_batch(i1, W1, diag)
+        rest = WT[i2:]
+        rule.start_batch(i1, batch.t(), diag)
         for i in range(i2 - i1):
-            rule.start_column(i1 + i, lambda width, i=i: upcoming_columns(W1, rest, i, width))
-            w = W1[:, i]
-            err = (w - rule.round(i1 + i, w)).div_(diag[i])
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        # W1[:, i] now holds q_i; q_i + e_i·U_ii is the value column i had when it was rounded
-        W[:, i1:i2] = W1.addcmul_(Err1, diag[None, :])
-        rest.addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+            rule.start_column(i1 + i, lambda width, i=i: upcoming_columns(batch, rest, i, width))
+            w = batch[i]
+            err = torch.sub(w, rule.round(i1 + i, w), out=errors[i]).div_(diag[i])
+            batch[i:].addr_(U1[i, i:], err, alpha=-1)
+        # batch[i] now holds q_i; q_i + e_i·U_ii is the value column i had when it was rounded
+        WT[i1:i2] = batch.addcmul_(errors, diag[:, None])
+        rest.addmm_(U[i1:i2, i2:].t(), errors, alpha=-1)
+    W.copy_(WT.t())
 
 
 def upcoming_columns(batch: torch.Tensor, rest: torch.Tensor, i: int, width: int) -> torch.Tensor:
-    """The current values of the `width` columns starting at column i of a lazy batch.
+    """The current values of the `width` columns starting at column i of a lazy batch, as [out, width].
 
-    batch: [out, b] the batch being swept (updated column by column); rest: [out, n] the columns
-    after it (updated once per batch). Only the needed columns are sliced, then joined.
+    batch: [b, out] the batch being swept (updated column by column, one row per column); rest:
+    [n, out] the columns after it (updated once per batch). Only the needed columns are sliced, then joined.
     """
-    head = batch[:, i : i + width]
-    if head.shape[1] >= width:
-        return head
-    return torch.cat([head, rest[:, : width - head.shape[1]]], dim=1)
+    head = batch[i : i + width]
+    if head.shape[0] < width:
+        head = torch.cat([head, rest[: width - head.shape[0]]], dim=0)
+    return head.t()

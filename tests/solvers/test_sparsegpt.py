@@ -300,3 +300,18 @@ def test_refinement_that_does_not_help_is_dropped(monkeypatch):
     sol = sparsegpt(W, H, SparseGPTConfig(sparsity=0.5))
     assert torch.equal(sol.compressed.values, plain.values)
     assert any("refinement raised the layer error" in n for n in sol.notes)
+
+
+def test_selected_masks_equal_the_stable_sort_ranking():
+    # keep_lowest finds the k-th score by selection; with ties everywhere it must still prune
+    # exactly what a stable sort's first k would (lowest scores, ties by column)
+    from layerwise.solvers.magnitude import _keep_lowest_sorted, keep_lowest
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows, cols = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.randint(0, 5, (rows, cols), generator=g).float()
+        k = int(torch.randint(0, cols + 1, (1,), generator=g))
+        keep = keep_lowest(scores, k)
+        assert torch.equal(keep, _keep_lowest_sorted(scores, torch.full((rows, 1), k)))
+        assert (keep.sum(1) == cols - k).all()
