@@ -28,8 +28,11 @@ def test_measure_peer_row(tiny, name, bits):
     assert row["peer"] is True and row["method"] == name and row["checkpoint_mb"] is None
     assert math.isfinite(row["ppl"]) and row["ppl"] != pytest.approx(base_ppl, rel=1e-6)
     assert row["layers_changed"] == "14/14"  # 2 blocks x 7 linears
-    assert row["compress_s"] > 0 and row["forward_s"] > 0 and row["peak_rss_mb"] > 0
-    assert row["time_vs_forward"] == pytest.approx(row["compress_s"] / row["forward_s"])
+    assert row["compress_s"] > 0 and row["compress_cpu_s"] > 0 and row["peak_rss_mb"] > 0
+    if bits is not None:  # calibrated: timed against one forward over the windows
+        assert row["time_vs_forward"] == pytest.approx(row["compress_s"] / row["forward_s"])
+    else:  # data-free: no windows to compare with
+        assert "forward_s" not in row
     if bits is not None:
         assert row["bits_per_weight"] == pytest.approx(bits)
     else:  # 4 bits + a 16-entry float16 LUT per 16 rows: 4 + 16/in_features (64 or 128 here)
