@@ -52,9 +52,9 @@ class HessianAccumulator:
     @property
     def hessian(self) -> torch.Tensor:
         """2/N · Σ xᵀx: [in, in] float32 (a new tensor), exactly symmetric."""
-        upper = torch.triu(self.sum)
-        full = upper.add_(torch.triu(self.sum, diagonal=1).t())
-        return full.mul_(2.0 / self.rows) if self.rows else full
+        full = self.sum * (2.0 / self.rows) if self.rows else self.sum.clone()
+        _mirror_lower(full.mT)  # the computed upper triangle onto the lower one, in place
+        return full
 
 
 REPORT_ROWS = 512  # output rows a layer's error report reads at most (evenly spaced beyond that)
