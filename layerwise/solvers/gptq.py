@@ -16,50 +16,91 @@ import torch
 
 from ..formats import CompressedWeight
 from ..hessian import dead_columns, prepare_hessian
-from .base import Solution, stack_rows
-from .grid import fit_grid
+from .base import Solution, row_slices
+from .grid import dequantize, fit_grid
 from .quant_config import GPTQConfig
-from .sweep import obs_sweep
+from .sweep import obs_sweep_transposed
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig) -> Solution:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, consume_hessian: bool = False) -> Solution:
     """weight: [out, in]; hessian: [in, in] float32 → affine CompressedWeight."""
-    return gptq_group([weight], hessian, config)[0]
+    return gptq_group([weight], hessian, config, consume_hessian)[0]
 
 
-def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig) -> list[Solution]:
-    """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep."""
-    W, rows = stack_rows(weights)
-    out_f, in_f = W.shape
+def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig,
+               consume_hessian: bool = False) -> list[Solution]:
+    """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep.
+
+    consume_hessian: factor H in the caller's buffer (`prepare_hessian(in_place=True)`), for a
+    caller that owns H and needs it no more (each Solution's `row_errors` replace it for the
+    report): one [in, in] less while the layer is solved."""
+    in_f, device = hessian.shape[0], hessian.device
     block = config.block_size or in_f
-    n_blocks = in_f // block
-
-    W[:, dead_columns(hessian)] = 0
+    dead = dead_columns(hessian)
     perm = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else None
-    prepared = prepare_hessian(hessian, config.damp, perm=perm)
+    prepared = prepare_hessian(hessian, config.damp, perm=perm, in_place=consume_hessian)
+    del hessian  # consumed, or the caller's
 
-    rule = _GridRule(out_f, in_f, block, config, W.device, perm)
-    if rule.static:  # per-channel always (one block), per-block under act-order
-        s, z = fit_grid(W.reshape(out_f * n_blocks, block), config.bits, config.sym, config.mse_clip)
-        rule.set_grids(slice(None), s.reshape(out_f, n_blocks), z.reshape(out_f, n_blocks))
-    if perm is not None:
-        W = W[:, perm]
-    obs_sweep(W, prepared.cholesky_of_inverse, rule, config.lazy_batch)
+    rows = row_slices(weights)
+    out_f = rows[-1].stop
+    rule = _GridRule(out_f, in_f, block, config, device, perm)
+    WT = _transposed_in_sweep_order(weights, rows, dead, perm, rule)
+    error_sq = torch.zeros(out_f, dtype=torch.float64, device=WT.device)
+    obs_sweep_transposed(WT, prepared.cholesky_of_inverse, rule, config.lazy_batch, error_sq)
+    del WT
+    damping, notes, added = prepared.damping, prepared.notes, prepared.added
+    del prepared  # U
 
-    codes = rule.codes.to(torch.uint8)
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return [
-        Solution(
-            CompressedWeight(
-                shape=(r.stop - r.start, in_f), scheme="affine", bits=config.bits,
-                codes=codes[r].cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu(),
-            ),
-            damping=prepared.damping,
-            notes=list(prepared.notes),
-        )
-        for r in rows
-    ]
+    codes = (rule.codes_t if perm is None else rule.codes_t[torch.argsort(perm)]).t().contiguous()
+    solutions = []
+    for r, weight in zip(rows, weights):
+        cw = CompressedWeight(shape=(r.stop - r.start, in_f), scheme="affine", bits=config.bits,
+                              codes=codes[r].cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu())
+        row_errors = _undamped_row_errors(error_sq[r], weight, cw, dead, added)
+        solutions.append(Solution(cw, damping=damping, notes=list(notes), row_errors=row_errors))
+    return solutions
+
+
+def _transposed_in_sweep_order(weights, rows, dead, perm, rule, rows_at_once=256) -> torch.Tensor:
+    """The stacked float32 weights as Wᵀ [in, out], columns in sweep order, dead columns zeroed,
+    built a few rows at a time (no [out, in] copy beside it); static grids are fitted on the way
+    (row-wise, so the same grids as from the whole matrix)."""
+    in_f = weights[0].shape[1]
+    out_f = rows[-1].stop
+    WT = torch.empty(in_f, out_f, device=rule.scale.device)
+    for weight, r in zip(weights, rows):
+        for a in range(0, r.stop - r.start, rows_at_once):
+            chunk = weight[a : a + rows_at_once].detach().to(device=WT.device, dtype=torch.float32, copy=True)
+            chunk[:, dead] = 0
+            at = slice(r.start + a, r.start + a + chunk.shape[0])
+            if rule.static:  # per-channel always (one block), per-block under act-order
+                k, b = chunk.shape[0], rule.block
+                s, z = fit_grid(chunk.reshape(-1, b), rule.config.bits, rule.config.sym, rule.config.mse_clip)
+                rule.set_grids(slice(None), s.reshape(k, -1), z.reshape(k, -1), rows=at)
+            WT[:, at] = chunk.t() if perm is None else chunk.t()[perm]
+    return WT
+
+
+def _undamped_row_errors(error_sq, weight, cw, dead, added, rows_at_once=256) -> torch.Tensor:
+    """(ΔW H ΔWᵀ)ⱼⱼ per row (float64 [out]) from the sweep's Σ eᵢ² = (ΔW H_d ΔWᵀ)ⱼⱼ, where
+    H_d = H + added·I + (1 on dead columns' diagonal): minus added·|ΔWⱼ|² and |ΔWⱼ on dead columns|².
+    ΔW = W₀ − Q with W₀'s dead columns zeroed (the matrix the sweep started from), a few rows at a time."""
+    out = error_sq.clone()
+    for r0 in range(0, weight.shape[0], rows_at_once):
+        r = slice(r0, r0 + rows_at_once)
+        q = _dequantized_rows(cw, r).to(error_sq.device)
+        delta = weight[r].to(device=q.device, dtype=torch.float32) - q
+        delta[:, dead] = q[:, dead].neg()
+        sq = delta.double().square_()
+        out[r] -= added * sq.sum(dim=1) + sq[:, dead].sum(dim=1)
+    return out
+
+
+def _dequantized_rows(cw: CompressedWeight, rows: slice) -> torch.Tensor:
+    """float32 values of an affine weight's rows `rows` (the float16 values `dequantize` gives)."""
+    n = cw.scale.shape[1]
+    codes = cw.codes[rows].reshape(-1, n, cw.shape[1] // n)
+    return dequantize(codes, cw.scale[rows, :, None], cw.zero_point[rows, :, None]).reshape(codes.shape[0], -1).float()
 
 
 class _GridRule:
@@ -78,11 +119,11 @@ class _GridRule:
         # float32 copies the per-column arithmetic reads without converting
         self.scale_f = torch.ones(out_f, n_blocks, device=device)
         self.zero_f = torch.zeros(out_f, n_blocks, device=device)
-        self.codes = torch.zeros(out_f, in_f, device=device)  # float32 integer codes, cast once at the end
+        self.codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8, device=device)  # one row per swept column
 
-    def set_grids(self, blocks, scale, zero):
-        self.scale[:, blocks], self.zero[:, blocks] = scale, zero
-        self.scale_f[:, blocks], self.zero_f[:, blocks] = scale.float(), zero.float()
+    def set_grids(self, blocks, scale, zero, rows=slice(None)):
+        self.scale[rows, blocks], self.zero[rows, blocks] = scale, zero
+        self.scale_f[rows, blocks], self.zero_f[rows, blocks] = scale.float(), zero.float()
 
     def start_batch(self, i1, batch, diag_u):
         pass
@@ -97,5 +138,5 @@ class _GridRule:
         b = self.block_of[col]
         s, z = self.scale_f[:, b], self.zero_f[:, b]
         q = torch.round(w / s).add_(z).clamp_(0, self.maxq)
-        self.codes[:, col] = q
+        self.codes_t[col] = q  # integers in [0, maxq]: exact in uint8
         return (q - z).mul_(s).to(torch.float16).float()
