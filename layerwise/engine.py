@@ -356,6 +356,7 @@ class LayerwiseCompressor:
         When every run's solver can consume the Hessian (`CONSUMES_HESSIAN`: its solutions carry
         `row_errors`), the last run factors H in its own buffer — one [in, in] less at the widest
         solve — and the reports' denominators tr(W H Wᵀ) are taken before."""
+        trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
         runs = stack_runs(list(linears), self.plan, self.stack)
         consume = hessian is not None and all(self.plan[run[0]].method in CONSUMES_HESSIAN for run in runs)
         scales = {n: report_denominator(weight_out_in(m), hessian) for n, m in linears.items()} if consume else {}
@@ -435,7 +436,7 @@ class LayerwiseCompressor:
                 leaf["head"].add(norm(batch.hidden))
                 yield leaf
 
-        return reduce_hessians(self.ranks, leaves(), self.total_batches, blank)["head"].hessian
+        return reduce_hessians(self.ranks, leaves(), self.total_batches, blank)["head"].take_hessian()
 
     def _hand_over_head(self, cw, writer, kept, reports):
         if writer is not None:
@@ -540,7 +541,7 @@ def collect_hessians(
     finally:
         for h in handles:
             h.remove()
-    return {name: acc.hessian for name, acc in summed.items()}
+    return {name: acc.take_hessian() for name, acc in summed.items()}
 
 
 def _blank_for(linear: nn.Module) -> HessianAccumulator:

@@ -56,6 +56,14 @@ class HessianAccumulator:
         _mirror_lower(full.mT)  # the computed upper triangle onto the lower one, in place
         return full
 
+    def take_hessian(self) -> torch.Tensor:
+        """`hessian` (the same bits) made in the sum's own buffer, for a caller done with this
+        accumulator: no second [in, in] beside the sum. The accumulator is spent afterwards."""
+        full = self.sum.mul_(2.0 / self.rows) if self.rows else self.sum
+        self.sum = None
+        _mirror_lower(full.mT)
+        return full
+
 
 REPORT_ROWS = 512  # output rows a layer's error report reads at most (evenly spaced beyond that)
 

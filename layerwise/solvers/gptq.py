@@ -33,7 +33,8 @@ def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQC
 
     consume_hessian: factor H in the caller's buffer (`prepare_hessian(in_place=True)`), for a
     caller that owns H and needs it no more (each Solution's `row_errors` replace it for the
-    report): one [in, in] less while the layer is solved."""
+    report): one [in, in] less while the layer is solved. The caller's tensor is left empty
+    (0 elements, its memory freed) once the sweep is done."""
     in_f, device = hessian.shape[0], hessian.device
     block = config.block_size or in_f
     dead = dead_columns(hessian)
@@ -49,7 +50,9 @@ def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQC
     obs_sweep_transposed(WT, prepared.cholesky_of_inverse, rule, config.lazy_batch, error_sq)
     del WT
     damping, notes, added = prepared.damping, prepared.notes, prepared.added
-    del prepared  # U
+    if consume_hessian:  # U lives in the caller's tensor: empty it, so its memory goes now, not
+        prepared.cholesky_of_inverse.set_()  # when the last caller frame lets go of it
+    del prepared
 
     codes = (rule.codes_t if perm is None else rule.codes_t[torch.argsort(perm)]).t().contiguous()
     solutions = []

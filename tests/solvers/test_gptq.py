@@ -125,7 +125,7 @@ def test_consumed_hessian_same_codes_and_report_without_it(act_order, block):
     kept = gptq_group(weights, H.clone(), config)
     buffer = H.clone()
     consumed = gptq_group(weights, buffer, config, consume_hessian=True)
-    assert not torch.equal(buffer, H)  # it held U
+    assert buffer.numel() == 0  # it held U, then was emptied
     for a, b, w in zip(kept, consumed, weights):
         for field in ("codes", "scale", "zero_point"):
             assert torch.equal(getattr(a.compressed, field), getattr(b.compressed, field))
