@@ -116,10 +116,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", type=int, default=0, help="stop after this many blocks (0: the whole run)")
     p.add_argument("--dump", help="a label: print the resident set by kind at each of its calls")
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="MiB: malloc serves allocations from this size by their own mapping (memory.give_back_large_frees)")
     p.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the layerwise CLI arguments")
     args = p.parse_args()
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
 
+    if args.mmap_threshold:
+        from layerwise.memory import give_back_large_frees
+
+        give_back_large_frees(args.mmap_threshold << 20)
     peaks = Peaks(args.dump)
     for module, name, label in WRAPPED:
         mod = importlib.import_module(module)
