@@ -324,7 +324,7 @@ class LayerwiseCompressor:
                 continue
             hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
                                        stop_early=self.family.groups is not None, ranks=self.ranks,
-                                       total=self.total_batches)
+                                       total=self.total_batches, park_dir=self.offload_dir)
             for group in todo:
                 compressed.update(self._solve_group(index, block, group, hessians[group[0]], reports))
         return compressed, None
@@ -499,7 +499,7 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 def collect_hessians(
     block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True,
-    ranks: Ranks = SINGLE, total: int | None = None,
+    ranks: Ranks = SINGLE, total: int | None = None, park_dir: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run every batch through `block` (block number `index`, whose captured arguments it is
     called with), accumulating H of each named linear's input. One partial H per batch, summed
@@ -537,7 +537,7 @@ def collect_hessians(
 
     handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
     try:
-        summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank)
+        summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank, park_dir)
     finally:
         for h in handles:
             h.remove()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -56,6 +59,16 @@ class HessianAccumulator:
         _mirror_lower(full.mT)  # the computed upper triangle onto the lower one, in place
         return full
 
+    def park(self, directory: Path) -> "ParkedHessian":
+        """The sum moved to a file in `directory` (its memory freed) until `ParkedHessian.add_into`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".hessian")
+        with os.fdopen(fd, "wb") as f:
+            self.sum.cpu().numpy().tofile(f)
+        parked = ParkedHessian(Path(name), tuple(self.sum.shape), self.rows)
+        self.sum = None
+        return parked
+
     def take_hessian(self) -> torch.Tensor:
         """`hessian` (the same bits) made in the sum's own buffer, for a caller done with this
         accumulator: no second [in, in] beside the sum. The accumulator is spent afterwards."""
@@ -63,6 +76,29 @@ class HessianAccumulator:
         self.sum = None
         _mirror_lower(full.mT)
         return full
+
+
+@dataclass
+class ParkedHessian:
+    """A `HessianAccumulator`'s sum waiting in a file (`HessianAccumulator.park`)."""
+
+    path: Path
+    shape: tuple[int, int]
+    rows: int
+
+    def add_into(self, acc: HessianAccumulator) -> HessianAccumulator:
+        """acc with this sum added, read back a tile of rows at a time (no second [in, in]); the file
+        is removed. The same bits as `parked.merge(acc)`: acc + parked is parked + acc, element by
+        element (floating-point addition commutes)."""
+        tile = torch.empty(_TILE, self.shape[1], dtype=torch.float32)
+        with open(self.path, "rb") as f:
+            for i in range(0, self.shape[0], _TILE):
+                part = tile[: min(_TILE, self.shape[0] - i)]
+                f.readinto(memoryview(part.numpy()).cast("B"))
+                acc.sum[i : i + part.shape[0]].add_(part.to(acc.sum.device))
+        self.path.unlink()
+        acc.rows += self.rows
+        return acc
 
 
 REPORT_ROWS = 512  # output rows a layer's error report reads at most (evenly spaced beyond that)
