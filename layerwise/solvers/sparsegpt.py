@@ -139,6 +139,7 @@ def _refined(target, values, mask, prepared, steps, notes) -> torch.Tensor:
     """The refined float16 values, or `values` unchanged (with a note) if float32 round-off made
     the refinement worse on the Hessian it minimises (an ill-conditioned layer)."""
     H = prepared.damped.to(values.device)
+    values = torch.where(mask, values, 0.0)  # the sweep stored every column's value before its pruning
     refined = refine_masked(target, values.float(), mask, H, steps).to(torch.float16)
     before, after = output_error(target, values, H), output_error(target, refined, H)
     if math.isfinite(after) and after <= before:
