@@ -214,12 +214,16 @@ def prepare_hessian(
     reverse = order.flip(0)
     gone = dead.flip(0)
 
+    def reversed_copy() -> torch.Tensor:
+        """A fresh [in, in] copy in reversed sweep order (J H J)."""
+        return hessian.flip(0, 1) if perm is None else hessian[reverse[:, None], reverse[None, :]]  # (flip: half the time)
+
     if in_place:  # reversed sweep order in the caller's buffer, and its lower triangle kept for retries
         H = _reorder_in_place_(hessian, None if perm is None else reverse)
         H[gone, gone] = 1.0
         undamped = _LowerTriangle(H)
     else:
-        H = hessian[reverse[:, None], reverse[None, :]]  # a fresh copy in reversed sweep order (J H J)
+        H = reversed_copy()
         H[gone, gone] = 1.0
     mean_diag = torch.mean(torch.diag(H)).item()
     notes: list[str] = []
@@ -247,7 +251,7 @@ def prepare_hessian(
         if in_place:
             undamped.restore(H)
         else:
-            H = hessian[reverse[:, None], reverse[None, :]]
+            H = reversed_copy()
             H[gone, gone] = 1.0
 
 
@@ -346,8 +350,7 @@ def _cholesky_of_inverse_(M: torch.Tensor) -> bool:
     torch.linalg.cholesky_ex(A, out=(A, info))
     if info.item() != 0:
         return False
-    A.tril_()  # only the lower triangle is L
-    _invert_lower_(A)
+    _invert_lower_(A)  # (cholesky_ex has zeroed A's upper triangle)
     _rotate_half_turn_(M)  # A = J L⁻¹ J = U
     _transpose_in_place(M)
     return _all_finite(M)
@@ -358,8 +361,9 @@ INVERSE_LEAF = 128  # below this size a triangular inverse is one solve_triangul
 
 def _invert_lower_(L: torch.Tensor) -> None:
     """L (lower triangular, zeros above) → L⁻¹ in place, by halves: [[A, 0], [B, C]]⁻¹ =
-    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]; two matrix products per level, n³/3 multiply-adds in all, each
-    done a tile at a time so no temporary is larger than _TILE × n."""
+    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]. The new B comes from two triangular solves against A and C
+    before they are inverted (n³/6 multiply-adds in all, LAPACK trtri's count; products with the
+    inverted halves would do twice that), a tile at a time so no temporary is larger than _TILE × n."""
     n = L.shape[0]
     if n <= INVERSE_LEAF:
         eye = torch.eye(n, dtype=L.dtype, device=L.device)
@@ -367,12 +371,12 @@ def _invert_lower_(L: torch.Tensor) -> None:
         return
     h = n // 2
     A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    for i in range(0, n - h, _TILE):  # B ← B A⁻¹, rows at a time
+        B[i : i + _TILE] = torch.linalg.solve_triangular(A, B[i : i + _TILE], upper=False, left=False)
+    for j in range(0, h, _TILE):  # B ← −C⁻¹ B, columns at a time
+        B[:, j : j + _TILE] = torch.linalg.solve_triangular(C, B[:, j : j + _TILE], upper=False).neg_()
     _invert_lower_(A)
     _invert_lower_(C)
-    for i in range(0, n - h, _TILE):  # B ← B A⁻¹, rows at a time
-        B[i : i + _TILE] = B[i : i + _TILE] @ A
-    for j in range(0, h, _TILE):  # B ← −C⁻¹ B, columns at a time
-        B[:, j : j + _TILE] = (C @ B[:, j : j + _TILE]).neg_()
 
 
 def _rotate_half_turn_(M: torch.Tensor, chunk: int = 1 << 20) -> None:
