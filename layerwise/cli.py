@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dist-timeout", type=float, default=300.0,
                    help="under torchrun / accelerate launch: seconds a rank waits for the others before stopping")
     c.add_argument("--exact-matmul", action="store_true",
-                   help="plain float32 matrix products (default: bfloat16-split products where the device keeps "
+                   help="plain float32 matrix products (default: products through bfloat16 units where the device keeps "
                         "float32 accuracy, about twice as fast on CPUs with AVX512-BF16)")
     c.add_argument("--eager-load", action="store_true",
                    help="load the whole model with from_pretrained instead of reading each block from disk when reached")

@@ -113,7 +113,7 @@ class LayerwiseCompressor:
         offload_dir); False: one forward per stage; "auto": lockstep when its extra activations fit
         (`_choose_lockstep`).
         ranks: this process's share of the batches and layers under torch.distributed (`distributed`).
-        fast_matmul: float32 products through bfloat16 splits where that keeps float32 accuracy on the
+        fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
         device (`matmul_precision`; about twice as fast on CPUs with AVX512-BF16)."""
         self.ranks = ranks
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)

@@ -1,13 +1,14 @@
 """Faster float32 matrix products, where the backend keeps float32 accuracy.
 
 torch's "medium" float32 matmul precision lets a backend compute float32 products through
-bfloat16 units. On CPUs with AVX512-BF16, oneDNN then splits every float32 into bfloat16 parts and
-accumulates in float32: measured on this project's machines, twice the speed of plain float32 GEMM
-with the same accuracy against float64 (Frobenius error 2.6e-7 vs 1.6e-7 on a 2048-token Hessian;
-the forwards, Hessians, sweeps and SparseGPT's refinement all gain). Elsewhere "medium" can mean one
-bfloat16 pass or TF32 (8 or 10 mantissa bits, errors near 1e-3): a Hessian's Cholesky and the OBS
-updates must not run on that. So the mode is probed on the device at hand, and used only where a
-probe product stays within float32 accuracy.
+bfloat16 units (on CPUs, oneDNN's bfloat16 mode, `torch.backends.mkldnn.matmul.fp32_precision`).
+Measured on this project's machines (AVX512-BF16): twice the speed of the default float32 GEMM, and
+float32 accuracy against float64 (Frobenius error 2.6e-7 vs 1.6e-7 on a 2048-token Hessian; values
+such as 1 + 2⁻¹⁰ that one bfloat16 pass would round come out exact), so the forwards, Hessians,
+sweeps and SparseGPT's refinement all gain. Elsewhere "medium" can mean one bfloat16 pass or TF32
+(8 or 10 mantissa bits, errors near 1e-3): a Hessian's Cholesky and the OBS updates must not run on
+that. So the mode is probed on the device at hand, and used only where a probe product stays
+within float32 accuracy.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def fast_matmul_is_accurate(device: torch.device) -> bool:
     error = probe_error(device)
     accurate = error <= PROBE_TOLERANCE
     log.info("float32 products on %s: %s (a probe product off float64 by %.1e)", device,
-             "bfloat16-split GEMM, float32-accurate" if accurate else "plain float32 (the fast mode is not accurate here)",
+             "bfloat16-unit GEMM, float32-accurate" if accurate else "plain float32 (the fast mode is not accurate here)",
              error)
     return accurate
 

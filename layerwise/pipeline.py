@@ -75,7 +75,7 @@ def compress_to_checkpoint(
     Everything that can be checked is checked before the output directory is created.
     inputs: further paths the run reads (a recipe file); --out may not touch them, the model or the text.
     allow_non_finite: NaN/Inf weights are accepted in layers the recipe leaves alone.
-    fast_matmul: float32 products through bfloat16 splits where the device keeps float32 accuracy
+    fast_matmul: float32 products through bfloat16 units where the device keeps float32 accuracy
     (`matmul_precision`); False: plain float32 products.
     """
     inputs = (model_path, calib, *inputs)
@@ -111,7 +111,7 @@ def compress_to_checkpoint(
     # what decides the bytes of the checkpoint: a resumed run must repeat them exactly
     run_args = {"source_model": str(model_path), "recipe": recipe.to_dict(), "calibration": calib_info, "seed": seed,
                 "staged": staged, "batch_size": batch_size, "device": str(compressor.device),
-                "matmul": "bfloat16-split" if compressor.fast_matmul else "float32"}
+                "matmul": "bfloat16-units" if compressor.fast_matmul else "float32"}
     try:
         with opened_on_main(ranks, lambda: CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype,
                                                             resume=resume, run_args=run_args,
