@@ -33,8 +33,9 @@ from layerwise.evaluate import perplexity
 from layerwise.loading import load_model, load_tokenizer
 from layerwise.recipe import Recipe, recipe_from_dict
 
-# bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first
-UNIFORM = [(3, 32), (2, 32), (4, None), (3, None), (3, 128), (4, 128)]
+# bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first, then the ends of
+# the 2.5–4.5 bits-per-weight range, then the points between
+UNIFORM = [(3, 32), (2, 32), (4, 32), (4, None), (3, None), (3, 128), (4, 128)]
 
 
 def uniform_recipe(model, method: str, bits: int, block: int | None) -> Recipe:

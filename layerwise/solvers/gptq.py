@@ -15,28 +15,33 @@ from __future__ import annotations
 import torch
 
 from ..formats import CompressedWeight
-from ..hessian import dead_columns, prepare_hessian
-from .base import Solution, stack_rows
+from ..hessian import PreparedHessian, dead_columns
+from .base import Solution, act_order_perm, prepare_for, stack_rows
 from .grid import fit_grid
 from .quant_config import GPTQConfig
 from .sweep import obs_sweep
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig) -> Solution:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, *,
+         prepared: PreparedHessian | None = None) -> Solution:
     """weight: [out, in]; hessian: [in, in] float32 → affine CompressedWeight."""
-    return gptq_group([weight], hessian, config)[0]
+    return gptq_group([weight], hessian, config, prepared=prepared)[0]
 
 
-def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig) -> list[Solution]:
-    """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep."""
+def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig, *,
+               prepared: PreparedHessian | None = None) -> list[Solution]:
+    """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep.
+    prepared: `prepare_for(hessian, config)` when the caller already has it (shared by configs of
+    equal damping and act-order, e.g. a size budget's candidates); computed here otherwise."""
     W, rows = stack_rows(weights)
     out_f, in_f = W.shape
     block = config.block_size or in_f
     n_blocks = in_f // block
 
     W[:, dead_columns(hessian)] = 0
-    perm = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else None
-    prepared = prepare_hessian(hessian, config.damp, perm=perm)
+    perm = act_order_perm(hessian, config.act_order)
+    if prepared is None:
+        prepared = prepare_for(hessian, config)
 
     rule = _GridRule(out_f, in_f, block, config, W.device, perm)
     if rule.static:  # per-channel always (one block), per-block under act-order
