@@ -93,7 +93,7 @@ def main() -> None:
     command = "python " + " ".join(sys.argv).replace(str(Path.home()), "~")
     update_results(Path(args.results), "budget-measure-speed", "\n".join([
         "## Size budget: the measuring pass, before and after", "",
-        f"Reproduce: `{command}` (before: `git archive <commit> layerwise | tar -x -C /tmp/lw-before`)", "",
+        f"Reproduce: `{command}` (the first checkout holds the code before: `git archive COMMIT layerwise | tar -x -C DIR`)", "",
         f"Every default-menu candidate (GPTQ 2/3/4/8 bits × per-channel / 128 / 32) of every linear of the first "
         f"{args.blocks} blocks of `{args.model.replace(str(Path.home()), '~')}`, {args.nsamples} × {args.seqlen} "
         f"calibration windows, one torch thread, CPU seconds of `measure_candidates` (least of {args.rounds} "
