@@ -83,8 +83,8 @@ def main() -> None:
         publish(json.loads(json_path.read_text()), args)
         return
     curves = args.curves.split(",")
-    if not set(curves) <= set(CURVES) or curves == ["gptq-mixed"]:
-        p.error(f"--curves: a subset of {','.join(CURVES)}; gptq-mixed needs a uniform curve (its target bits)")
+    if not set(curves) <= set(CURVES):
+        p.error(f"--curves: a subset of {','.join(CURVES)}")
     torch.manual_seed(0)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -103,9 +103,13 @@ def main() -> None:
         log(f"measured {sum(len(v) for v in table.values())} candidates in {data['measure_s']:.0f} s")
     for bits, block in UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
         settings = f"{bits}-bit {'per-channel' if block is None else f'block {block}'}"
-        rows, target = [], None
-        for curve in curves:
+        rows, target = [], table_bits(model, table, bits, block) if table is not None else None
+        # the mixed point from the table's bytes when it has them, else after a uniform row (its bits)
+        for curve in curves if target is not None else sorted(curves, key=lambda c: c == "gptq-mixed"):
             if curve == "gptq-mixed":
+                if target is None:
+                    log(f"{settings}: no uniform row and not every layer has it in the table; mixed point skipped")
+                    continue
                 allocation = allocate_from_table(model, table, scales, Target(bits=target))
                 row = {"curve": curve, "settings": f"target {target:.3f}",
                        **run_point(model, allocation.recipe, windows, eval_ids, args),
@@ -114,13 +118,25 @@ def main() -> None:
                 method = curve.split("-")[0]
                 row = {"curve": curve, "settings": settings,
                        **run_point(model, uniform_recipe(model, method, bits, block), windows, eval_ids, args)}
-                target = row["bits_per_weight"]
+                target = target or row["bits_per_weight"]
             rows.append(row)
             log(row)
         merge_and_publish(json_path, data, rows, args)
 
 
 CURVES = ("gptq-uniform", "gptq-mixed", "rtn-uniform")
+
+
+def table_bits(model, table: dict, bits: int, block: int | None) -> float | None:
+    """Bits per weight of the uniform setting from the measured bytes (exactly the uniform
+    checkpoint's), or None where some layer's menu lacks it (blocks of 128 that fall back to 64)."""
+    total = 0
+    for name, cands in table.items():
+        match = [c for c in cands if c.config.bits == bits and c.config.block_size == block]
+        if not match:
+            return None
+        total += match[0].checkpoint_bytes
+    return 8 * total / sum(model.get_submodule(n).weight.numel() for n in table)
 
 
 def earlier_fp16(json_path: Path, data: dict) -> float | None:
