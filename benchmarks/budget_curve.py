@@ -75,6 +75,7 @@ def main() -> None:
                    "exists, else written, so a rerun with another allocation skips the measuring")
     p.add_argument("--render-only", action="store_true", help="rewrite the section and plot from budget-<tag>.json")
     p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--curves", default=",".join(CURVES), help="which curves this run computes (comma-separated: "
                    "two runs with different curves may share the work; rows are merged into budget-<tag>.json)")
     args = p.parse_args()
@@ -86,6 +87,8 @@ def main() -> None:
     if not set(curves) <= set(CURVES):
         p.error(f"--curves: a subset of {','.join(CURVES)}")
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     windows, _ = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, 0)
@@ -101,6 +104,9 @@ def main() -> None:
     table, scales, data["measure_s"] = measured(model, windows, args) if "gptq-mixed" in curves else (None, None, None)
     if table is not None:
         log(f"measured {sum(len(v) for v in table.values())} candidates in {data['measure_s']:.0f} s")
+    done = set()  # rows an earlier run with these settings published: not computed again
+    if earlier_fp16(json_path, data):
+        done = {(r["curve"], r["settings"]) for r in json.loads(json_path.read_text())["rows"]}
     for bits, block in UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
         settings = f"{bits}-bit {'per-channel' if block is None else f'block {block}'}"
         rows, target = [], table_bits(model, table, bits, block) if table is not None else None
@@ -110,10 +116,14 @@ def main() -> None:
                 if target is None:
                     log(f"{settings}: no uniform row and not every layer has it in the table; mixed point skipped")
                     continue
+                if (curve, f"target {target:.3f}") in done:
+                    continue
                 allocation = allocate_from_table(model, table, scales, Target(bits=target))
                 row = {"curve": curve, "settings": f"target {target:.3f}",
                        **run_point(model, allocation.recipe, windows, eval_ids, args),
                        "predicted_dloss": allocation.predicted_dloss, "mix": mix_of(allocation, table)}
+            elif (curve, settings) in done:
+                continue
             else:  # both uniform curves store the same grids: the same bits per weight
                 method = curve.split("-")[0]
                 row = {"curve": curve, "settings": settings,
@@ -121,7 +131,8 @@ def main() -> None:
                 target = target or row["bits_per_weight"]
             rows.append(row)
             log(row)
-        merge_and_publish(json_path, data, rows, args)
+        if rows:
+            merge_and_publish(json_path, data, rows, args)
 
 
 CURVES = ("gptq-uniform", "gptq-mixed", "rtn-uniform")
@@ -154,13 +165,11 @@ def merge_and_publish(json_path: Path, data: dict, rows: list[dict], args) -> No
     runs sharing the curves publish into one section."""
     with open(json_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = json.loads(json_path.read_text()) if json_path.exists() else {**data, "rows": []}
-        if earlier_fp16(json_path, data) is None:  # other settings: start over
-            merged = {**data, "rows": []}
+        merged = json.loads(json_path.read_text()) if earlier_fp16(json_path, data) else {**data, "rows": []}
         if data["measure_s"] is not None:
             merged["measure_s"] = data["measure_s"]
         command = data["command"].replace(str(Path.home()), "~")
-        if command not in merged["command"].split(" and "):
+        if command not in merged["command"].replace(str(Path.home()), "~").split(" and "):
             merged["command"] += " and " + command
         new = {(r["curve"], r["settings"]) for r in rows}
         merged["rows"] = [r for r in merged["rows"] if (r["curve"], r["settings"]) not in new] + rows
