@@ -75,6 +75,8 @@ def main() -> None:
                    "exists, else written, so a rerun with another allocation skips the measuring")
     p.add_argument("--render-only", action="store_true", help="rewrite the section and plot from budget-<tag>.json")
     p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
+    p.add_argument("--point", type=int, action="append", help="only this uniform setting (its index in UNIFORM; "
+                   "repeatable), e.g. for runs side by side")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--curves", default=",".join(CURVES), help="which curves this run computes (comma-separated: "
                    "two runs with different curves may share the work; rows are merged into budget-<tag>.json)")
@@ -107,7 +109,7 @@ def main() -> None:
     done = set()  # rows an earlier run with these settings published: not computed again
     if earlier_fp16(json_path, data):
         done = {(r["curve"], r["settings"]) for r in json.loads(json_path.read_text())["rows"]}
-    for bits, block in UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
+    for bits, block in [UNIFORM[i] for i in args.point] if args.point else UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
         settings = f"{bits}-bit {'per-channel' if block is None else f'block {block}'}"
         rows, target = [], table_bits(model, table, bits, block) if table is not None else None
         # the mixed point from the table's bytes when it has them, else after a uniform row (its bits)
