@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the calibration activations memory-mapped on disk next to --out (long windows, many samples)")
     c.add_argument("--dist-timeout", type=float, default=300.0,
                    help="under torchrun / accelerate launch: seconds a rank waits for the others before stopping")
+    c.add_argument("--exact-matmul", action="store_true",
+                   help="plain float32 matrix products (default: products through bfloat16 units where the device keeps "
+                        "float32 accuracy, about twice as fast on CPUs with AVX512-BF16)")
     c.add_argument("--eager-load", action="store_true",
                    help="load the whole model with from_pretrained instead of reading each block from disk when reached")
 
@@ -302,7 +305,7 @@ def cmd_compress(args) -> int:
             trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
             allow_long_context=args.allow_long_context, inputs=(args.recipe,),
             lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
-            ranks=ranks,
+            ranks=ranks, fast_matmul=not args.exact_matmul,
         )
     finally:
         distributed.leave(ranks)

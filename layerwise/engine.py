@@ -30,6 +30,7 @@ from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians
 from .errors import RecipeError
 from .formats import CompressedWeight
 from .hessian import HessianAccumulator, relative_error
+from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .lazy import LazyBlocks
 from .lockstep import lockstep_block
 from .memory import available_memory, give_back_large_frees, trim_heap
@@ -101,7 +102,7 @@ class LayerwiseCompressor:
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
                  offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
@@ -111,7 +112,9 @@ class LayerwiseCompressor:
         block (lockstep.py; same result, every batch's block activations in memory at once; not with
         offload_dir); False: one forward per stage; "auto": lockstep when its extra activations fit
         (`_choose_lockstep`).
-        ranks: this process's share of the batches and layers under torch.distributed (`distributed`)."""
+        ranks: this process's share of the batches and layers under torch.distributed (`distributed`).
+        fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
+        device (`matmul_precision`; about twice as fast on CPUs with AVX512-BF16)."""
         self.ranks = ranks
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.stack = stack
@@ -122,6 +125,7 @@ class LayerwiseCompressor:
         self.sensitivity = sensitivity or {}
         self.recipe = recipe
         self.device = resolve_device(device)
+        self.fast_matmul = fast_matmul and fast_matmul_is_accurate(self.device)
         self.batch_size = batch_size
         self.staged = staged
         self.family: Family = resolve_family(model)
@@ -180,6 +184,10 @@ class LayerwiseCompressor:
         `blocks_done` > 0 (a resumed run) gets only the blocks after those; the calibration batches
         are streamed through the already-written compressed blocks to rebuild the next block's inputs.
         """
+        with matmul_precision("medium") if self.fast_matmul else contextlib.nullcontext():
+            return self._compress(windows, writer, on_block_output)
+
+    def _compress(self, windows, writer, on_block_output) -> CompressionResult:
         start = time.perf_counter()
         self.model.eval()
         if self.offload_dir is not None:  # the low-memory mode: one block's temporaries at a time, not

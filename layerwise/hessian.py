@@ -152,7 +152,7 @@ def prepare_hessian(
 
     def undamped_reversed() -> torch.Tensor:
         """A fresh [in, in] copy in reversed sweep order (J H J), dead columns with H_ii = 1."""
-        H = hessian[reverse[:, None], reverse[None, :]]
+        H = hessian.flip(0, 1) if perm is None else hessian[reverse[:, None], reverse[None, :]]  # (flip: half the time)
         gone = dead.flip(0)
         H[gone, gone] = 1.0
         return H
@@ -233,8 +233,7 @@ def _cholesky_of_inverse_(M: torch.Tensor) -> bool:
     torch.linalg.cholesky_ex(A, out=(A, info))
     if info.item() != 0:
         return False
-    A.tril_()  # only the lower triangle is L
-    _invert_lower_(A)
+    _invert_lower_(A)  # (cholesky_ex has zeroed A's upper triangle)
     _rotate_half_turn_(M)  # A = J L⁻¹ J = U
     _transpose_in_place(M)
     return _all_finite(M)
@@ -245,8 +244,9 @@ INVERSE_LEAF = 128  # below this size a triangular inverse is one solve_triangul
 
 def _invert_lower_(L: torch.Tensor) -> None:
     """L (lower triangular, zeros above) → L⁻¹ in place, by halves: [[A, 0], [B, C]]⁻¹ =
-    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]; two matrix products per level, n³/3 multiply-adds in all, each
-    done a tile at a time so no temporary is larger than _TILE × n."""
+    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]. The new B comes from two triangular solves against A and C
+    before they are inverted (n³/6 multiply-adds in all, LAPACK trtri's count; products with the
+    inverted halves would do twice that), a tile at a time so no temporary is larger than _TILE × n."""
     n = L.shape[0]
     if n <= INVERSE_LEAF:
         eye = torch.eye(n, dtype=L.dtype, device=L.device)
@@ -254,12 +254,12 @@ def _invert_lower_(L: torch.Tensor) -> None:
         return
     h = n // 2
     A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    for i in range(0, n - h, _TILE):  # B ← B A⁻¹, rows at a time
+        B[i : i + _TILE] = torch.linalg.solve_triangular(A, B[i : i + _TILE], upper=False, left=False)
+    for j in range(0, h, _TILE):  # B ← −C⁻¹ B, columns at a time
+        B[:, j : j + _TILE] = torch.linalg.solve_triangular(C, B[:, j : j + _TILE], upper=False).neg_()
     _invert_lower_(A)
     _invert_lower_(C)
-    for i in range(0, n - h, _TILE):  # B ← B A⁻¹, rows at a time
-        B[i : i + _TILE] = B[i : i + _TILE] @ A
-    for j in range(0, h, _TILE):  # B ← −C⁻¹ B, columns at a time
-        B[:, j : j + _TILE] = (C @ B[:, j : j + _TILE]).neg_()
 
 
 def _rotate_half_turn_(M: torch.Tensor, chunk: int = 1 << 20) -> None:

@@ -62,6 +62,7 @@ def compress_to_checkpoint(
     inputs: tuple = (),
     ranks: Ranks = SINGLE,
     manifest_extra: dict | None = None,
+    fast_matmul: bool = True,
 ) -> tuple[Path, CompressionResult]:
     """Load, calibrate, compress block by block and write a checkpoint. Returns (path, result).
 
@@ -74,6 +75,8 @@ def compress_to_checkpoint(
     Everything that can be checked is checked before the output directory is created.
     inputs: further paths the run reads (a recipe file); --out may not touch them, the model or the text.
     allow_non_finite: NaN/Inf weights are accepted in layers the recipe leaves alone.
+    fast_matmul: float32 products through bfloat16 units where the device keeps float32 accuracy
+    (`matmul_precision`); False: plain float32 products.
     """
     inputs = (model_path, calib, *inputs)
     out_dir = check_output(out_dir, overwrite, inputs)
@@ -86,7 +89,7 @@ def compress_to_checkpoint(
     suffix = f"-rank{ranks.rank}" if ranks.world > 1 else ""
     offload_dir = out_dir.parent / f".{out_dir.name}.activations{suffix}" if offload_activations else None
     compressor = LayerwiseCompressor(model, recipe, device=device, batch_size=batch_size, staged=staged,
-                                     lazy=blocks, offload_dir=offload_dir, ranks=ranks)
+                                     lazy=blocks, offload_dir=offload_dir, ranks=ranks, fast_matmul=fast_matmul)
     if allow_non_finite:  # the layers the recipe compresses must still be finite
         planned = {f"{name}.weight" for name in compressor.plan}
         check_finite(model.named_parameters(), model_path, only=planned)
@@ -107,7 +110,8 @@ def compress_to_checkpoint(
     plain_dtype = checkpoint_plain_dtype(next(model.parameters()).dtype)
     # what decides the bytes of the checkpoint: a resumed run must repeat them exactly
     run_args = {"source_model": str(model_path), "recipe": recipe.to_dict(), "calibration": calib_info, "seed": seed,
-                "staged": staged, "batch_size": batch_size, "device": str(compressor.device)}
+                "staged": staged, "batch_size": batch_size, "device": str(compressor.device),
+                "matmul": "bfloat16-units" if compressor.fast_matmul else "float32"}
     try:
         with opened_on_main(ranks, lambda: CheckpointWriter(out_dir, overwrite=overwrite, plain_dtype=plain_dtype,
                                                             resume=resume, run_args=run_args,
@@ -124,6 +128,7 @@ def compress_to_checkpoint(
                 "seed": seed,
                 "staged": staged,
                 "device": str(compressor.device),
+                "matmul": run_args["matmul"],
                 "compression_seconds": result.seconds,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": versions(),

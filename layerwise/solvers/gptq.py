@@ -51,14 +51,14 @@ def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQC
         W = W[:, perm]
     obs_sweep(W, prepared.cholesky_of_inverse, rule, config.lazy_batch)
 
-    codes = rule.codes.to(torch.uint8)
+    codes = rule.codes_t.t()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return [
         Solution(
             CompressedWeight(
                 shape=(r.stop - r.start, in_f), scheme="affine", bits=config.bits,
-                codes=codes[r].cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu(),
+                codes=codes[r].contiguous().cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu(),
             ),
             damping=prepared.damping,
             notes=list(prepared.notes),
@@ -80,14 +80,16 @@ class _GridRule:
         self.block_of = [c // block for c in order]  # original block of each swept column (a list: no syncs)
         self.scale = torch.ones(out_f, n_blocks, dtype=torch.float16, device=device)
         self.zero = torch.zeros(out_f, n_blocks, dtype=torch.uint8, device=device)
-        # float32 copies the per-column arithmetic reads without converting
-        self.scale_f = torch.ones(out_f, n_blocks, device=device)
-        self.zero_f = torch.zeros(out_f, n_blocks, device=device)
-        self.codes = torch.zeros(out_f, in_f, device=device)  # float32 integer codes, cast once at the end
+        # what the per-column steps read and write is stored one contiguous row per column (or block):
+        # a strided [out] column of an [out, in] matrix costs ten times as much to touch.
+        # float32 copies of the grids, so the arithmetic reads them without converting
+        self.scale_t = torch.ones(n_blocks, out_f, device=device)
+        self.zero_t = torch.zeros(n_blocks, out_f, device=device)
+        self.codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8, device=device)  # in sweep order
 
     def set_grids(self, blocks, scale, zero):
         self.scale[:, blocks], self.zero[:, blocks] = scale, zero
-        self.scale_f[:, blocks], self.zero_f[:, blocks] = scale.float(), zero.float()
+        self.scale_t[blocks], self.zero_t[blocks] = scale.float().t(), zero.float().t()
 
     def start_batch(self, i1, batch, diag_u):
         pass
@@ -100,7 +102,7 @@ class _GridRule:
     def round(self, col, w):
         # the same arithmetic as grid.quantize / grid.dequantize, on float32 copies of the grid
         b = self.block_of[col]
-        s, z = self.scale_f[:, b], self.zero_f[:, b]
+        s, z = self.scale_t[b], self.zero_t[b]
         q = torch.round(w / s).add_(z).clamp_(0, self.maxq)
-        self.codes[:, col] = q
+        self.codes_t[col] = q
         return (q - z).mul_(s).to(torch.float16).float()

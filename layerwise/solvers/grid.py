@@ -35,25 +35,75 @@ def fit_grid(
 
 SHRINKS = torch.tensor([1 - i / 100 for i in range(81)])  # the MSE-clipping search's range factors
 COARSE = 4  # the search's first pass tries every COARSE-th factor, the second the ones around its best
+STOP = 2.0  # the first pass stops once every row's error is above STOP × its best so far
+GROUP = 3  # first-pass factors evaluated together (and checked against STOP together)
 CHUNK = 1 << 18  # candidate × row × column elements evaluated at once (about 1 MB per temporary)
 
 
 def _clipped_grid(w, lo, hi, maxq, sym, weight):
     """The grid of the shrink factor with the least Σ weight·|q(w) − w|^2.4 per row (ties: the
-    widest range). Coarse to fine: every COARSE-th factor, then the COARSE − 1 on each side of the
-    best of those (27 of the 81 factors; the exhaustive search's answer whenever its optimum lies
-    within COARSE − 1 steps of the coarse optimum). Each pass evaluates all its factors at once."""
-    rows = w.shape[0]
-    coarse = torch.arange(0, len(SHRINKS), COARSE, device=w.device)[:, None].expand(-1, rows)
-    err = _candidate_errors(w, lo, hi, maxq, sym, weight, coarse)
-    first = coarse.gather(0, err.argmin(dim=0, keepdim=True))  # [1, rows]
-    offsets = torch.tensor([o for o in range(1 - COARSE, COARSE) if o], device=w.device)[:, None]
-    fine = (first + offsets).clamp(0, len(SHRINKS) - 1)
-    idx = torch.cat([first, fine])
-    err = torch.cat([err.min(dim=0, keepdim=True).values, _candidate_errors(w, lo, hi, maxq, sym, weight, fine)])
-    best = torch.where(err == err.min(dim=0, keepdim=True).values, idx, len(SHRINKS)).amin(dim=0)
+    widest range). Coarse to fine: every COARSE-th factor from the widest range down, then all
+    factors within COARSE − 1 steps of the best of those, exactly. The exhaustive search's answer
+    whenever its optimum lies that close to the coarse optimum.
+
+    The coarse pass only locates the optimum, so it is cheaper: the error in units of the scale
+    without the float16 round trip of the grid values (the fine pass has it), and it stops once every
+    row's error exceeds STOP × its best so far (shrinking the range further only clips more)."""
+    first = _coarse_optimum(w, lo, hi, maxq, sym, weight)  # [rows]
+    offsets = torch.arange(1 - COARSE, COARSE, device=w.device)[:, None]
+    fine = (first[None] + offsets).clamp(0, len(SHRINKS) - 1)  # [2·COARSE − 1, rows]
+    err = _candidate_errors(w, lo, hi, maxq, sym, weight, fine)
+    best = torch.where(err == err.min(dim=0, keepdim=True).values, fine, len(SHRINKS)).amin(dim=0)
     shrink = SHRINKS.to(w.device)[best]
     return _grid_from_range(lo * shrink, hi * shrink, maxq, sym)
+
+
+def _coarse_optimum(w, lo, hi, maxq, sym, weight):
+    """[rows] index of the least-error factor among every COARSE-th one (see `_clipped_grid`)."""
+    rows, cols = w.shape
+    coarse = torch.arange(0, len(SHRINKS), COARSE, device=w.device)
+    shrinks = SHRINKS.to(w.device)
+    best_err = torch.full((rows,), float("inf"), device=w.device)
+    best = torch.zeros(rows, dtype=torch.long, device=w.device)
+    step = max(1, CHUNK // (GROUP * cols))
+    for r0 in range(0, rows, step):
+        r = slice(r0, r0 + step)
+        wr, wt = w[r], None if weight is None else weight[r]
+        for g0 in range(0, len(coarse), GROUP):
+            idx = coarse[g0 : g0 + GROUP]
+            scale, zero = _grid_from_range(lo[None, r] * shrinks[idx, None], hi[None, r] * shrinks[idx, None], maxq, sym)
+            err = _scaled_errors(wr, scale, zero, maxq, sym, wt)  # [GROUP, rows of r]
+            low, at = err.min(dim=0)
+            better = low < best_err[r]  # strictly: ties keep the wider range
+            best_err[r] = torch.where(better, low, best_err[r])
+            best[r] = torch.where(better, idx[at], best[r])
+            if bool((low > STOP * best_err[r]).all()):
+                break
+    return best
+
+
+def _scaled_errors(w, scale, zero, maxq, sym, weight):
+    """[K, rows] s^2.4 · Σ_cols weight·|q − w/s|^2.4, q the clamped nearest code of w/s: the grid
+    error of `_grid_errors` without rounding the grid values to float16."""
+    s = scale.float()[:, :, None]
+    x = torch.div(w[None], s)
+    q = _clamped_codes(x.round(), zero, maxq, sym)
+    err = q.sub_(x).abs_().pow_(2.4)
+    if weight is not None:
+        err.mul_(weight[None])
+    return err.sum(dim=2).mul_(s[:, :, 0].pow(2.4))
+
+
+def _clamped_codes(q, zero, maxq, sym):
+    """q (rounded w/s: [K, rows, cols]) clamped to the codes of grids with zero points `zero`
+    ([K, rows]), centred (code − zero), in place. Symmetric grids share one zero point: a scalar
+    clamp, much cheaper than a clamp to tensor bounds."""
+    if sym:
+        z = (maxq + 1) // 2
+        return q.clamp_(-z, maxq - z)
+    z = zero.float()[:, :, None]
+    torch.maximum(q, -z, out=q)
+    return torch.minimum(q, maxq - z, out=q)
 
 
 def _candidate_errors(w, lo, hi, maxq, sym, weight, idx):
@@ -65,17 +115,15 @@ def _candidate_errors(w, lo, hi, maxq, sym, weight, idx):
     step = max(1, CHUNK // (idx.shape[0] * cols))
     for r0 in range(0, rows, step):
         r = slice(r0, r0 + step)
-        err[:, r] = _grid_errors(w[r], scale[:, r], zero[:, r], maxq, None if weight is None else weight[r])
+        err[:, r] = _grid_errors(w[r], scale[:, r], zero[:, r], maxq, sym, None if weight is None else weight[r])
     return err
 
 
-def _grid_errors(w, scale, zero, maxq, weight):
+def _grid_errors(w, scale, zero, maxq, sym, weight):
     """[K, rows] Σ_cols weight·|q(w) − w|^2.4 of w: [rows, cols] on K grids (scale, zero: [K, rows]),
-    with the arithmetic of quantize / dequantize. The centred code round(w/s) is clamped to
-    [−z, maxq − z]: the integers of clamp(round(w/s) + z, 0, maxq) − z in two operations fewer."""
+    with the arithmetic of quantize / dequantize (the centred code: two operations fewer)."""
     s = scale.float()[:, :, None]
-    z = zero.float()[:, :, None]
-    q = torch.div(w[None], s).round_().clamp_(-z, maxq - z)
+    q = _clamped_codes(torch.div(w[None], s).round_(), zero, maxq, sym)
     err = q.mul_(s).to(torch.float16).float().sub_(w[None]).abs_().pow_(2.4)
     if weight is not None:
         err.mul_(weight[None])

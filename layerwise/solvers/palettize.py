@@ -247,16 +247,17 @@ def _feedback_sweep(W, values, order, U, lazy_batch, mask) -> torch.Tensor:
     """
     rule = _SnapRule(values, mask, W.shape[1])
     obs_sweep(W, U, rule, lazy_batch)
-    return order.gather(1, rule.pos).to(torch.uint8)
+    return order.gather(1, rule.pos_t.t()).to(torch.uint8)
 
 
 class _SnapRule:
     """SKM's column rule: the nearest entry of each row's LUT, zero where the mask prunes."""
 
     def __init__(self, values, mask, in_f):
-        self.values, self.mask = values, mask
+        self.values = values
+        self.mask_t = None if mask is None else mask.t().contiguous()  # one contiguous row per column
         self.values64 = values.double()  # [out, k]: a per-column argmin over k beats searchsorted's overhead
-        self.pos = torch.zeros(values.shape[0], in_f, dtype=torch.int64, device=values.device)  # index into sorted LUT
+        self.pos_t = torch.zeros(in_f, values.shape[0], dtype=torch.int64, device=values.device)  # index into sorted LUT
 
     def start_batch(self, i1, batch, diag_u):
         pass
@@ -267,9 +268,9 @@ class _SnapRule:
     def round(self, col, w):
         # nearest sorted entry; exact in float64, ties to the lower entry like searchsorted(mid)
         p = (w.double()[:, None] - self.values64).abs().argmin(dim=1, keepdim=True)  # [out, 1]
-        self.pos[:, col : col + 1] = p
+        self.pos_t[col] = p.squeeze(1)
         q = self.values.gather(1, p).squeeze(1)
-        return q if self.mask is None else torch.where(self.mask[:, col], q, 0.0)
+        return q if self.mask_t is None else torch.where(self.mask_t[col], q, 0.0)
 
 
 def _compressed(shape, bits, codes, lut, lut_codes, lut_scale, mask) -> CompressedWeight:

@@ -51,6 +51,7 @@ def sparsegpt_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: 
     U = prepared.cholesky_of_inverse.to(W.device)
     rule = _PruneRule(W, rows, torch.diag(U), config)
     obs_sweep(W, U, rule, config.column_block)
+    rule.finish()
 
     solutions = []
     for r in rows:
@@ -83,16 +84,23 @@ class _PruneRule:
                 prune_counts(config.sparsity, [min(config.column_block, in_f - i1) * (r.stop - r.start) for i1 in starts])
                 for r in rows
             ]
-        self.mask = torch.ones(out_f, in_f, dtype=torch.bool, device=dev)  # True = kept (or not chosen yet)
+        # stored one contiguous row per column (block) for the per-column steps, [out, …] after `finish`
+        self.mask_t = torch.ones(in_f, out_f, dtype=torch.bool, device=dev)  # True = kept (or not chosen yet)
         self.joint = config.bits is not None
         if self.joint:
             self.maxq = 2**config.bits - 1
             self.block = config.block_size or in_f
-            self.scale = torch.ones(out_f, in_f // self.block, dtype=torch.float16, device=dev)
-            self.zero = torch.zeros(out_f, in_f // self.block, dtype=torch.uint8, device=dev)
-            self.codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+            self.scale_t = torch.ones(in_f // self.block, out_f, dtype=torch.float16, device=dev)
+            self.zero_t = torch.zeros(in_f // self.block, out_f, dtype=torch.uint8, device=dev)
+            self.codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8, device=dev)
         else:
-            self.values = torch.zeros(out_f, in_f, dtype=torch.float16, device=dev)
+            self.values_t = torch.zeros(in_f, out_f, dtype=torch.float16, device=dev)
+
+    def finish(self):
+        """The results as [out, …]: mask, and codes / scale / zero (joint) or values."""
+        names = ("mask", "codes", "scale", "zero") if self.joint else ("mask", "values")
+        for name in names:
+            setattr(self, name, getattr(self, name + "_t").t().contiguous())
 
     def start_batch(self, i1, batch, diag_u):
         if self.config.nm is not None:
@@ -101,36 +109,37 @@ class _PruneRule:
         saliency = batch**2 / diag_u[None, :] ** 2  # [out, cb]
         b = i1 // self.config.column_block
         for r, zeros in zip(self.rows, self.zeros):
-            self.mask[r, i1:i2] = keep_lowest(saliency[r].reshape(1, -1), zeros[b]).reshape(saliency[r].shape)
+            self.mask_t[i1:i2, r] = keep_lowest(saliency[r].reshape(1, -1), zeros[b]).reshape(saliency[r].shape).t()
 
     def start_column(self, col, upcoming):
         c = self.config
         if c.nm is not None and col % c.nm[1] == 0:
             m = c.nm[1]
-            self.mask[:, col : col + m] = nm_keep(upcoming(m) ** 2 / self.diag_u[col : col + m][None, :] ** 2, *c.nm)
+            self.mask_t[col : col + m] = nm_keep(upcoming(m) ** 2 / self.diag_u[col : col + m][None, :] ** 2, *c.nm).t()
         if self.joint and col % self.block == 0:
             g = col // self.block
-            self.scale[:, g], self.zero[:, g] = fit_grid(
-                upcoming(self.block), c.bits, c.sym, c.mse_clip, mask=self.mask[:, col : col + self.block]
+            self.scale_t[g], self.zero_t[g] = fit_grid(
+                upcoming(self.block), c.bits, c.sym, c.mse_clip, mask=self.mask_t[col : col + self.block].t()
             )
 
     def round(self, col, w):
         if self.joint:
             g = col // self.block
-            codes = quantize(w, self.scale[:, g], self.zero[:, g], self.maxq)
-            self.codes[:, col] = codes
-            q = dequantize(codes, self.scale[:, g], self.zero[:, g]).float()
+            codes = quantize(w, self.scale_t[g], self.zero_t[g], self.maxq)
+            self.codes_t[col] = codes
+            q = dequantize(codes, self.scale_t[g], self.zero_t[g]).float()
         else:
             half = w.to(torch.float16)
-            self.values[:, col] = half
+            self.values_t[col] = half
             q = half.float()
-        return torch.where(self.mask[:, col], q, 0.0)
+        return torch.where(self.mask_t[col], q, 0.0)
 
 
 def _refined(target, values, mask, prepared, steps, notes) -> torch.Tensor:
     """The refined float16 values, or `values` unchanged (with a note) if float32 round-off made
     the refinement worse on the Hessian it minimises (an ill-conditioned layer)."""
     H = prepared.damped.to(values.device)
+    values = torch.where(mask, values, 0.0)  # the sweep stored every column's value before its pruning
     refined = refine_masked(target, values.float(), mask, H, steps).to(torch.float16)
     before, after = output_error(target, values, H), output_error(target, refined, H)
     if math.isfinite(after) and after <= before:

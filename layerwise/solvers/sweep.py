@@ -33,6 +33,9 @@ class ColumnRule(Protocol):
         """The float32 value column `col` (current values w: [out]) becomes."""
 
 
+INNER = 16  # columns whose errors are pushed one by one; the rest of the lazy batch gets them as one product
+
+
 def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: int) -> None:
     """Sweep W: [out, in] float32 in place against U: [in, in] upper Cholesky factor of H⁻¹.
 
@@ -42,6 +45,10 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: in
     The sweep works on Wᵀ ([in, out], one contiguous row per column of W): every per-column step
     then reads and writes contiguous memory instead of one float per cache line, which is most of
     a column's cost on wide layers. Rules still see [out, …] views.
+    Inside a lazy batch the errors are pushed column by column only onto the next INNER columns
+    (a few hundred kB that stay in cache), and onto the batch's later columns once per INNER
+    columns, as one product: the same updates as pushing each onto the whole batch, in a third
+    of the time on wide layers, where every column's update used to stream the batch through memory.
     """
     in_f = W.shape[1]
     WT = W.t().contiguous()
@@ -53,24 +60,33 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: in
         diag = torch.diagonal(U1)
         rest = WT[i2:]
         rule.start_batch(i1, batch.t(), diag)
-        for i in range(i2 - i1):
-            rule.start_column(i1 + i, lambda width, i=i: upcoming_columns(batch, rest, i, width))
-            w = batch[i]
-            err = torch.sub(w, rule.round(i1 + i, w), out=errors[i]).div_(diag[i])
-            batch[i:].addr_(U1[i, i:], err, alpha=-1)
+        for j1 in range(0, i2 - i1, INNER):
+            j2 = min(j1 + INNER, i2 - i1)
+            for i in range(j1, j2):
+                rule.start_column(i1 + i, lambda width, i=i: upcoming_columns(batch, rest, i, width, errors[j1:i], U1[j1:i, j2:]))
+                w = batch[i]
+                err = torch.sub(w, rule.round(i1 + i, w), out=errors[i]).div_(diag[i])
+                batch[i:j2].addr_(U1[i, i:j2], err, alpha=-1)
+            batch[j2:].addmm_(U1[j1:j2, j2:].t(), errors[j1:j2], alpha=-1)
         # batch[i] now holds q_i; q_i + e_i·U_ii is the value column i had when it was rounded
         WT[i1:i2] = batch.addcmul_(errors, diag[:, None])
         rest.addmm_(U[i1:i2, i2:].t(), errors, alpha=-1)
     W.copy_(WT.t())
 
 
-def upcoming_columns(batch: torch.Tensor, rest: torch.Tensor, i: int, width: int) -> torch.Tensor:
+def upcoming_columns(batch, rest, i, width, pending_errors, pending_u) -> torch.Tensor:
     """The current values of the `width` columns starting at column i of a lazy batch, as [out, width].
 
-    batch: [b, out] the batch being swept (updated column by column, one row per column); rest:
-    [n, out] the columns after it (updated once per batch). Only the needed columns are sliced, then joined.
+    batch: [b, out] the batch being swept (one row per column); rest: [n, out] the columns after it
+    (updated once per batch). The batch's columns past the current INNER block still lack the
+    errors of that block's columns before i (pending_errors: [k, out], pending_u: their rows of U
+    from the block's end on); they are added here. Only the needed columns are sliced, then joined.
     """
     head = batch[i : i + width]
+    late = i + width - (batch.shape[0] - pending_u.shape[1])  # columns of head past the INNER block
+    if late > 0 and pending_errors.shape[0]:
+        head = head.clone()
+        head[-late:] -= pending_u[:, :late].t() @ pending_errors
     if head.shape[0] < width:
         head = torch.cat([head, rest[: width - head.shape[0]]], dim=0)
     return head.t()
