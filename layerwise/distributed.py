@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from .errors import LayerwiseError, PeerError, RecipeError
 from .formats import CompressedWeight
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, ParkedHessian
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,20 @@ def cover(lo: int, hi: int, share: range) -> list[Span]:
     return cover(lo, mid, share) + cover(mid, hi, share)
 
 
-def tree_sum(leaves: Iterator[T], lo: int, hi: int, add: Callable[[T, T], T], known: dict[Span, T] | None = None) -> T:
-    """Sum of node [lo, hi): `known[(lo, hi)]` if given, else left + right, pulling leaves in order."""
+def tree_sum(leaves: Iterator[T], lo: int, hi: int, add: Callable[[T, T], T], known: dict[Span, T] | None = None,
+             park: Callable[[T], T] | None = None) -> T:
+    """Sum of node [lo, hi): `known[(lo, hi)]` if given, else left + right, pulling leaves in order.
+    park (optional): puts a left sum out of memory while its right sibling is summed; `add` then
+    gets the parked value as its left operand."""
     if known is not None and (lo, hi) in known:
         return known[(lo, hi)]
     if hi - lo == 1:
         return next(leaves)
     mid = (lo + hi) // 2
-    left = tree_sum(leaves, lo, mid, add, known)
-    return add(left, tree_sum(leaves, mid, hi, add, known))
+    left = tree_sum(leaves, lo, mid, add, known, park)
+    if park is not None:
+        left = park(left)
+    return add(left, tree_sum(leaves, mid, hi, add, known, park))
 
 
 class TreeSum:
@@ -183,12 +189,13 @@ def _postorder(lo: int, hi: int) -> Iterator[str]:
 
 
 def reduce_batches(ranks: Ranks, leaves: Iterator[T], total: int, add: Callable[[T, T], T],
-                   blank: Callable[[], T], broadcast: Callable[[T, int], T]) -> T:
+                   blank: Callable[[], T], broadcast: Callable[[T, int], T], park: Callable[[T], T] | None = None) -> T:
     """Σ over all `total` batches along the fixed tree; `leaves` yields this rank's share's batch
-    values in order. blank(): an empty value to receive into; broadcast(value, src): in place."""
+    values in order. blank(): an empty value to receive into; broadcast(value, src): in place;
+    park: see `tree_sum`."""
     if total == 0:
         return blank()
-    mine = {span: tree_sum(leaves, *span, add) for span in cover(0, total, ranks.share(total))}
+    mine = {span: tree_sum(leaves, *span, add, park=park) for span in cover(0, total, ranks.share(total))}
     return finish_tree(ranks, total, mine, add, blank, broadcast)
 
 
@@ -206,20 +213,29 @@ def finish_tree(ranks: Ranks, total: int, mine: dict[Span, T], add: Callable[[T,
 
 
 def reduce_hessians(ranks: Ranks, leaves: Iterator[dict[str, HessianAccumulator]], total: int,
-                    blank: Callable[[], dict[str, HessianAccumulator]]) -> dict[str, HessianAccumulator]:
-    """`reduce_batches` for {layer name: one batch's HessianAccumulator}."""
+                    blank: Callable[[], dict[str, HessianAccumulator]],
+                    park_dir: Path | None = None) -> dict[str, HessianAccumulator]:
+    """`reduce_batches` for {layer name: one batch's HessianAccumulator}. park_dir: a left subtree's
+    sums wait in files there while the right one is summed (`HessianAccumulator.park`: the same
+    additions, one [in, in] per layer in memory instead of one per open tree level)."""
 
     def add(a, b):
         for name, acc in a.items():
-            acc.merge(b[name])
+            if isinstance(acc, ParkedHessian):
+                a[name] = acc.add_into(b[name])
+            else:
+                acc.merge(b[name])
         return a
+
+    def park(value):
+        return {name: acc.park(park_dir) for name, acc in value.items()}
 
     def broadcast(value, src):
         for acc in value.values():
             _broadcast_accumulator(ranks, acc, src)
         return value
 
-    return reduce_batches(ranks, leaves, total, add, blank, broadcast)
+    return reduce_batches(ranks, leaves, total, add, blank, broadcast, park if park_dir is not None else None)
 
 
 class HessianTree:

@@ -29,7 +29,7 @@ from .dtypes import COMPUTE_DTYPE, kept_dtype
 from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians, share_solved
 from .errors import RecipeError
 from .formats import CompressedWeight
-from .hessian import HessianAccumulator, relative_error
+from .hessian import HessianAccumulator, relative_error, relative_error_of_rows, report_denominator
 from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .lazy import LazyBlocks
 from .lockstep import lockstep_block
@@ -40,7 +40,7 @@ from .linears import (
     set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
-from .solvers import GROUP_SOLVERS, METHODS, MethodConfig, Solution
+from .solvers import CONSUMES_HESSIAN, GROUP_SOLVERS, METHODS, MethodConfig, Solution
 from .stacking import stack_runs
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class LayerwiseCompressor:
                 continue
             hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
                                        stop_early=self.family.groups is not None, ranks=self.ranks,
-                                       total=self.total_batches)
+                                       total=self.total_batches, park_dir=self.offload_dir)
             for group in todo:
                 compressed.update(self._solve_group(index, block, group, hessians[group[0]], reports))
         return compressed, None
@@ -359,46 +359,62 @@ class LayerwiseCompressor:
     def _solve_linears(self, linears: dict[str, nn.Module], hessian, reports) -> dict[str, CompressedWeight]:
         """Solve layers sharing one input (stacked where stack_runs allows); reports in their order.
         The runs are dealt round-robin over the ranks and every rank takes every solution, so the
-        weights and reports do not depend on the world size."""
+        weights and reports do not depend on the world size.
+
+        When every run's solver can consume the Hessian (`CONSUMES_HESSIAN`: its solutions carry
+        `row_errors`), the last run factors H in its own buffer — one [in, in] less at the widest
+        solve — and the reports' denominators tr(W H Wᵀ) are taken before."""
+        trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
         runs = stack_runs(list(linears), self.plan, self.stack)
-        mine = {j: self._solve_run(run, linears, hessian) for j, run in enumerate(runs) if self.ranks.solves(j)}
+        consume = hessian is not None and all(self.plan[run[0]].method in CONSUMES_HESSIAN for run in runs)
+        scales = {n: report_denominator(weight_out_in(m), hessian) for n, m in linears.items()} if consume else {}
+        mine = {j: self._solve_run(run, linears, hessian, consume and j == len(runs) - 1)
+                for j, run in enumerate(runs) if self.ranks.solves(j)}
         solved = {}
         if self.ranks.world == 1:
             for result in mine.values():
                 solved.update(result)
         else:
-            packed = {j: {n: (portable(s.compressed), s.damping, s.notes, sec) for n, (s, sec) in r.items()}
+            packed = {j: {n: (portable(s.compressed), s.damping, s.notes, s.row_errors, sec) for n, (s, sec) in r.items()}
                       for j, r in mine.items()}
             for result in share_solved(self.ranks, packed, len(runs)):
-                solved.update({n: (Solution(CompressedWeight.from_tensors(*cw), damping, notes), sec)
-                               for n, (cw, damping, notes, sec) in result.items()})
-        return {name: self._record(name, linears[name], hessian, *solved[name], reports) for name in linears}
+                solved.update({n: (Solution(CompressedWeight.from_tensors(*cw), damping, notes, row_errors), sec)
+                               for n, (cw, damping, notes, row_errors, sec) in result.items()})
+        return {name: self._record(name, linears[name], hessian, *solved[name], reports, scales.get(name))
+                for name in linears}
 
-    def _solve_run(self, run: list[str], linears, hessian) -> dict:
-        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows."""
+    def _solve_run(self, run: list[str], linears, hessian, consume: bool = False) -> dict:
+        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows.
+        consume: the solver may factor `hessian` in place (it is not used after)."""
         config = self.plan[run[0]]
         fisher = _wants_fisher(config)
         hessian = hessian if config.needs_hessian else None
         weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
+        extra = {"consume_hessian": True} if consume else {}
         t0 = time.perf_counter()
         if len(run) > 1:
-            extra = {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
+            extra |= {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
             solutions = GROUP_SOLVERS[config.method](weights, hessian, config, **extra)
         else:
-            extra = {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
+            extra |= {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
             solutions = [METHODS[config.method][1](weights[0], hessian, config, **extra)]
         seconds = time.perf_counter() - t0
         rows = [w.shape[0] for w in weights]
         return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
 
-    def _record(self, name, linear, hessian, solution, seconds, reports) -> CompressedWeight:
-        """Report the layer's solution and put its dense view into the model (later stages see it)."""
+    def _record(self, name, linear, hessian, solution, seconds, reports, scale=None) -> CompressedWeight:
+        """Report the layer's solution and put its dense view into the model (later stages see it).
+        scale: the report's denominator tr(W H Wᵀ), taken before a solver consumed `hessian`."""
         config = self.plan[name]
         weight = weight_out_in(linear)  # [out, in]
         cw = solution.compressed
-        dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
-        rel_error = relative_error(weight, dense, hessian)
-        del dense
+        if hessian is not None and solution.row_errors is not None:
+            scale = report_denominator(weight, hessian) if scale is None else scale
+            rel_error = relative_error_of_rows(solution.row_errors, scale)
+        else:
+            dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
+            rel_error = relative_error(weight, dense, hessian)
+            del dense
         reports.append(
             LayerReport(
                 name=name,
@@ -428,7 +444,7 @@ class LayerwiseCompressor:
                 leaf["head"].add(norm(batch.hidden))
                 yield leaf
 
-        return reduce_hessians(self.ranks, leaves(), self.total_batches, blank)["head"].hessian
+        return reduce_hessians(self.ranks, leaves(), self.total_batches, blank)["head"].take_hessian()
 
     def _hand_over_head(self, cw, writer, kept, reports):
         if writer is not None:
@@ -491,7 +507,7 @@ def _wants_fisher(config: MethodConfig) -> bool:
 
 def collect_hessians(
     block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True,
-    ranks: Ranks = SINGLE, total: int | None = None,
+    ranks: Ranks = SINGLE, total: int | None = None, park_dir: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run every batch through `block` (block number `index`, whose captured arguments it is
     called with), accumulating H of each named linear's input. One partial H per batch, summed
@@ -529,11 +545,11 @@ def collect_hessians(
 
     handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
     try:
-        summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank)
+        summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank, park_dir)
     finally:
         for h in handles:
             h.remove()
-    return {name: acc.hessian for name, acc in summed.items()}
+    return {name: acc.take_hessian() for name, acc in summed.items()}
 
 
 def _blank_for(linear: nn.Module) -> HessianAccumulator:

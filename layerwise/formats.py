@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 SCHEMES = ("affine", "lut", "dense")
+DEQUANTIZE_CHUNK = 1 << 20  # weights dequantized at once (a few MB of temporaries, not [out, in] float32)
 
 
 @dataclass
@@ -101,21 +102,30 @@ class CompressedWeight:
 
     # ---- values ---------------------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
-        """Dense float16 weight [out, in], pruned entries exactly +0."""
+        """Dense float16 weight [out, in], pruned entries exactly +0. Computed a few rows at a time
+        (every value depends on its own row only): no [out, in] float32 temporaries."""
+        source = self.values if self.scheme == "dense" else self.codes
+        dense = torch.empty(self.shape, dtype=torch.float16, device=source.device)
+        step = max(1, DEQUANTIZE_CHUNK // max(1, self.shape[1]))
+        for r0 in range(0, self.shape[0], step):
+            dense[r0 : r0 + step] = self._dequantize_rows(slice(r0, r0 + step))
+        return dense
+
+    def _dequantize_rows(self, rows: slice) -> torch.Tensor:
         if self.scheme == "affine":
             bs = self.block_size
-            steps = self.codes.float() - self.zero_point.float().repeat_interleave(bs, dim=1)
+            steps = self.codes[rows].float() - self.zero_point[rows].float().repeat_interleave(bs, dim=1)
             # steps are small integers, exact in float32; one rounding to float16 = fp16 product
-            dense = (steps * self.scale.float().repeat_interleave(bs, dim=1)).to(torch.float16)
+            dense = (steps * self.scale[rows].float().repeat_interleave(bs, dim=1)).to(torch.float16)
         elif self.scheme == "lut":
             g_out, g_in = self.lut_group
-            rows = torch.arange(self.shape[0]) // g_out
+            groups = torch.arange(self.shape[0])[rows] // g_out
             cols = torch.arange(self.shape[1]) // g_in
-            dense = self.lut[rows[:, None], cols[None, :], self.codes.long()]
+            dense = self.lut[groups[:, None], cols[None, :], self.codes[rows].long()]
         else:
-            dense = self.values.clone()
+            dense = self.values[rows]
         if self.mask is not None:
-            dense = torch.where(self.mask, dense, torch.zeros((), dtype=torch.float16))
+            dense = torch.where(self.mask[rows], dense, torch.zeros((), dtype=torch.float16))
         return dense + 0.0  # turns any -0.0 into +0.0 so every path agrees bit for bit
 
     # ---- size -----------------------------------------------------------------------------

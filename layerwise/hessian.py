@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -56,6 +59,47 @@ class HessianAccumulator:
         _mirror_lower(full.mT)  # the computed upper triangle onto the lower one, in place
         return full
 
+    def park(self, directory: Path) -> "ParkedHessian":
+        """The sum moved to a file in `directory` (its memory freed) until `ParkedHessian.add_into`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".hessian")
+        with os.fdopen(fd, "wb") as f:
+            self.sum.cpu().numpy().tofile(f)
+        parked = ParkedHessian(Path(name), tuple(self.sum.shape), self.rows)
+        self.sum = None
+        return parked
+
+    def take_hessian(self) -> torch.Tensor:
+        """`hessian` (the same bits) made in the sum's own buffer, for a caller done with this
+        accumulator: no second [in, in] beside the sum. The accumulator is spent afterwards."""
+        full = self.sum.mul_(2.0 / self.rows) if self.rows else self.sum
+        self.sum = None
+        _mirror_lower(full.mT)
+        return full
+
+
+@dataclass
+class ParkedHessian:
+    """A `HessianAccumulator`'s sum waiting in a file (`HessianAccumulator.park`)."""
+
+    path: Path
+    shape: tuple[int, int]
+    rows: int
+
+    def add_into(self, acc: HessianAccumulator) -> HessianAccumulator:
+        """acc with this sum added, read back a tile of rows at a time (no second [in, in]); the file
+        is removed. The same bits as `parked.merge(acc)`: acc + parked is parked + acc, element by
+        element (floating-point addition commutes)."""
+        tile = torch.empty(_TILE, self.shape[1], dtype=torch.float32)
+        with open(self.path, "rb") as f:
+            for i in range(0, self.shape[0], _TILE):
+                part = tile[: min(_TILE, self.shape[0] - i)]
+                f.readinto(memoryview(part.numpy()).cast("B"))
+                acc.sum[i : i + part.shape[0]].add_(part.to(acc.sum.device))
+        self.path.unlink()
+        acc.rows += self.rows
+        return acc
+
 
 REPORT_ROWS = 512  # output rows a layer's error report reads at most (evenly spaced beyond that)
 
@@ -75,6 +119,19 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
     else:
         num, den = quadratic_forms(torch.stack([delta, w]), hessian)
     return float(num / den) if den > 0 else float(num)
+
+
+def report_denominator(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(W H Wᵀ) on the rows `relative_error` reads (its denominator)."""
+    w = weight[report_rows(weight.shape[0])].to(torch.float32)
+    return float(quadratic_forms(w[None], hessian)[0])
+
+
+def relative_error_of_rows(row_errors: torch.Tensor, denominator: float) -> float:
+    """`relative_error` from a solver's per-row (ΔW H ΔWᵀ)ⱼⱼ (Solution.row_errors) and
+    `report_denominator`, on the same rows; a sum that rounding left below zero counts as zero."""
+    num = max(float(row_errors[report_rows(row_errors.shape[0])].sum()), 0.0)
+    return num / denominator if denominator > 0 else num
 
 
 def report_rows(out_features: int) -> slice | torch.Tensor:
@@ -121,6 +178,7 @@ class PreparedHessian:
     damping: float  # fraction of mean(diag H) finally added to the diagonal
     notes: list[str] = field(default_factory=list)
     damped: torch.Tensor | None = None  # [in, in] the H that was factored (only with keep_damped=True)
+    added: float = 0.0  # damping · mean(diag H): what was finally added to every diagonal entry
 
 
 def prepare_hessian(
@@ -129,11 +187,14 @@ def prepare_hessian(
     max_damp: float = 10.0,
     perm: torch.Tensor | None = None,
     keep_damped: bool = False,
+    in_place: bool = False,
 ) -> PreparedHessian:
     """Dead columns get H_ii = 1, damping `damp · mean(diag H)` is added, and H⁻¹ is factored.
 
     A failed Cholesky retries with ten times the damping, up to `max_damp`; each retry is noted.
-    `perm` (optional) reorders the columns first (act-order). The input is not modified.
+    `perm` (optional) reorders the columns first (act-order). The input is not modified, unless
+    `in_place`: then U is built in the caller's buffer (contiguous, [in, in]), which is consumed
+    (for a caller that owns H and needs it no more: one [in, in] less at the solve).
     `keep_damped` also returns the factored H (an extra [in, in] copy, only for solvers that use it).
 
     U comes from one Cholesky and one triangular inverse (`_cholesky_of_inverse_`), in place in
@@ -145,19 +206,25 @@ def prepare_hessian(
             "the Hessian holds NaN/Inf: the calibration activations overflowed even in float32; check the "
             "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
         )
+    if in_place and (keep_damped or not hessian.is_contiguous()):
+        raise ValueError("prepare_hessian(in_place=True) needs a contiguous hessian and no keep_damped")
     dead = dead_columns(hessian)
     order = perm if perm is not None else torch.arange(hessian.shape[0], device=hessian.device)
     dead = dead[order]
     reverse = order.flip(0)
+    gone = dead.flip(0)
 
-    def undamped_reversed() -> torch.Tensor:
-        """A fresh [in, in] copy in reversed sweep order (J H J), dead columns with H_ii = 1."""
-        H = hessian.flip(0, 1) if perm is None else hessian[reverse[:, None], reverse[None, :]]  # (flip: half the time)
-        gone = dead.flip(0)
+    def reversed_copy() -> torch.Tensor:
+        """A fresh [in, in] copy in reversed sweep order (J H J)."""
+        return hessian.flip(0, 1) if perm is None else hessian[reverse[:, None], reverse[None, :]]  # (flip: half the time)
+
+    if in_place:  # reversed sweep order in the caller's buffer, and its lower triangle kept for retries
+        H = _reorder_in_place_(hessian, None if perm is None else reverse)
         H[gone, gone] = 1.0
-        return H
-
-    H = undamped_reversed()
+        undamped = _LowerTriangle(H)
+    else:
+        H = reversed_copy()
+        H[gone, gone] = 1.0
     mean_diag = torch.mean(torch.diag(H)).item()
     notes: list[str] = []
     fraction = damp
@@ -169,7 +236,7 @@ def prepare_hessian(
         if _cholesky_of_inverse_(H):
             if damped is not None:
                 _rotate_half_turn_(damped)  # back to sweep order
-            return PreparedHessian(H, dead, fraction, notes, damped=damped)
+            return PreparedHessian(H, dead, fraction, notes, damped=damped, added=fraction * mean_diag)
         retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
         if retry > max_damp:
             raise NumericalError(
@@ -180,7 +247,12 @@ def prepare_hessian(
         log.warning(note)
         notes.append(note)
         fraction = retry
-        H = undamped_reversed()  # the failed factorization overwrote it
+        # the failed factorization overwrote H: the undamped one again
+        if in_place:
+            undamped.restore(H)
+        else:
+            H = reversed_copy()
+            H[gone, gone] = 1.0
 
 
 _TILE = 512  # rows per temporary in the in-place copies below (512 × in floats, not [in, in])
@@ -208,6 +280,51 @@ def _mirror_lower(H: torch.Tensor) -> None:
             tile.copy_(torch.where(above, tile.t(), tile))
         else:
             H[rows, cols] = H[cols, rows].t()
+
+
+def _reorder_in_place_(H: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """H[order][:, order] in H's own buffer (bit copies); order None: the reversal J H J.
+    Rows are moved along the permutation's cycles (one row of temporary), then columns the same
+    way between two in-place transposes, so no second [in, in] buffer is made."""
+    if order is None:
+        _rotate_half_turn_(H)
+        return H
+    for _ in range(2):
+        _permute_rows_(H, order.tolist())
+        _transpose_in_place(H)
+    return H
+
+
+def _permute_rows_(H: torch.Tensor, order: list[int]) -> None:
+    """H[i] ← H[order[i]] for every row, in place, one cycle of the permutation at a time."""
+    done = bytearray(len(order))
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        saved = H[start].clone()
+        i = start
+        while True:
+            done[i] = 1
+            source = order[i]
+            if source == start:
+                H[i] = saved
+                break
+            H[i] = H[source]
+            i = source
+
+
+class _LowerTriangle:
+    """A copy of H's lower triangle (row panels, about half of H), to put H back after a failed
+    in-place Cholesky: torch's Cholesky zeroes the triangle it does not factor, LAPACK overwrites
+    the other, so nothing of H is left in its buffer."""
+
+    def __init__(self, H: torch.Tensor):
+        self.panels = [H[i : i + _TILE, : i + _TILE].clone() for i in range(0, H.shape[0], _TILE)]
+
+    def restore(self, H: torch.Tensor) -> None:
+        """The lower triangle back into H: all `_cholesky_of_inverse_` reads (it mirrors it first)."""
+        for k, panel in enumerate(self.panels):
+            H[k * _TILE : (k + 1) * _TILE, : (k + 1) * _TILE] = panel
 
 
 def _transpose_in_place(H: torch.Tensor) -> None:

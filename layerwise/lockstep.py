@@ -117,7 +117,7 @@ def lockstep_block(
                     f"the batches of one block paused at {sorted(map(str, points | {name}))}: its linears do not "
                     "run once per forward, in the same order for every batch (use lockstep=False)"
                 )
-            solve(name, accs.pop(name).result().hessian)
+            solve(name, accs.pop(name).result().take_hessian())
             for t in threads:
                 t.step()
         if accs:

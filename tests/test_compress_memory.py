@@ -18,7 +18,7 @@ def ids(n, L=32):
     return torch.randint(4, 4096, (n, L), generator=torch.Generator().manual_seed(0))
 
 
-def compress(model, windows, **kwargs):
+def compress(model, windows, batch_size=4, **kwargs):
     seen, dtypes = {}, {}
 
     def on_block_output(i, outs):
@@ -26,7 +26,7 @@ def compress(model, windows, **kwargs):
         dtypes[i] = {m.weight.dtype for m in model.model.layers[i].modules() if isinstance(m, torch.nn.Linear)}
 
     compressor = LayerwiseCompressor(model, Recipe.single(method_config(dict(GPTQ), "test")), device="cpu",
-                                     batch_size=4, **kwargs)
+                                     batch_size=batch_size, **kwargs)
     return compressor, compressor.compress(windows, on_block_output=on_block_output), seen, dtypes
 
 
@@ -66,3 +66,24 @@ def test_lockstep_auto_falls_back_to_staged_when_its_activations_outgrow_the_mem
             assert torch.equal(cw.dequantize(), forced.compressed[name].dequantize()), name
         for i in outs:
             assert torch.equal(outs[i], forced_outs[i])
+
+
+def test_offloaded_run_parks_tree_sums_and_gives_the_same_weights(tmp_path, monkeypatch):
+    """--offload-activations (staged, activations in files, the Hessian tree's waiting sums parked
+    in files too) gives the in-memory run's weights and reports on 7 windows in 4 batches (an
+    uneven tree with parked subtrees); its folder is left empty."""
+    from layerwise.hessian import HessianAccumulator
+
+    model = build_tiny_model("llama")
+    _, kept, outs_kept, _ = compress(model, ids(7), lockstep=False, batch_size=2)
+    parks = []
+    park = HessianAccumulator.park
+    monkeypatch.setattr(HessianAccumulator, "park", lambda self, d: parks.append(d) or park(self, d))
+    _, parked, outs_parked, _ = compress(build_tiny_model("llama"), ids(7), offload_dir=tmp_path / "acts", batch_size=2)
+    assert len(parks) >= 2 * 4 * 2  # per block and stage: the 4-batch tree parks 2 left sums (and more per stage)
+    for name, cw in kept.compressed.items():
+        assert torch.equal(cw.dequantize(), parked.compressed[name].dequantize()), name
+    assert [r.rel_error for r in kept.layers] == [r.rel_error for r in parked.layers]
+    for i in outs_kept:
+        assert torch.equal(outs_kept[i], outs_parked[i])
+    assert not [p for p in (tmp_path / "acts").iterdir() if p.suffix == ".hessian"]

@@ -146,3 +146,30 @@ def test_dead_rank_stops_the_other_and_torchrun_resumes_to_the_same_bytes(tmp_pa
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert file_hashes(out) == file_hashes(tmp_path / "single") and not partial.exists()
+
+
+def test_parked_tree_sums_are_the_same_bits(tmp_path):
+    """With park_dir (the --offload-activations mode) a left subtree's Hessian sums wait in files
+    while the right one is summed; added back (right += left, a tile at a time) they give the
+    in-memory tree's bits, and no file is left."""
+    from layerwise.distributed import SINGLE, reduce_hessians
+    from layerwise.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    width, total = 600, 5  # wider than one read-back tile; an uneven tree
+    xs = [torch.randn(40, width, generator=g) * 10 ** torch.randint(-2, 3, (width,), generator=g) for _ in range(total)]
+
+    def leaves():
+        for x in xs:
+            acc = HessianAccumulator(width)
+            acc.add(x)
+            yield {"layer": acc}
+
+    def blank():
+        return {"layer": HessianAccumulator(width)}
+
+    kept = reduce_hessians(SINGLE, leaves(), total, blank)["layer"]
+    parked = reduce_hessians(SINGLE, leaves(), total, blank, park_dir=tmp_path / "park")["layer"]
+    assert parked.rows == kept.rows == 40 * total
+    assert torch.equal(parked.hessian, kept.hessian)
+    assert not list((tmp_path / "park").iterdir())

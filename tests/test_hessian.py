@@ -152,3 +152,41 @@ def test_inverse_factor_equals_the_textbook_route(width):
     U = prep.cholesky_of_inverse
     assert torch.equal(U, torch.triu(U))
     assert torch.allclose(U.double(), reference, rtol=1e-3, atol=1e-4 * reference.abs().max())
+
+
+def _indefinite(width: int, seed: int = 0) -> torch.Tensor:
+    """A symmetric H whose least eigenvalue is −5 % of its mean diagonal (after the shift):
+    damping 0.01 fails, 0.1 succeeds."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * width, width, generator=g, dtype=torch.float64)
+    S = x.T @ x / (2 * width)
+    low = torch.linalg.eigvalsh(S)[0]
+    shift = low + 0.05 * (torch.diag(S).mean() - low) / 1.05
+    return (S - shift * torch.eye(width, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("case", ["unsymmetric", "retries"])
+def test_in_place_preparation_equals_the_copy(act_order, case):
+    """prepare_hessian(in_place=True) builds U in the caller's buffer — reordered there by bit
+    copies, and after a failed Cholesky put back from the copy of its lower triangle — and gives
+    the same bits (U, notes, damping) as the default, which leaves its input alone."""
+    torch.manual_seed(1)
+    n = 1100  # two full 512-row tiles and a partial one
+    if case == "unsymmetric":
+        x = torch.randn(n + 50, n)
+        x[:, 3] = 0  # a dead column
+        hessian = x.t() @ x + 1e-3 * torch.randn(n, n).triu(1)
+    else:
+        hessian = _indefinite(n)
+    perm = torch.randperm(n) if act_order else None
+    original = hessian.clone()
+    kept = prepare_hessian(hessian, 0.01, perm=perm)
+    assert torch.equal(hessian, original)
+    consumed = prepare_hessian(hessian, 0.01, perm=perm, in_place=True)
+    assert consumed.cholesky_of_inverse.data_ptr() == hessian.data_ptr()  # no second [in, in]
+    assert torch.equal(consumed.cholesky_of_inverse, kept.cholesky_of_inverse)
+    assert torch.equal(consumed.dead, kept.dead)
+    assert (consumed.damping, consumed.notes, consumed.added) == (kept.damping, kept.notes, kept.added)
+    if case == "retries":
+        assert consumed.notes == ["Cholesky failed at damping 0.01, retried at 0.1"]

@@ -24,8 +24,10 @@ METHODS: dict[str, tuple[type[MethodConfig], object]] = {
     "kmeans": (KMeansConfig, kmeans),
 }
 GROUP_SOLVERS = {"gptq": gptq_group, "sparsegpt": sparsegpt_group, "skm": skm_group}
+# solvers that take consume_hessian=True (factor H in the caller's buffer) and return Solution.row_errors
+CONSUMES_HESSIAN = {"gptq"}
 
 __all__ = [
-    "METHODS", "GROUP_SOLVERS", "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "SparseGPTConfig", "MagnitudeConfig",
+    "METHODS", "GROUP_SOLVERS", "CONSUMES_HESSIAN", "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "SparseGPTConfig", "MagnitudeConfig",
     "SKMConfig", "KMeansConfig", "gptq", "rtn", "sparsegpt", "magnitude", "skm", "kmeans",
 ]

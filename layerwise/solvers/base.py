@@ -20,6 +20,9 @@ class Solution:
     compressed: CompressedWeight
     damping: float | None = None  # fraction of mean(diag H) finally used (None: data-free)
     notes: list[str] = field(default_factory=list)
+    # float64 [out]: (ΔW H ΔWᵀ)ⱼⱼ per output row against the undamped H, from solvers whose sweep
+    # gives it without H (GPTQ); the report uses it where the Hessian was consumed by the solve
+    row_errors: torch.Tensor | None = None
 
 
 @dataclass
@@ -127,8 +130,13 @@ def stack_rows(weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice]]:
     """Layers sharing one input as one float32 [Σ out, in] matrix (a fresh copy), and each layer's
     rows in it. One layer is just its float32 copy."""
     W = torch.cat([w.detach().to(torch.float32) for w in weights]) if len(weights) > 1 else to_float32(weights[0])
+    return W, row_slices(weights)
+
+
+def row_slices(weights: list[torch.Tensor]) -> list[slice]:
+    """Each layer's rows in the stack of `weights` ([out_k, in] each)."""
     ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
-    return W, [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
+    return [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
 
 
 def act_order_perm(hessian: torch.Tensor, act_order: bool) -> torch.Tensor | None:

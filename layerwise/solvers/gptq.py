@@ -15,56 +15,99 @@ from __future__ import annotations
 import torch
 
 from ..formats import CompressedWeight
-from ..hessian import PreparedHessian, dead_columns
-from .base import Solution, act_order_perm, prepare_for, stack_rows
-from .grid import fit_grid
+from ..hessian import PreparedHessian, dead_columns, prepare_hessian
+from .base import Solution, act_order_perm, row_slices
+from .grid import dequantize, fit_grid
 from .quant_config import GPTQConfig
-from .sweep import obs_sweep
+from .sweep import obs_sweep_transposed
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, *,
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, consume_hessian: bool = False, *,
          prepared: PreparedHessian | None = None) -> Solution:
     """weight: [out, in]; hessian: [in, in] float32 → affine CompressedWeight."""
-    return gptq_group([weight], hessian, config, prepared=prepared)[0]
+    return gptq_group([weight], hessian, config, consume_hessian, prepared=prepared)[0]
 
 
-def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig, *,
-               prepared: PreparedHessian | None = None) -> list[Solution]:
+def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig,
+               consume_hessian: bool = False, *, prepared: PreparedHessian | None = None) -> list[Solution]:
     """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep.
-    prepared: `prepare_for(hessian, config)` when the caller already has it (shared by configs of
-    equal damping and act-order, e.g. a size budget's candidates); computed here otherwise."""
-    W, rows = stack_rows(weights)
-    out_f, in_f = W.shape
-    block = config.block_size or in_f
-    n_blocks = in_f // block
 
-    W[:, dead_columns(hessian)] = 0
+    consume_hessian: factor H in the caller's buffer (`prepare_hessian(in_place=True)`), for a
+    caller that owns H and needs it no more (each Solution's `row_errors` replace it for the
+    report): one [in, in] less while the layer is solved. The caller's tensor is left empty
+    (0 elements, its memory freed) once the sweep is done.
+    prepared: `base.prepare_for(hessian, config)` when the caller already has it (shared by configs
+    of equal damping and act-order, e.g. a size budget's candidates); computed here otherwise."""
+    in_f, device = hessian.shape[0], hessian.device
+    block = config.block_size or in_f
+    dead = dead_columns(hessian)
     perm = act_order_perm(hessian, config.act_order)
     if prepared is None:
-        prepared = prepare_for(hessian, config)
+        prepared = prepare_hessian(hessian, config.damp, perm=perm, in_place=consume_hessian)
+    del hessian  # consumed, or the caller's
 
-    rule = _GridRule(out_f, in_f, block, config, W.device, perm)
-    if rule.static:  # per-channel always (one block), per-block under act-order
-        s, z = fit_grid(W.reshape(out_f * n_blocks, block), config.bits, config.sym, config.mse_clip)
-        rule.set_grids(slice(None), s.reshape(out_f, n_blocks), z.reshape(out_f, n_blocks))
-    if perm is not None:
-        W = W[:, perm]
-    obs_sweep(W, prepared.cholesky_of_inverse, rule, config.lazy_batch)
+    rows = row_slices(weights)
+    out_f = rows[-1].stop
+    rule = _GridRule(out_f, in_f, block, config, device, perm)
+    WT = _transposed_in_sweep_order(weights, rows, dead, perm, rule)
+    error_sq = torch.zeros(out_f, dtype=torch.float64, device=WT.device)
+    obs_sweep_transposed(WT, prepared.cholesky_of_inverse, rule, config.lazy_batch, error_sq)
+    del WT
+    damping, notes, added = prepared.damping, prepared.notes, prepared.added
+    if consume_hessian:  # U lives in the caller's tensor: empty it, so its memory goes now, not
+        prepared.cholesky_of_inverse.set_()  # when the last caller frame lets go of it
+    del prepared
 
-    codes = rule.codes_t.t()
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return [
-        Solution(
-            CompressedWeight(
-                shape=(r.stop - r.start, in_f), scheme="affine", bits=config.bits,
-                codes=codes[r].contiguous().cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu(),
-            ),
-            damping=prepared.damping,
-            notes=list(prepared.notes),
-        )
-        for r in rows
-    ]
+    codes = (rule.codes_t if perm is None else rule.codes_t[torch.argsort(perm)]).t().contiguous()
+    solutions = []
+    for r, weight in zip(rows, weights):
+        cw = CompressedWeight(shape=(r.stop - r.start, in_f), scheme="affine", bits=config.bits,
+                              codes=codes[r].cpu(), scale=rule.scale[r].cpu(), zero_point=rule.zero[r].cpu())
+        row_errors = _undamped_row_errors(error_sq[r], weight, cw, dead, added)
+        solutions.append(Solution(cw, damping=damping, notes=list(notes), row_errors=row_errors))
+    return solutions
+
+
+def _transposed_in_sweep_order(weights, rows, dead, perm, rule, rows_at_once=256) -> torch.Tensor:
+    """The stacked float32 weights as Wᵀ [in, out], columns in sweep order, dead columns zeroed,
+    built a few rows at a time (no [out, in] copy beside it); static grids are fitted on the way
+    (row-wise, so the same grids as from the whole matrix)."""
+    in_f = weights[0].shape[1]
+    out_f = rows[-1].stop
+    WT = torch.empty(in_f, out_f, device=rule.scale.device)
+    for weight, r in zip(weights, rows):
+        for a in range(0, r.stop - r.start, rows_at_once):
+            chunk = weight[a : a + rows_at_once].detach().to(device=WT.device, dtype=torch.float32, copy=True)
+            chunk[:, dead] = 0
+            at = slice(r.start + a, r.start + a + chunk.shape[0])
+            if rule.static:  # per-channel always (one block), per-block under act-order
+                k, b = chunk.shape[0], rule.block
+                s, z = fit_grid(chunk.reshape(-1, b), rule.config.bits, rule.config.sym, rule.config.mse_clip)
+                rule.set_grids(slice(None), s.reshape(k, -1), z.reshape(k, -1), rows=at)
+            WT[:, at] = chunk.t() if perm is None else chunk.t()[perm]
+    return WT
+
+
+def _undamped_row_errors(error_sq, weight, cw, dead, added, rows_at_once=256) -> torch.Tensor:
+    """(ΔW H ΔWᵀ)ⱼⱼ per row (float64 [out]) from the sweep's Σ eᵢ² = (ΔW H_d ΔWᵀ)ⱼⱼ, where
+    H_d = H + added·I + (1 on dead columns' diagonal): minus added·|ΔWⱼ|² and |ΔWⱼ on dead columns|².
+    ΔW = W₀ − Q with W₀'s dead columns zeroed (the matrix the sweep started from), a few rows at a time."""
+    out = error_sq.clone()
+    for r0 in range(0, weight.shape[0], rows_at_once):
+        r = slice(r0, r0 + rows_at_once)
+        q = _dequantized_rows(cw, r).to(error_sq.device)
+        delta = weight[r].to(device=q.device, dtype=torch.float32) - q
+        delta[:, dead] = q[:, dead].neg()
+        sq = delta.double().square_()
+        out[r] -= added * sq.sum(dim=1) + sq[:, dead].sum(dim=1)
+    return out
+
+
+def _dequantized_rows(cw: CompressedWeight, rows: slice) -> torch.Tensor:
+    """float32 values of an affine weight's rows `rows` (the float16 values `dequantize` gives)."""
+    n = cw.scale.shape[1]
+    codes = cw.codes[rows].reshape(-1, n, cw.shape[1] // n)
+    return dequantize(codes, cw.scale[rows, :, None], cw.zero_point[rows, :, None]).reshape(codes.shape[0], -1).float()
 
 
 class _GridRule:
@@ -87,9 +130,9 @@ class _GridRule:
         self.zero_t = torch.zeros(n_blocks, out_f, device=device)
         self.codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8, device=device)  # in sweep order
 
-    def set_grids(self, blocks, scale, zero):
-        self.scale[:, blocks], self.zero[:, blocks] = scale, zero
-        self.scale_t[blocks], self.zero_t[blocks] = scale.float().t(), zero.float().t()
+    def set_grids(self, blocks, scale, zero, rows=slice(None)):
+        self.scale[rows, blocks], self.zero[rows, blocks] = scale, zero
+        self.scale_t[blocks, rows], self.zero_t[blocks, rows] = scale.float().t(), zero.float().t()
 
     def start_batch(self, i1, batch, diag_u):
         pass
@@ -104,5 +147,5 @@ class _GridRule:
         b = self.block_of[col]
         s, z = self.scale_t[b], self.zero_t[b]
         q = torch.round(w / s).add_(z).clamp_(0, self.maxq)
-        self.codes_t[col] = q
+        self.codes_t[col] = q  # integers in [0, maxq]: exact in uint8
         return (q - z).mul_(s).to(torch.float16).float()

@@ -36,7 +36,8 @@ class ColumnRule(Protocol):
 INNER = 16  # columns whose errors are pushed one by one; the rest of the lazy batch gets them as one product
 
 
-def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: int) -> None:
+def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: int,
+              error_sq: torch.Tensor | None = None) -> None:
     """Sweep W: [out, in] float32 in place against U: [in, in] upper Cholesky factor of H⁻¹.
 
     Afterwards W holds, for every column, the value it had when it was rounded (the error-corrected
@@ -50,8 +51,17 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: in
     columns, as one product: the same updates as pushing each onto the whole batch, in a third
     of the time on wide layers, where every column's update used to stream the batch through memory.
     """
-    in_f = W.shape[1]
     WT = W.t().contiguous()
+    obs_sweep_transposed(WT, U, rule, lazy_batch, error_sq)
+    W.copy_(WT.t())
+
+
+def obs_sweep_transposed(WT: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: int,
+                         error_sq: torch.Tensor | None = None) -> None:
+    """`obs_sweep` on Wᵀ: [in, out] float32, contiguous, swept in place (for a solver that builds
+    Wᵀ itself: no second [out, in] copy). error_sq (float64 [out], optional) gets Σᵢ eᵢ² of every
+    row added: with H_d⁻¹ = UᵀU, W − Q = E U, so that sum is the row's (ΔW H_d ΔWᵀ)ⱼⱼ."""
+    in_f = WT.shape[0]
     for i1 in range(0, in_f, lazy_batch):
         i2 = min(i1 + lazy_batch, in_f)
         batch = WT[i1:i2].clone()  # [b, out]
@@ -71,7 +81,8 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, rule: ColumnRule, lazy_batch: in
         # batch[i] now holds q_i; q_i + e_i·U_ii is the value column i had when it was rounded
         WT[i1:i2] = batch.addcmul_(errors, diag[:, None])
         rest.addmm_(U[i1:i2, i2:].t(), errors, alpha=-1)
-    W.copy_(WT.t())
+        if error_sq is not None:
+            error_sq += errors.square().sum(dim=0, dtype=torch.float64)
 
 
 def upcoming_columns(batch, rest, i, width, pending_errors, pending_u) -> torch.Tensor:
