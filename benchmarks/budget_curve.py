@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import sys
 import time
@@ -33,8 +34,9 @@ from layerwise.evaluate import perplexity
 from layerwise.loading import load_model, load_tokenizer
 from layerwise.recipe import Recipe, recipe_from_dict
 
-# bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first
-UNIFORM = [(3, 32), (2, 32), (4, None), (3, None), (3, 128), (4, 128)]
+# bits, block (None: per-channel); the acceptance point (3-bit blocks of 32) first, then the ends of
+# the 2.5–4.5 bits-per-weight range, then the points between
+UNIFORM = [(3, 32), (2, 32), (4, 32), (4, None), (3, None), (3, 128), (4, 128)]
 
 
 def uniform_recipe(model, method: str, bits: int, block: int | None) -> Recipe:
@@ -73,11 +75,22 @@ def main() -> None:
                    "exists, else written, so a rerun with another allocation skips the measuring")
     p.add_argument("--render-only", action="store_true", help="rewrite the section and plot from budget-<tag>.json")
     p.add_argument("--points", type=int, default=len(UNIFORM), help="how many uniform settings (in UNIFORM's order)")
+    p.add_argument("--point", type=int, action="append", help="only this uniform setting (its index in UNIFORM; "
+                   "repeatable), e.g. for runs side by side")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--curves", default=",".join(CURVES), help="which curves this run computes (comma-separated: "
+                   "two runs with different curves may share the work; rows are merged into budget-<tag>.json)")
     args = p.parse_args()
+    json_path = Path(args.results).parent / f"budget-{args.tag}.json"
     if args.render_only:
-        publish(json.loads((Path(args.results).parent / f"budget-{args.tag}.json").read_text()), args)
+        publish(json.loads(json_path.read_text()), args)
         return
+    curves = args.curves.split(",")
+    if not set(curves) <= set(CURVES):
+        p.error(f"--curves: a subset of {','.join(CURVES)}")
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     windows, _ = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, 0)
@@ -85,28 +98,84 @@ def main() -> None:
     if args.eval_windows:
         eval_ids = eval_ids[: args.eval_windows * args.seqlen]
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
-    fp16 = perplexity(copy.deepcopy(model).float(), eval_ids, seqlen=args.seqlen, batch_size=8)["ppl"]
-    log(f"float16 ppl {fp16:.3f}")
-    table, scales, measure_s = measured(model, windows, args)
-    log(f"measured {sum(len(v) for v in table.values())} candidates in {measure_s:.0f} s")
-    command = "python " + " ".join(sys.argv)
-    data = {"model": args.model, "fp16_ppl": fp16, "measure_s": measure_s, "command": command,
-            "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": int(eval_ids.numel()), "rows": []}
-    rows = data["rows"]
-    for bits, block in UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
+    data = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": int(eval_ids.numel()),
+            "command": "python " + " ".join(sys.argv)}
+    data["fp16_ppl"] = earlier_fp16(json_path, data) or perplexity(
+        copy.deepcopy(model).float(), eval_ids, seqlen=args.seqlen, batch_size=8)["ppl"]
+    log(f"float16 ppl {data['fp16_ppl']:.3f}")
+    table, scales, data["measure_s"] = measured(model, windows, args) if "gptq-mixed" in curves else (None, None, None)
+    if table is not None:
+        log(f"measured {sum(len(v) for v in table.values())} candidates in {data['measure_s']:.0f} s")
+    done = set()  # rows an earlier run with these settings published: not computed again
+    if earlier_fp16(json_path, data):
+        done = {(r["curve"], r["settings"]) for r in json.loads(json_path.read_text())["rows"]}
+    for bits, block in [UNIFORM[i] for i in args.point] if args.point else UNIFORM[: args.points]:  # the acceptance point first: each row is published as it lands
         settings = f"{bits}-bit {'per-channel' if block is None else f'block {block}'}"
-        row = run_point(model, uniform_recipe(model, "gptq", bits, block), windows, eval_ids, args)
-        rows.append({"curve": "gptq-uniform", "settings": settings, **row})
-        log(rows[-1])
-        allocation = allocate_from_table(model, table, scales, Target(bits=row["bits_per_weight"]))
-        point = run_point(model, allocation.recipe, windows, eval_ids, args)
-        rows.append({"curve": "gptq-mixed", "settings": f"target {row['bits_per_weight']:.3f}", **point,
-                     "predicted_dloss": allocation.predicted_dloss, "mix": mix_of(allocation, table)})
-        log(rows[-1])
-        rows.append({"curve": "rtn-uniform", "settings": settings,
-                     **run_point(model, uniform_recipe(model, "rtn", bits, block), windows, eval_ids, args)})
-        log(rows[-1])
-        publish(data, args)
+        rows, target = [], table_bits(model, table, bits, block) if table is not None else None
+        # the mixed point from the table's bytes when it has them, else after a uniform row (its bits)
+        for curve in curves if target is not None else sorted(curves, key=lambda c: c == "gptq-mixed"):
+            if curve == "gptq-mixed":
+                if target is None:
+                    log(f"{settings}: no uniform row and not every layer has it in the table; mixed point skipped")
+                    continue
+                if (curve, f"target {target:.3f}") in done:
+                    continue
+                allocation = allocate_from_table(model, table, scales, Target(bits=target))
+                row = {"curve": curve, "settings": f"target {target:.3f}",
+                       **run_point(model, allocation.recipe, windows, eval_ids, args),
+                       "predicted_dloss": allocation.predicted_dloss, "mix": mix_of(allocation, table)}
+            elif (curve, settings) in done:
+                continue
+            else:  # both uniform curves store the same grids: the same bits per weight
+                method = curve.split("-")[0]
+                row = {"curve": curve, "settings": settings,
+                       **run_point(model, uniform_recipe(model, method, bits, block), windows, eval_ids, args)}
+                target = target or row["bits_per_weight"]
+            rows.append(row)
+            log(row)
+        if rows:
+            merge_and_publish(json_path, data, rows, args)
+
+
+CURVES = ("gptq-uniform", "gptq-mixed", "rtn-uniform")
+
+
+def table_bits(model, table: dict, bits: int, block: int | None) -> float | None:
+    """Bits per weight of the uniform setting from the measured bytes (exactly the uniform
+    checkpoint's), or None where some layer's menu lacks it (blocks of 128 that fall back to 64)."""
+    total = 0
+    for name, cands in table.items():
+        match = [c for c in cands if c.config.bits == bits and c.config.block_size == block]
+        if not match:
+            return None
+        total += match[0].checkpoint_bytes
+    return 8 * total / sum(model.get_submodule(n).weight.numel() for n in table)
+
+
+def earlier_fp16(json_path: Path, data: dict) -> float | None:
+    """The float16 perplexity of an earlier run on the same model and evaluation tokens."""
+    if not json_path.exists():
+        return None
+    old = json.loads(json_path.read_text())
+    same = all(old.get(k) == data[k] for k in ("nsamples", "seqlen", "eval_tokens")) and \
+        old.get("model") == data["model"].replace(str(Path.home()), "~")
+    return old.get("fp16_ppl") if same else None
+
+
+def merge_and_publish(json_path: Path, data: dict, rows: list[dict], args) -> None:
+    """Add `rows` to budget-<tag>.json (replacing rows of the same curve and settings), under a lock:
+    runs sharing the curves publish into one section."""
+    with open(json_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.loads(json_path.read_text()) if earlier_fp16(json_path, data) else {**data, "rows": []}
+        if data["measure_s"] is not None:
+            merged["measure_s"] = data["measure_s"]
+        command = data["command"].replace(str(Path.home()), "~")
+        if command not in merged["command"].replace(str(Path.home()), "~").split(" and "):
+            merged["command"] += " and " + command
+        new = {(r["curve"], r["settings"]) for r in rows}
+        merged["rows"] = [r for r in merged["rows"] if (r["curve"], r["settings"]) not in new] + rows
+        publish(merged, args)
 
 
 def measured(model, windows, args) -> tuple[dict, dict, float]:
@@ -148,19 +217,19 @@ def publish(data: dict, args) -> None:
 def render(data: dict, png: str) -> str:
     lines = [
         f"## Size budget: mixed vs uniform bits ({Path(data['model']).name})", "",
-        f"Reproduce: `{data['command']}`", "",
+        "Reproduce: " + " and ".join(f"`{c}`" for c in data["command"].split(" and ")), "",
         f"Model `{data['model']}`; calibration {data['nsamples']} × {data['seqlen']}-token windows of WikiText-2 valid "
         f"(seed 0); perplexity on the first {data['eval_tokens']:,} tokens of WikiText-2 test in {data['seqlen']}-token "
         f"windows (float16 {data['fp16_ppl']:.3f}). Mixed = `--target-bits` at each uniform GPTQ point's bits per weight, "
         f"default menu (GPTQ 2/3/4/8 bits × per-channel / 128 / 32); measuring every candidate and the loss scales "
-        f"once took {data['measure_s']:.0f} s (shared 2-core machine).", "",
+        + (f"once took {data['measure_s']:.0f} s (shared 2-core machine)." if data.get("measure_s") else "not timed yet."), "",
         "| curve | settings | bits/weight | ppl | Δppl | mixed / uniform Δppl | compress s | mix (layers per config) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     uniform = {round(r["bits_per_weight"], 3): r for r in data["rows"] if r["curve"] == "gptq-uniform"}
     for r in sorted(data["rows"], key=lambda r: (r["bits_per_weight"], r["curve"])):
         ratio = ""
-        if r["curve"] == "gptq-mixed":
+        if r["curve"] == "gptq-mixed" and uniform:
             ref = min(uniform.values(), key=lambda u: abs(u["bits_per_weight"] - r["bits_per_weight"]))
             ratio = f"{r['dppl'] / ref['dppl']:.2f}" if ref["dppl"] > 0 else "–"
         mix = ", ".join(f"{k}×{v}" for k, v in sorted(r.get("mix", {}).items()))

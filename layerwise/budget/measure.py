@@ -4,8 +4,9 @@ The engine's own streaming pass (capture, per-block Hessians, lazy blocks, every
 arguments) with one difference: each layer's solve step solves every candidate of its menu
 (through the solvers' public API), records them, and leaves the weight as it was — so every
 Hessian is that of the *uncompressed* model. Layers sharing an input (q/k/v, gate/up) solve each
-common candidate as one stacked matrix where the method has a group solver (the same answers as
-one by one, one Hessian factorization instead of one per layer).
+common candidate as one stacked matrix where the method has a group solver, and the candidates
+of one damping and act-order share one factored H⁻¹ (the same answers as one by one, one
+Hessian factorization per group instead of one per layer and candidate).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch.nn as nn
 from ..coreml.layout import exported_bytes
 from ..engine import LayerwiseCompressor
 from ..formats import CompressedWeight
-from ..hessian import relative_error
+from ..hessian import PreparedHessian
 from ..linears import weight_out_in
 from ..recipe import Recipe, Rule
 from ..solvers import GROUP_SOLVERS, METHODS, MethodConfig
+from ..solvers.base import prepare_for
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class Candidate:
     config: MethodConfig
     error: float  # tr(ΔW H ΔWᵀ), H = 2/N Σ xᵀx over the calibration inputs of the layer
     row_errors: torch.Tensor  # [out] float64: (ΔW H ΔWᵀ)_jj, each output channel's share of `error`
-    rel_error: float  # error / tr(W H Wᵀ)
+    rel_error: float  # error / tr(W H Wᵀ), over every row (the engine's report samples 512)
     checkpoint_bytes: int  # every stored byte in the layerwise checkpoint
     export_bytes: int  # weight-file bytes in the exported mlpackage
 
@@ -69,17 +71,11 @@ class _CandidateMeasurer(LayerwiseCompressor):
     def _solve_linears(self, linears, hessian, reports) -> dict[str, CompressedWeight]:
         """Every solve of the engine (one layer or a group sharing `hessian`) goes through here."""
         weights = {name: weight_out_in(linear) for name, linear in linears.items()}
-        solved: dict[str, list[CompressedWeight | None]] = {name: [None] * len(self.menus[name]) for name in linears}
+        solved = solve_menus(weights, hessian, {name: self.menus[name] for name in linears})
         for name in linears:
-            for k, config in enumerate(self.menus[name]):
-                if solved[name][k] is not None:
-                    continue
-                # every layer of the group whose menu has this config (configs are unhashable dataclasses)
-                members = [(n, self.menus[n].index(config)) for n in linears if config in self.menus[n]]
-                for (n, j), cw in zip(members, _solve(config, [weights[n] for n, _ in members], hessian)):
-                    solved[n][j] = cw
-        for name in linears:
-            self.table[name] = [_candidate(weights[name], cw, hessian, c) for cw, c in zip(solved[name], self.menus[name])]
+            reference = float(_row_errors(weights[name].to(torch.float32), hessian).sum())  # tr(W H Wᵀ), once per layer
+            self.table[name] = [_candidate(weights[name], cw, hessian, c, reference)
+                                for cw, c in zip(solved[name], self.menus[name])]
         # what the engine keeps for each layer (no writer): nothing worth the memory
         return {name: _PLACEHOLDER for name in linears}
 
@@ -87,23 +83,55 @@ class _CandidateMeasurer(LayerwiseCompressor):
 _PLACEHOLDER = CompressedWeight((1, 1), "dense", values=torch.zeros(1, 1, dtype=torch.float16))
 
 
-def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor) -> list[CompressedWeight]:
+def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
+                menus: dict[str, tuple[MethodConfig, ...]]) -> dict[str, list[CompressedWeight]]:
+    """Every candidate of layers sharing `hessian` (weights: {name: [out, in]}), the same answers
+    as solving each alone: a config in several menus is solved once as one stacked matrix where
+    the method has a group solver, and candidates of equal damping and act-order share one
+    factored H⁻¹ (`prepare_for`), computed once and dropped before the next one is made."""
+    solved: dict[str, list[CompressedWeight | None]] = {name: [None] * len(menu) for name, menu in menus.items()}
+    configs = [c for menu in menus.values() for c in menu]
+    keys = [c.hessian_preparation() if c.needs_hessian else None for c in configs]
+    for key in dict.fromkeys(keys):  # distinct, in menu order; one factored H⁻¹ alive at a time
+        prepared = None if key is None else prepare_for(hessian, next(c for c, k in zip(configs, keys) if k == key))
+        for name, menu in menus.items():
+            for k, config in enumerate(menu):
+                if solved[name][k] is not None or keys[configs.index(config)] != key:
+                    continue
+                # every layer whose menu has this config (configs are unhashable dataclasses)
+                members = [(n, m.index(config)) for n, m in menus.items() if config in m]
+                for (n, j), cw in zip(members, _solve(config, [weights[n] for n, _ in members], hessian, prepared)):
+                    solved[n][j] = cw
+        del prepared
+    return solved
+
+
+def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor,
+           prepared: PreparedHessian | None) -> list[CompressedWeight]:
     """One candidate for layers sharing `hessian`: stacked when the method has a group solver."""
     h = hessian if config.needs_hessian else None
+    shared = {} if prepared is None else {"prepared": prepared}
     if len(weights) > 1 and config.method in GROUP_SOLVERS:
-        return [s.compressed for s in GROUP_SOLVERS[config.method](weights, h, config)]
-    return [METHODS[config.method][1](w, h, config).compressed for w in weights]
+        return [s.compressed for s in GROUP_SOLVERS[config.method](weights, h, config, **shared)]
+    return [METHODS[config.method][1](w, h, config, **shared).compressed for w in weights]
 
 
-def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor, config: MethodConfig) -> Candidate:
+def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor, config: MethodConfig,
+               reference: float) -> Candidate:
+    """reference: tr(W H Wᵀ) of the layer (shared by its candidates)."""
     dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
-    delta = dense - weight.to(torch.float32)
-    rows = ((delta @ hessian) * delta).sum(dim=1).double().cpu()
+    rows = _row_errors(dense - weight.to(torch.float32), hessian)
+    error = float(rows.sum())
     return Candidate(
         config=config,
-        error=float(rows.sum()),
+        error=error,
         row_errors=rows,
-        rel_error=relative_error(weight, dense, hessian),
+        rel_error=error / reference if reference > 0 else error,
         checkpoint_bytes=cw.payload_bytes(),
         export_bytes=exported_bytes(cw),
     )
+
+
+def _row_errors(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """[out] float64 (Δ H Δᵀ)_jj of delta: [out, in] float32."""
+    return ((delta @ hessian) * delta).sum(dim=1).double().cpu()

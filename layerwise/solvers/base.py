@@ -10,6 +10,7 @@ import torch
 
 from ..errors import RecipeError
 from ..formats import CompressedWeight
+from ..hessian import PreparedHessian, prepare_hessian
 
 
 @dataclass
@@ -47,6 +48,11 @@ class MethodConfig:
 
     def check_shape(self, out_features: int, in_features: int, name: str) -> None:
         """Raise RecipeError when the settings cannot tile a [out, in] weight."""
+
+    def hessian_preparation(self) -> tuple[float, bool] | None:
+        """(damp, act_order): all the factored H⁻¹ of this config's solver depends on besides H,
+        when its solver takes a shared one (`prepared=`, see `prepare_for`); None otherwise."""
+        return None
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -131,3 +137,15 @@ def row_slices(weights: list[torch.Tensor]) -> list[slice]:
     """Each layer's rows in the stack of `weights` ([out_k, in] each)."""
     ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
     return [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
+
+
+def act_order_perm(hessian: torch.Tensor, act_order: bool) -> torch.Tensor | None:
+    """The act-order sweep order (decreasing H_ii), or None for the natural order."""
+    return torch.argsort(torch.diag(hessian), descending=True) if act_order else None
+
+
+def prepare_for(hessian: torch.Tensor, config: MethodConfig) -> PreparedHessian:
+    """The factored H⁻¹ the solver of `config` computes for itself; candidates with equal
+    `hessian_preparation()` may share one (`prepared=`: the same answers, one factorization)."""
+    damp, act_order = config.hessian_preparation()
+    return prepare_hessian(hessian, damp, perm=act_order_perm(hessian, act_order))

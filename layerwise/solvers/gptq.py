@@ -15,31 +15,35 @@ from __future__ import annotations
 import torch
 
 from ..formats import CompressedWeight
-from ..hessian import dead_columns, prepare_hessian
-from .base import Solution, row_slices
+from ..hessian import PreparedHessian, dead_columns, prepare_hessian
+from .base import Solution, act_order_perm, row_slices
 from .grid import dequantize, fit_grid
 from .quant_config import GPTQConfig
 from .sweep import obs_sweep_transposed
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, consume_hessian: bool = False) -> Solution:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, consume_hessian: bool = False, *,
+         prepared: PreparedHessian | None = None) -> Solution:
     """weight: [out, in]; hessian: [in, in] float32 → affine CompressedWeight."""
-    return gptq_group([weight], hessian, config, consume_hessian)[0]
+    return gptq_group([weight], hessian, config, consume_hessian, prepared=prepared)[0]
 
 
 def gptq_group(weights: list[torch.Tensor], hessian: torch.Tensor, config: GPTQConfig,
-               consume_hessian: bool = False) -> list[Solution]:
+               consume_hessian: bool = False, *, prepared: PreparedHessian | None = None) -> list[Solution]:
     """Layers sharing one input (weights: [out_k, in], hessian: [in, in]) solved as one stacked sweep.
 
     consume_hessian: factor H in the caller's buffer (`prepare_hessian(in_place=True)`), for a
     caller that owns H and needs it no more (each Solution's `row_errors` replace it for the
     report): one [in, in] less while the layer is solved. The caller's tensor is left empty
-    (0 elements, its memory freed) once the sweep is done."""
+    (0 elements, its memory freed) once the sweep is done.
+    prepared: `base.prepare_for(hessian, config)` when the caller already has it (shared by configs
+    of equal damping and act-order, e.g. a size budget's candidates); computed here otherwise."""
     in_f, device = hessian.shape[0], hessian.device
     block = config.block_size or in_f
     dead = dead_columns(hessian)
-    perm = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else None
-    prepared = prepare_hessian(hessian, config.damp, perm=perm, in_place=consume_hessian)
+    perm = act_order_perm(hessian, config.act_order)
+    if prepared is None:
+        prepared = prepare_hessian(hessian, config.damp, perm=perm, in_place=consume_hessian)
     del hessian  # consumed, or the caller's
 
     rows = row_slices(weights)

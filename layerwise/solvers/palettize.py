@@ -16,8 +16,8 @@ import torch
 
 from ..errors import RecipeError
 from ..formats import CompressedWeight
-from ..hessian import dead_columns, prepare_hessian
-from .base import Solution, stack_rows, to_float32
+from ..hessian import PreparedHessian, dead_columns
+from .base import Solution, prepare_for, stack_rows, to_float32
 from .grid import FP16_TINY
 from .kmeans import weighted_kmeans
 from .magnitude import keep_lowest
@@ -42,6 +42,7 @@ def skm(
     *,
     sensitivity: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    prepared: PreparedHessian | None = None,
 ) -> Solution:
     """Sensitive k-means palettization of weight: [out, in] against hessian: [in, in] float32.
 
@@ -54,7 +55,7 @@ def skm(
         are pruned (a simple fallback; SparseGPT's mask is better).
     Returns a lut CompressedWeight (with the mask, if any) and the damping finally used.
     """
-    return skm_group([weight], hessian, config, sensitivities=[sensitivity], masks=[mask])[0]
+    return skm_group([weight], hessian, config, sensitivities=[sensitivity], masks=[mask], prepared=prepared)[0]
 
 
 def skm_group(
@@ -64,10 +65,12 @@ def skm_group(
     *,
     sensitivities: list[torch.Tensor | None] | None = None,
     masks: list[torch.Tensor | None] | None = None,
+    prepared: PreparedHessian | None = None,
 ) -> list[Solution]:
     """`skm` for layers sharing one input: LUTs are fitted per layer (a LUT's group of output
     channels never straddles two layers), then one stacked error-feedback sweep snaps every row
-    to its own group's LUT, and each layer's LUTs are refitted on its own rows."""
+    to its own group's LUT, and each layer's LUTs are refitted on its own rows.
+    prepared: `prepare_for(hessian, config)` when the caller already has it (see gptq_group)."""
     n = len(weights)
     sensitivities, masks = sensitivities or [None] * n, masks or [None] * n
     if hessian is not None:
@@ -79,7 +82,8 @@ def skm_group(
     layers = [_fit_layer(w, hessian, config, s, m) for w, s, m in zip(weights, sensitivities, masks)]
     damping, prefix = None, []
     if config.error_feedback:
-        prepared = prepare_hessian(hessian, config.damp)
+        if prepared is None:
+            prepared = prepare_for(hessian, config)
         damping, prefix = prepared.damping, prepared.notes
         targets, rows = stack_rows([layer.W for layer in layers])
         stacked_mask = None

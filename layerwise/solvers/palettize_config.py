@@ -93,3 +93,6 @@ class SKMConfig(KMeansConfig):
         check_int(self.lazy_batch, "lazy_batch", hint=", e.g. 128")
         if self.sparsity is not None:
             check_fraction(self.sparsity, "sparsity", "e.g. 0.5, or omitted")
+
+    def hessian_preparation(self):
+        return (self.damp, False) if self.error_feedback else None

@@ -43,3 +43,6 @@ class GPTQConfig(RTNConfig):
         check_flag(self.act_order, "act_order")
         check_damp(self.damp)
         check_int(self.lazy_batch, "lazy_batch", hint=", e.g. 128")
+
+    def hessian_preparation(self):
+        return (self.damp, self.act_order)
