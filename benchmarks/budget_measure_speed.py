@@ -2,8 +2,8 @@
 change: CPU seconds on the first blocks of a model, one torch thread, the two checkouts alternated
 in fresh processes, and whether they measured the same candidates (errors bit for bit).
 
-    git archive 4609e01 layerwise | tar -x -C /tmp/lw-before        # the code before
-    python benchmarks/budget_measure_speed.py /tmp/lw-before . --model ~/.cache/smollm2-135m --blocks 2
+    git archive 4609e01 layerwise | tar -x -C OLD_CHECKOUT        # the code before (any empty folder)
+    python benchmarks/budget_measure_speed.py OLD_CHECKOUT . --model ~/.cache/smollm2-135m --blocks 2
 
 Writes the section `budget-measure-speed` of benchmarks/RESULTS.md.
 """

@@ -379,7 +379,7 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .bench import GRIDS, render_section, run_grid, update_results, write_outputs
+    from .bench import GRIDS, display_path, render_section, run_grid, update_results, write_outputs
 
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
@@ -388,7 +388,8 @@ def cmd_bench(args) -> int:
         raise RecipeError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
-    command = "layerwise " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *sys.argv])
+    words = [display_path(word) for word in sys.argv]  # the shell expanded ~: no machine paths in RESULTS.md
+    command = "layerwise " + " ".join(words[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *words])
     total = len(GRIDS[grid])
 
     def publish(rows, done):
