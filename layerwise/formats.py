@@ -108,10 +108,11 @@ class CompressedWeight:
         dense = torch.empty(self.shape, dtype=torch.float16, device=source.device)
         step = max(1, DEQUANTIZE_CHUNK // max(1, self.shape[1]))
         for r0 in range(0, self.shape[0], step):
-            dense[r0 : r0 + step] = self._dequantize_rows(slice(r0, r0 + step))
+            dense[r0 : r0 + step] = self.dequantize_rows(slice(r0, r0 + step))
         return dense
 
-    def _dequantize_rows(self, rows: slice) -> torch.Tensor:
+    def dequantize_rows(self, rows: slice) -> torch.Tensor:
+        """`dequantize` of the rows `rows` only (float16 [len(rows), in])."""
         if self.scheme == "affine":
             bs = self.block_size
             steps = self.codes[rows].float() - self.zero_point[rows].float().repeat_interleave(bs, dim=1)

@@ -17,7 +17,7 @@ import torch
 from ..formats import CompressedWeight
 from ..hessian import PreparedHessian, dead_columns, prepare_hessian
 from .base import Solution, act_order_perm, row_slices
-from .grid import dequantize, fit_grid
+from .grid import fit_grid
 from .quant_config import GPTQConfig
 from .sweep import obs_sweep_transposed
 
@@ -95,19 +95,12 @@ def _undamped_row_errors(error_sq, weight, cw, dead, added, rows_at_once=256) ->
     out = error_sq.clone()
     for r0 in range(0, weight.shape[0], rows_at_once):
         r = slice(r0, r0 + rows_at_once)
-        q = _dequantized_rows(cw, r).to(error_sq.device)
+        q = cw.dequantize_rows(r).to(device=error_sq.device, dtype=torch.float32)
         delta = weight[r].to(device=q.device, dtype=torch.float32) - q
         delta[:, dead] = q[:, dead].neg()
         sq = delta.double().square_()
         out[r] -= added * sq.sum(dim=1) + sq[:, dead].sum(dim=1)
     return out
-
-
-def _dequantized_rows(cw: CompressedWeight, rows: slice) -> torch.Tensor:
-    """float32 values of an affine weight's rows `rows` (the float16 values `dequantize` gives)."""
-    n = cw.scale.shape[1]
-    codes = cw.codes[rows].reshape(-1, n, cw.shape[1] // n)
-    return dequantize(codes, cw.scale[rows, :, None], cw.zero_point[rows, :, None]).reshape(codes.shape[0], -1).float()
 
 
 class _GridRule:
