@@ -214,17 +214,18 @@ def prepare_hessian(
     reverse = order.flip(0)
     gone = dead.flip(0)
 
-    def reversed_copy() -> torch.Tensor:
-        """A fresh [in, in] copy in reversed sweep order (J H J)."""
-        return hessian.flip(0, 1) if perm is None else hessian[reverse[:, None], reverse[None, :]]  # (flip: half the time)
+    def undamped_reversed() -> torch.Tensor:
+        """H in reversed sweep order (J H J), dead columns with H_ii = 1: a fresh [in, in] copy, or
+        (in_place) the caller's buffer reordered."""
+        if in_place:
+            H = _reorder_in_place_(hessian, None if perm is None else reverse)
+        else:  # (flip: half the time of the gather)
+            H = hessian.flip(0, 1) if perm is None else hessian[reverse[:, None], reverse[None, :]]
+        H[gone, gone] = 1.0
+        return H
 
-    if in_place:  # reversed sweep order in the caller's buffer, and its lower triangle kept for retries
-        H = _reorder_in_place_(hessian, None if perm is None else reverse)
-        H[gone, gone] = 1.0
-        undamped = _LowerTriangle(H)
-    else:
-        H = reversed_copy()
-        H[gone, gone] = 1.0
+    H = undamped_reversed()
+    undamped = _LowerTriangle(H) if in_place else None  # kept for retries: the caller's H is gone
     mean_diag = torch.mean(torch.diag(H)).item()
     notes: list[str] = []
     fraction = damp
@@ -251,8 +252,7 @@ def prepare_hessian(
         if in_place:
             undamped.restore(H)
         else:
-            H = reversed_copy()
-            H[gone, gone] = 1.0
+            H = undamped_reversed()
 
 
 _TILE = 512  # rows per temporary in the in-place copies below (512 × in floats, not [in, in])
