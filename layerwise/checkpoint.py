@@ -36,6 +36,7 @@ from .linears import to_module_layout
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
 from .memory import placeholder
 from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale
+from .spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +240,13 @@ def read_manifest(path: str | Path) -> dict:
     return validate_manifest(manifest, path)
 
 
-def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, CompressedWeight]]:
+def read_tensors(path: str | Path, verify: bool = True,
+                 spill: Spill | None = None) -> tuple[dict[str, torch.Tensor], dict[str, CompressedWeight]]:
     """All plain tensors and every compressed layer of a checkpoint, each checked against the manifest.
 
     verify: compare each shard's sha256 with the manifest's (False skips it, for speed).
+    spill: each layer's codes move there as soon as the layer is decoded (export), so that the
+        unpacked codes of one block at most are resident while loading.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -267,6 +271,8 @@ def read_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
         plain.update({k: v.clone() for k, v in shard_plain.items()} if parts else shard_plain)
         for name in list(parts):  # a layer lives in one shard: decode it now, drop its packed parts
             compressed[name] = _decode_layer(name, layers[name], parts.pop(name), path)
+            if spill is not None and compressed[name].codes is not None:
+                compressed[name].codes = spill.hold(compressed[name].codes)
     missing = set(layers) - set(compressed)
     if missing:
         raise CheckpointError(f"{path}: checkpoint is incomplete, no tensors for {sorted(missing)[:3]}")
@@ -320,20 +326,20 @@ def _read_shard(shard: Path) -> dict[str, torch.Tensor]:
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str = "cpu", verify: bool = True,
-                    trust_remote_code: bool = False, dense: bool = True):
+                    trust_remote_code: bool = False, dense: bool = True, spill: Spill | None = None):
     """A transformers model whose dense weights equal the checkpoint's dequantized codes.
 
     The compressed form stays attached as `model.layerwise_compressed` (name → CompressedWeight) and
     the manifest as `model.layerwise_manifest`, for export.
     dtype: of the floating tensors (None: as stored). dense=False: each compressed layer's weight is a
     placeholder of its shape (`memory.placeholder`, no memory) and only the CompressedWeight holds it —
-    for export, which never needs the dense values.
+    for export, which never needs the dense values. spill: see `read_tensors`.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     manifest = read_manifest(path)
-    plain, compressed = read_tensors(path, verify)
+    plain, compressed = read_tensors(path, verify, spill)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

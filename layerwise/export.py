@@ -10,6 +10,7 @@ from .errors import ModelError
 from .loading import check_length, load_model, load_tokenizer
 from .memory import check_fits
 from .outputs import atomic_directory, check_output
+from .spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,23 @@ def export_model(model_path: str, out_path: str | Path, context: int = 512, mult
         raise ModelError(f"--prefill-length {prefill_length} must lie in [1, --context {context}]")
     out_path = check_output(out_path, overwrite, inputs=(model_path,))
     tokenizer_dir = check_output(tokenizer_dir_for(out_path), overwrite, inputs=(model_path,), flag="tokenizer folder")
-    # dense=False: the compressed layers reach the converter as codes only, never as dense copies
-    model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify, dense=False)
-    check_length(model.config, context, "--context", allow_long_context)
-    check_state_memory(model.config, context)
-    from .coreml import export_mlpackage
+    # the codes wait in a file beside the output until written (one layer at a time in memory)
+    with Spill(out_path.parent) as spill:
+        # dense=False: the compressed layers reach the converter as codes only, never as dense copies
+        model = load_model(model_path, trust_remote_code=trust_remote_code, verify=verify, dense=False, spill=spill)
+        check_length(model.config, context, "--context", allow_long_context)
+        check_state_memory(model.config, context)
+        from .coreml import export_mlpackage
 
-    compressed = getattr(model, "layerwise_compressed", {})
-    manifest = getattr(model, "layerwise_manifest", None)
-    metadata = {"layerwise.source_model": str(model_path)}
-    if manifest is not None:
-        metadata["layerwise.recipe"] = manifest["recipe"]
-        metadata["layerwise.source_model"] = manifest.get("source_model", str(model_path))
-    report = export_mlpackage(model, out_path, context=context, compressed=compressed, multifunction=multifunction,
-                              last_logits_only=last_logits_only, metadata=metadata, prefill_length=prefill_length)
+        compressed = getattr(model, "layerwise_compressed", {})
+        manifest = getattr(model, "layerwise_manifest", None)
+        metadata = {"layerwise.source_model": str(model_path)}
+        if manifest is not None:
+            metadata["layerwise.recipe"] = manifest["recipe"]
+            metadata["layerwise.source_model"] = manifest.get("source_model", str(model_path))
+        report = export_mlpackage(model, out_path, context=context, compressed=compressed, multifunction=multifunction,
+                                  last_logits_only=last_logits_only, metadata=metadata, prefill_length=prefill_length,
+                                  spill=spill)
     try:
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     except ModelError:

@@ -24,14 +24,15 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               verify: bool = True, allow_non_finite: bool = False, dense: bool = True):
+               verify: bool = True, allow_non_finite: bool = False, dense: bool = True, spill=None):
     """A causal LM from a checkpoint directory, a HF directory or a Hub id, on `device`.
 
     dtype "auto" keeps the stored dtype of a HF model (a layerwise checkpoint loads as float32).
     verify: check a checkpoint's shard sha256s. allow_non_finite: skip the NaN/Inf weight check
     (the caller then checks the weights it uses, see `check_finite`).
     dense=False (export): a checkpoint's compressed weights stay compressed (placeholders in the
-    model, see `load_compressed`) and its other tensors keep their stored dtype.
+    model, see `load_compressed`) and its other tensors keep their stored dtype; with a `spill.Spill`,
+    their codes are parked in its file as they are read.
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
@@ -41,7 +42,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
     if is_checkpoint(name_or_path):
         stored = None if not dense else torch.float32
         model = load_compressed(name_or_path, dtype=stored if dtype == "auto" else DTYPES[dtype], device=device,
-                                verify=verify, trust_remote_code=trust_remote_code, dense=dense)
+                                verify=verify, trust_remote_code=trust_remote_code, dense=dense, spill=spill)
     else:
         model = _load_hf(name_or_path, dtype, trust_remote_code).to(device).eval()
     check_causal(model, name_or_path)

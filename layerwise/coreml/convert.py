@@ -5,7 +5,9 @@ convert it to a pymil program with ``k_cache``/``v_cache`` states while every 2-
 stand-in that costs no memory (`standins`), put the real weights in (float16 consts, or constexpr
 ops built from the CompressedWeights: `weights.swap_stand_ins`), save to a temporary package next
 to `out_path` and rename it into place. Peak memory: the weights as loaded (compressed codes, float16
-tensors) plus coremltools' own, never a dense copy of the model.
+tensors) plus coremltools' own, never a dense copy of the model; the weight file is written without
+copies of the float16 consts, and codes parked in a `Spill` come into memory one layer at a time
+(`blob_writer`).
 
 Program interface (every function):
     inputs   input_ids   [1, q_len] int32
@@ -48,17 +50,21 @@ def export_mlpackage(
     last_logits_only: bool = False,
     metadata: dict | None = None,
     prefill_length: int = 64,
+    spill=None,
 ) -> dict:
     """Export `model` to `out_path` (.mlpackage); returns a report.
 
     compressed: HF module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → CompressedWeight;
         these weights are stored as constexpr ops decoding to exactly ``cw.dequantize()``.
     metadata: extra user-defined metadata (e.g. ``{"recipe": {...}}``); non-string values are JSON.
+    spill: the `layerwise.spill.Spill` the compressed codes are parked in, if any: their pages are
+        dropped again as each is written (`blob_writer`).
     Report: path, seconds, size_bytes, functions, ops (MIL op types), compressed (op type counts).
     """
     import coremltools as ct
 
     from ..models.stateful import StatefulCausalLM
+    from .blob_writer import lean_writer
     from .standins import StandIns, held_weights, standing_in
     from .weights import swap_stand_ins
 
@@ -110,7 +116,7 @@ def export_mlpackage(
     tmp = out_path.with_name(f".{out_path.stem}.partial-{os.getpid()}.mlpackage")
     remove(tmp)
     try:
-        with os_errors(out_path):
+        with os_errors(out_path), lean_writer(spill):
             _save(ct, programs, info, tmp)
         publish(tmp, out_path)  # an mlpackage is recognised as ours by its layerwise.* metadata
     finally:
