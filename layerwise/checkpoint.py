@@ -245,8 +245,8 @@ def read_tensors(path: str | Path, verify: bool = True,
     """All plain tensors and every compressed layer of a checkpoint, each checked against the manifest.
 
     verify: compare each shard's sha256 with the manifest's (False skips it, for speed).
-    spill: each layer's codes move there as soon as the layer is decoded (export), so that the
-        unpacked codes of one block at most are resident while loading.
+    spill: each layer's codes, mask and values move there as soon as the layer is decoded (export),
+        so that those of one block at most are resident while loading.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -271,12 +271,19 @@ def read_tensors(path: str | Path, verify: bool = True,
         plain.update({k: v.clone() for k, v in shard_plain.items()} if parts else shard_plain)
         for name in list(parts):  # a layer lives in one shard: decode it now, drop its packed parts
             compressed[name] = _decode_layer(name, layers[name], parts.pop(name), path)
-            if spill is not None and compressed[name].codes is not None:
-                compressed[name].codes = spill.hold(compressed[name].codes)
+            if spill is not None:
+                _park_layer(compressed[name], spill)
     missing = set(layers) - set(compressed)
     if missing:
         raise CheckpointError(f"{path}: checkpoint is incomplete, no tensors for {sorted(missing)[:3]}")
     return plain, compressed
+
+
+def _park_layer(cw: CompressedWeight, spill: Spill) -> None:
+    """Move `cw`'s [out, in] tensors (one byte or two per weight) into `spill`."""
+    for field in ("codes", "mask", "values"):
+        if getattr(cw, field) is not None:
+            setattr(cw, field, spill.hold(getattr(cw, field)))
 
 
 def _decode_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> CompressedWeight:

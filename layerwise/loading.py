@@ -32,7 +32,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
     (the caller then checks the weights it uses, see `check_finite`).
     dense=False (export): a checkpoint's compressed weights stay compressed (placeholders in the
     model, see `load_compressed`) and its other tensors keep their stored dtype; with a `spill.Spill`,
-    their codes are parked in its file as they are read.
+    their codes, masks and values are parked in its file as they are read.
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
@@ -48,6 +48,8 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
     check_causal(model, name_or_path)
     if not allow_non_finite:
         check_finite(model.named_parameters() if dense else _decoded_parameters(model), name_or_path)
+        if spill is not None:
+            spill.release_all()  # what the check decoded (dense layers' values, masks) goes back to the file
     return model
 
 

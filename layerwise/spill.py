@@ -1,11 +1,11 @@
 """Tensors parked in a temporary file, resident only while something reads them.
 
-Export holds every compressed layer's codes from loading until coremltools writes them, one byte
-per weight (1.3 GB for a 3 GB float16 model at 4 bits), yet reads each of them once, at the end.
-`Spill.hold` copies a tensor into an unlinked temporary file and returns a view of the file's
-shared mapping with its pages dropped: the process holds none of it (the kernel keeps what it can
-in its page cache, which it reclaims under pressure, and reads the rest back from disk). Reading
-the view brings its pages back; `release` drops them again once they have been used.
+Export holds every compressed layer's codes (and masks) from loading until coremltools writes them,
+a byte per weight (1.3 GB for a 3 GB float16 model at 4 bits), yet reads each once, at the end.
+`Spill.hold` writes a tensor to an unlinked temporary file and returns a view of it, mapped (shared)
+but not read: the process holds none of it (the kernel keeps what it can in its page cache, which
+it reclaims under pressure, and reads the rest back from disk). Reading the view brings its pages
+into the process; `release` drops them again once they have been used.
 
 The file is next to the output (a /tmp on tmpfs would be memory again); unlinked at once, its
 space goes back when the last view is freed (a mapping outlives the file's name and descriptor).
@@ -55,11 +55,12 @@ class Spill:
             return t
         offset = self._size  # a multiple of the page size: each tensor has its own mapping
         self._size += -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        os.ftruncate(self._file.fileno(), self._size)
-        mapping = mmap.mmap(self._file.fileno(), nbytes, offset=offset)  # MAP_SHARED: writes reach the file
+        self._file.seek(offset)
+        self._file.write(t.detach().cpu().contiguous().numpy())  # a full disk: OSError(ENOSPC) here
+        self._file.flush()
+        # mapped, not read: nothing resident. MAP_SHARED, so that dropping pages never loses a write
+        mapping = mmap.mmap(self._file.fileno(), nbytes, offset=offset)
         view = torch.frombuffer(mapping, dtype=t.dtype).view(t.shape)
-        view.copy_(t)
-        mapping.madvise(mmap.MADV_DONTNEED)  # a shared file mapping loses no data: the pages stay in the file
         self._regions.append((view.data_ptr(), nbytes, mapping))
         return view
 
@@ -72,3 +73,8 @@ class Spill:
                 mapping.madvise(mmap.MADV_DONTNEED)
                 return True
         return False
+
+    def release_all(self) -> None:
+        """Drop the resident pages of every held tensor."""
+        for _, _, mapping in self._regions:
+            mapping.madvise(mmap.MADV_DONTNEED)

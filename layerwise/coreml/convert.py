@@ -57,7 +57,8 @@ def export_mlpackage(
     compressed: HF module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → CompressedWeight;
         these weights are stored as constexpr ops decoding to exactly ``cw.dequantize()``.
     metadata: extra user-defined metadata (e.g. ``{"recipe": {...}}``); non-string values are JSON.
-    spill: the `layerwise.spill.Spill` the compressed codes are parked in, if any: their pages are
+    spill: the `layerwise.spill.Spill` the compressed codes, masks and values are parked in, if any:
+        what the program derives from them is parked there too (`weights`), and their pages are
         dropped again as each is written (`blob_writer`).
     Report: path, seconds, size_bytes, functions, ops (MIL op types), compressed (op type counts).
     """
@@ -91,7 +92,7 @@ def export_mlpackage(
     del traced
     kinds: dict[str, int] = {}  # MIL op type producing each compressed weight → count
     for i, prog in enumerate(programs.values()):
-        for op_type in swap_stand_ins(prog, stand_ins, values).values():
+        for op_type in swap_stand_ins(prog, stand_ins, values, spill=spill).values():
             kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
     ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
     missing = [op for op in wrapper.required_ops() if op not in ops]

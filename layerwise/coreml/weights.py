@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 
 
 
-def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "main") -> dict[str, str]:
+def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "main", spill=None) -> dict[str, str]:
     """Put each held weight's real value where its stand-in is (see `standins`).
 
     values: parameter name (``model.layers.0.mlp.up_proj.weight``) → (module name, CompressedWeight),
         stored as the constexpr op(s) decoding its codes, named after the module (a float16 const when
         dense), or → a torch tensor, a float16 const ``<parameter>_to_fp16`` (the float16 pass's name).
     Each weight lands just before its first user, where coremltools' float16 pass had put its const.
+    spill: where the CompressedWeights' codes, masks and values are parked (`layerwise.spill`), if
+        they are: the arrays derived from them go there too (see `constexpr_weight`).
     Returns module name → MIL op type now producing its weight, for the CompressedWeights.
     """
     block = prog.functions[function]
@@ -61,7 +63,7 @@ def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "
                 continue
             value = values[param]
             with block:
-                new = _real_weight(param, value, first_user)
+                new = _real_weight(param, value, first_user, spill)
             block.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, force_replace=True)
             _remove(block, op)
             if isinstance(value, tuple):
@@ -73,14 +75,15 @@ def swap_stand_ins(prog, stand_ins, values: dict[str, object], function: str = "
     return done
 
 
-def _real_weight(param: str, value, before_op):
+def _real_weight(param: str, value, before_op, spill=None):
     """The op(s) producing `param`'s exported value, built before `before_op`."""
     if not isinstance(value, tuple):
         return mb.const(val=float16_array(value), name=f"{param}_to_fp16", before_op=before_op)
     module, cw = value
     if cw.scheme == "dense" and cw.mask is None:
-        return mb.const(val=_np(cw.dequantize()), name=f"{param}_to_fp16", before_op=before_op)
-    return constexpr_weight(cw, name=_op_name(module), before_op=before_op)
+        dense = _parking(spill, cw)(_np(cw.dequantize()))
+        return mb.const(val=dense, name=f"{param}_to_fp16", before_op=before_op)
+    return constexpr_weight(cw, name=_op_name(module), before_op=before_op, spill=spill)
 
 
 def float16_array(t: torch.Tensor) -> np.ndarray:
@@ -99,24 +102,30 @@ def _remove(block, op) -> None:
     block.remove_ops([c for c in inputs if not c.outputs[0].child_ops and c in block.operations])
 
 
-def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
-    """Build (inside an active MIL block) the constexpr ops decoding `cw` → Var fp16 [out, in]."""
+def constexpr_weight(cw: CompressedWeight, name: str, before_op=None, spill=None):
+    """Build (inside an active MIL block) the constexpr ops decoding `cw` → Var fp16 [out, in].
+
+    spill: where `cw`'s codes / mask / values are parked, if they are; then each array derived from
+    them (signed codes, kept codes or values) is parked there too, else a whole model's worth of
+    them would be resident from here until the weight file is written.
+    """
     kw = {"before_op": before_op} if before_op is not None else {}
+    park = _parking(spill, cw)
     mask = None if cw.mask is None else _np(cw.mask)
     if cw.scheme == "affine" and affine_lut_is_smaller(cw):
-        return _lut(cw, _affine_grid(cw), mask, name, kw)
+        return _lut(cw, _affine_grid(cw), mask, name, kw, park)
     if cw.scheme == "affine":
         bits = 4 if cw.bits <= 4 else 8
         codes, tag = _np(cw.codes), _uint
         shift = {"scale": _np(cw.scale)}
         if cw.midpoint_zero:  # signed codes around 0: no offset tensor to store
-            codes, tag = codes.astype(np.int16) - 2 ** (cw.bits - 1), _int
+            codes, tag = park((codes.astype(np.int16) - 2 ** (cw.bits - 1)).astype(np.int8)), _int
         else:
             shift["offset"] = _uint(_np(cw.zero_point), bits)
         if mask is None:
             return mb.constexpr_blockwise_shift_scale(data=tag(codes, bits), name=name, **shift, **kw)
         m, nz = mb.constexpr_sparse_blockwise_shift_scale(
-            data_mask=_uint(mask, 1), nonzero_data=tag(codes[mask], bits), name=name + "_sparse", **shift, **kw
+            data_mask=_uint(mask, 1), nonzero_data=tag(park(codes[mask]), bits), name=name + "_sparse", **shift, **kw
         )
         return mb.constexpr_sparse_to_dense(nonzero_data=nz, mask=m, name=name, **kw)
     if cw.scheme == "lut":
@@ -130,15 +139,15 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None):
                 scale=_np(cw.lut_scale).reshape(n_out, n_in, 1, 1),
                 name=name + "_lut", **kw,
             )
-            return _lut(cw, lut, mask, name, kw)
-        return _lut(cw, _np(cw.lut), mask, name, kw)
-    values = (_np(cw.values) + np.float16(0)).astype(np.float16)  # dense + mask
+            return _lut(cw, lut, mask, name, kw, park)
+        return _lut(cw, _np(cw.lut), mask, name, kw, park)
+    values = _np(cw.values)[mask] + np.float16(0)  # dense + mask (+0: any -0.0 becomes +0.0)
     return mb.constexpr_sparse_to_dense(
-        nonzero_data=values[mask], mask=_uint(mask, 1), name=name, **kw
+        nonzero_data=park(values), mask=_uint(mask, 1), name=name, **kw
     )
 
 
-def _lut(cw: CompressedWeight, lut, mask, name: str, kw: dict):
+def _lut(cw: CompressedWeight, lut, mask, name: str, kw: dict, park):
     """lut: np [n_out, n_in, 2**bits] float16, or a Var [n_out, n_in, 2**bits, 1] (quantized LUT)."""
     bits = index_bits(cw.bits)
     if isinstance(lut, np.ndarray):
@@ -150,12 +159,27 @@ def _lut(cw: CompressedWeight, lut, mask, name: str, kw: dict):
         return mb.constexpr_lut_to_dense(indices=_uint(_np(cw.codes), bits), lut=lut, name=name, **kw)
     m, nz = mb.constexpr_lut_to_sparse(
         indices_mask=_uint(mask, 1),
-        indices_nonzero_data=_uint(_np(cw.codes)[mask], bits),
+        indices_nonzero_data=_uint(park(_np(cw.codes)[mask]), bits),
         lut=lut,
         name=name + "_sparse",
         **kw,
     )
     return mb.constexpr_sparse_to_dense(nonzero_data=nz, mask=m, name=name, **kw)
+
+
+def _parking(spill, cw: CompressedWeight):
+    """array → the same array parked in `spill` (`Spill.hold`), with `cw`'s own [out, in] tensors'
+    pages dropped again once read (they were read to derive it); the array itself without a spill."""
+    if spill is None:
+        return lambda array: array
+
+    def park(array: np.ndarray) -> np.ndarray:
+        held = spill.hold(torch.from_numpy(np.ascontiguousarray(array))).numpy()
+        for source in (cw.codes, cw.mask, cw.values):
+            if source is not None:
+                spill.release(source)
+        return held
+    return park
 
 
 def _affine_grid(cw: CompressedWeight) -> np.ndarray:
@@ -165,10 +189,12 @@ def _affine_grid(cw: CompressedWeight) -> np.ndarray:
 
 
 def _uint(a: np.ndarray, bits: int) -> np.ndarray:
-    """Integer array → numpy array tagged with MIL's uint{bits} (sub-byte types are packed on save);
-    a contiguous uint8 array is viewed, not copied (the codes of a whole model are that big)."""
+    """Integer or bool array → numpy array tagged with MIL's uint{bits} (sub-byte types are packed on
+    save); a contiguous uint8 or bool array is viewed, not copied (the codes or masks of a whole
+    model are that big)."""
     dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-    return np.ascontiguousarray(a).astype(np.uint8, copy=False).view(dtype)
+    a = np.ascontiguousarray(a)
+    return (a.view(np.uint8) if a.dtype == np.bool_ else a.astype(np.uint8, copy=False)).view(dtype)
 
 
 def _int(a: np.ndarray, bits: int) -> np.ndarray:
