@@ -53,8 +53,8 @@ class Spill:
         nbytes = t.numel() * t.element_size()
         if not nbytes:
             return t
-        offset = self._size  # a multiple of the page size: each tensor has its own mapping
-        self._size += -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        offset, step = self._size, mmap.ALLOCATIONGRANULARITY  # each tensor its own mapping, so whole pages
+        self._size += -(-nbytes // step) * step
         self._file.seek(offset)
         self._file.write(t.detach().cpu().contiguous().numpy())  # a full disk: OSError(ENOSPC) here
         self._file.flush()
@@ -70,11 +70,18 @@ class Spill:
         address = array.data_ptr() if isinstance(array, torch.Tensor) else array.__array_interface__["data"][0]
         for start, nbytes, mapping in self._regions:
             if start <= address < start + nbytes:
-                mapping.madvise(mmap.MADV_DONTNEED)
+                _drop(mapping)
                 return True
         return False
 
     def release_all(self) -> None:
         """Drop the resident pages of every held tensor."""
         for _, _, mapping in self._regions:
-            mapping.madvise(mmap.MADV_DONTNEED)
+            _drop(mapping)
+
+
+def _drop(mapping: mmap.mmap) -> None:
+    """Unmap the resident pages of a shared file mapping (no data lost: they are the file's); a
+    no-op where madvise is missing (Windows)."""
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
