@@ -119,7 +119,8 @@ def constexpr_weight(cw: CompressedWeight, name: str, before_op=None, spill=None
         codes, tag = _np(cw.codes), _uint
         shift = {"scale": _np(cw.scale)}
         if cw.midpoint_zero:  # signed codes around 0: no offset tensor to store
-            codes, tag = park((codes.astype(np.int16) - 2 ** (cw.bits - 1)).astype(np.int8)), _int
+            # uint8 arithmetic wraps modulo 256, so viewed as int8 this is code − 2**(bits−1) exactly
+            codes, tag = park((codes - np.uint8(2 ** (cw.bits - 1))).view(np.int8)), _int
         else:
             shift["offset"] = _uint(_np(cw.zero_point), bits)
         if mask is None:
