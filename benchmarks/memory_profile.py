@@ -2,6 +2,7 @@
 few wrapped functions of the engine and the solvers, and per block, from one in-process run.
 
     python benchmarks/memory_profile.py [--blocks K] -- compress MODEL --out DIR --method gptq … (CLI arguments)
+    python benchmarks/memory_profile.py -- export CKPT --out PKG --context 512   (export's phases)
 
 Linux only: the peak is reset before each wrapped call (`/proc/self/clear_refs`) and read after it
 (`/proc/self/status`), carried up to the enclosing calls, so nesting is measured right. `--blocks K`
@@ -27,6 +28,11 @@ WRAPPED = [  # (module, attribute, label)
     ("layerwise.solvers.gptq", "obs_sweep_transposed", "gptq: sweep"),
     ("layerwise.solvers.gptq", "_transposed_in_sweep_order", "gptq: Wᵀ and static grids"),
     ("layerwise.solvers.gptq", "_undamped_row_errors", "gptq: row errors"),
+    ("layerwise.export", "load_model", "export: load"),  # `-- export CKPT --out PKG`: its phases
+    ("layerwise.coreml.convert", "_trace", "export: trace"),
+    ("layerwise.coreml.convert", "_convert", "export: convert"),
+    ("layerwise.coreml.weights", "swap_stand_ins", "export: swap"),
+    ("layerwise.coreml.convert", "_save", "export: save"),
 ]
 
 
