@@ -323,6 +323,8 @@ def _compress_to_budget(args) -> int:
     from .recipe import load_recipe
 
     target = Target(bits=args.target_bits, mb=args.target_mb)
+    if args.method is None:  # a budget alone means the default menu: GPTQ's bits × granularities
+        args.method = "gptq"
     recipe = load_recipe(args.recipe) if args.recipe else menu_recipe(method_config_from_flags(args))
     path, _, allocation = compress_to_budget(
         args.model, args.out, recipe, target, args.calib, args.nsamples, args.seqlen, args.seed,

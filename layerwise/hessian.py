@@ -35,7 +35,7 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        if not torch.isfinite(x).all():
+        if not _all_finite(x):  # by tiles: a whole-tensor check copies x (128 MiB at 4096 × 8192)
             raise NumericalError(
                 "non-finite activations reached a linear layer; the model produces NaN/Inf on the "
                 "calibration text (try float32 weights, or check the checkpoint)"

@@ -300,6 +300,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def stored_table_sizes(model: nn.Module, family: Family, context: int) -> list[int]:
+    """Element counts of the tables the wrapper keeps for a `context` (each a float16 constant of
+    the package): a cos and a sin table per distinct rope key, and the positions vector when a
+    sliding window is shorter than the context (as `StatefulCausalLM.__init__` registers them)."""
+    cfg = model.config
+    head_dim = get_module(model, family.blocks)[0].self_attn.head_dim
+    rotary = get_module(model, family.rotary)
+    sizes = []
+    for key in set(family.rope_keys(cfg)):
+        cos, _ = _rope_tables(rotary, context, head_dim, key)
+        sizes += [cos.numel(), cos.numel()]
+    if any(w and w < context for w in family.layer_windows(cfg)):
+        sizes.append(context)
+    return sizes
+
+
 def _rope_name(kind: str, key: str | None) -> str:
     return f"rope_{kind}" if key is None else f"rope_{kind}_{key}"
 

@@ -33,6 +33,13 @@ def test_nan_activations_are_an_error():
         acc.add(torch.tensor([[1.0, float("nan"), 0, 0]]))
 
 
+def test_infinite_activations_past_the_first_tile_are_an_error():
+    x = torch.ones(1500, 4)  # the check runs a tile of rows at a time: the bad row is in the third
+    x[1300, 2] = float("-inf")
+    with pytest.raises(NumericalError, match="non-finite"):
+        HessianAccumulator(4).add(x)
+
+
 def test_dead_columns_and_inverse_factor():
     x = torch.randn(200, 8)
     x[:, 3] = 0

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from ..coreml.layout import BLOB_HEADER_BYTES, blob_bytes
 from ..errors import RecipeError
+from ..models.families import NormKind, resolve_family
+from ..models.stateful import stored_table_sizes
 from ..recipe import Recipe, Rule
 from .knapsack import choose
 from .loss_scale import output_fisher_scales
@@ -24,11 +26,18 @@ from .menu import layer_menus
 log = logging.getLogger(__name__)
 
 EXPORT_CONTEXT = 512  # `layerwise export`'s default --context: the rotary tables it stores
-# model.mlmodel (the program) and Manifest.json: measured 13.2 kB besides the blocks and 26.9 kB per
-# decoder block with one form throughout (tiny Llamas of 2, 4 and 12 blocks), 28.1 kB with mixed forms;
-# rounded up so the package stays below the target (an overestimate only leaves the weights less room)
-PROGRAM_BYTES_PER_BLOCK = 29_000
-PROGRAM_BYTES_FIXED = 14_000
+# model.mlmodel (the program) and Manifest.json, per family: (fixed bytes, bytes per decoder block),
+# measured on tiny models of 2 and 4 blocks with mixed forms (`benchmarks/program_bytes.py`) and
+# rounded up (per block × 1.08, fixed × 1.05) so the package stays below the target: an overestimate
+# only leaves the weights a little less room. Phi-3's covers partial rotary (Phi-4-mini: +2.2 kB per
+# block measured with partial_rotary_factor 0.5). Unknown families take the largest.
+PROGRAM_BYTES = {
+    "llama": (15_000, 29_000), "mistral": (18_000, 29_000), "qwen2": (15_000, 30_000),
+    "qwen3": (14_000, 36_000), "gemma": (15_000, 30_000), "gemma2": (19_000, 38_000),
+    "gemma3_text": (20_000, 43_000), "phi3": (15_000, 34_000), "granite": (16_000, 30_000),
+    "olmo2": (15_000, 36_000),
+}
+PROGRAM_BYTES_UNKNOWN = (20_000, 43_000)
 DEDUP_FROM = 100  # coremltools' const_deduplication threshold (elements)
 
 
@@ -138,25 +147,26 @@ def allocate_from_table(model: nn.Module, table: dict[str, list[Candidate]], sca
 
 def fixed_export_bytes(model: nn.Module, budgeted: list[str]) -> int:
     """Package bytes that do not depend on the choice: the weight file's other blobs and the program text."""
-    blocks = model.config.num_hidden_layers
-    return other_blob_bytes(model, budgeted) + PROGRAM_BYTES_FIXED + PROGRAM_BYTES_PER_BLOCK * blocks
+    fixed, per_block = PROGRAM_BYTES.get(resolve_family(model).name, PROGRAM_BYTES_UNKNOWN)
+    return other_blob_bytes(model, budgeted) + fixed + per_block * model.config.num_hidden_layers
 
 
-def other_blob_bytes(model: nn.Module, budgeted: list[str]) -> int:
+def other_blob_bytes(model: nn.Module, budgeted: list[str], context: int = EXPORT_CONTEXT) -> int:
     """Weight-file bytes besides the budgeted layers: every other tensor as float16 (tied ones
-    once), the zero biases the export gives bias-less linears, the rotary tables of a context of
-    EXPORT_CONTEXT, and the file's 64-byte header."""
+    once), the zero biases the export gives bias-less linears, the tables the export keeps for a
+    `context` (rope per key, window positions), and the file's 64-byte header."""
+    family = resolve_family(model)
     skip = {f"{n}.weight" for n in budgeted}
+    one_plus = family.norm is NormKind.RMS_ONE_PLUS
     seen, total = set(), 0
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if name in skip or key in seen or not tensor.is_floating_point() or _elided(tensor):
+        if name in skip or key in seen or not tensor.is_floating_point() or _elided(name, tensor, one_plus):
             continue
         seen.add(key)
         total += blob_bytes(tensor.numel(), 16)
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return total + zero_bias_bytes(model) + 2 * blob_bytes(EXPORT_CONTEXT * head_dim, 16) + BLOB_HEADER_BYTES
+    tables = sum(blob_bytes(n, 16) for n in stored_table_sizes(model, family, context))
+    return total + zero_bias_bytes(model) + tables + BLOB_HEADER_BYTES
 
 
 def zero_bias_bytes(model: nn.Module) -> int:
@@ -167,9 +177,11 @@ def zero_bias_bytes(model: nn.Module) -> int:
     return sum(blob_bytes(n, 16) for n in kept)
 
 
-def _elided(tensor: torch.Tensor) -> bool:
-    """A norm weight of all ones: the converter drops the multiplication (and the constant)."""
-    return tensor.dim() == 1 and bool((tensor == 1).all())
+def _elided(name: str, tensor: torch.Tensor, one_plus: bool) -> bool:
+    """A norm weight of all ones: the converter drops the multiplication (and the constant). Gemma's
+    norms store offsets from 1 (`one_plus`): the export multiplies by 1 + w, so all zeros is ones."""
+    ones = 0 if one_plus and "norm" in name else 1
+    return tensor.dim() == 1 and bool((tensor == ones).all())
 
 
 def _numel(model: nn.Module, name: str) -> int:

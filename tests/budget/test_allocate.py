@@ -86,7 +86,7 @@ def test_mb_budget_counts_the_export_layout(measured):
 def test_cli_budget_checkpoint_recipe_rerun_and_inspect(tiny_dirs, calib_text_file, tmp_path, capsys):
     out = tmp_path / "mixed"
     assert main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(out), "--calib", str(calib_text_file),
-                 *SMALL, "--method", "gptq", "--target-bits", "3.5"]) == 0
+                 *SMALL, "--target-bits", "3.5"]) == 0  # no --method: the GPTQ menu
     manifest = read_manifest(out)
     budget = manifest["budget"]
     assert budget["target"]["bits"] == 3.5 and 0.99 * 3.5 <= budget["bits_per_weight"] <= 3.5
@@ -96,6 +96,7 @@ def test_cli_budget_checkpoint_recipe_rerun_and_inspect(tiny_dirs, calib_text_fi
     assert len({(m["bits"], m.get("block_size")) for m in layers.values()}) > 1  # a real mix
     rules = manifest["recipe"]["rules"]
     assert len(rules) == len(layers) and all("config" in r for r in rules)
+    assert {r["config"]["method"] for r in rules} == {"gptq"}
     # rerun the saved choice with --recipe CHECKPOINT: the same bytes
     again = tmp_path / "again"
     assert main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(again), "--calib", str(calib_text_file),

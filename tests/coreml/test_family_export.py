@@ -19,7 +19,9 @@ from mil_interpreter import MILInterpreter  # noqa: E402
 from test_export import assert_bit_exact, load_program, op_types, rtn_all  # noqa: E402
 from test_mil_interpreter import assert_logits_close  # noqa: E402
 
-from layerwise.coreml import export_mlpackage  # noqa: E402
+from layerwise.budget.allocate import PROGRAM_BYTES, other_blob_bytes  # noqa: E402
+from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
+from layerwise.coreml.layout import exported_bytes  # noqa: E402
 from layerwise.models.stateful import causal_mask  # noqa: E402
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -36,8 +38,29 @@ def exported(request, tmp_path_factory):
     compressed = rtn_all(model)  # 4-bit, blocks of 32, loaded back into the model
     pkg = tmp_path_factory.mktemp(request.param) / "model.mlpackage"
     report = export_mlpackage(model, pkg, context=CONTEXT, compressed=compressed)
+    report["package"] = pkg
     spec, prog = load_program(pkg)
     return request.param, model, compressed, report, spec, prog
+
+
+def test_weight_file_is_what_the_size_budget_prices(exported):
+    """`--target-mb` prices every family's weight file byte for byte: its rope tables (Gemma 3: a
+    local and a global pair), window positions, (1 + w) norms left out when they are ones."""
+    name, model, compressed, report, _, _ = exported
+    weights = package_bytes(report["package"] / "Data" / "com.apple.CoreML" / "weights")
+    priced = sum(exported_bytes(cw) for cw in compressed.values()) + other_blob_bytes(model, list(compressed), CONTEXT)
+    assert weights == priced
+
+
+def test_program_is_within_its_family_price(exported):
+    """The program text and manifest (the package less its weight file) stay under what the size
+    budget prices for the family, and not far under (the price is a measurement, rounded up)."""
+    name, model, _, report, _, _ = exported
+    pkg = report["package"]
+    program = package_bytes(pkg) - package_bytes(pkg / "Data" / "com.apple.CoreML" / "weights")
+    fixed, per_block = PROGRAM_BYTES[EXPORTED[name][0]]
+    priced = fixed + per_block * model.config.num_hidden_layers
+    assert 0.75 * priced <= program <= priced, (program, priced)
 
 
 def test_program_is_stateful_with_sdpa_except_soft_capped_layers(exported):
