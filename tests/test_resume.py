@@ -15,16 +15,18 @@ from layerwise.cli import main
 from checkpoint_compare import assert_same_checkpoint, save_sharded
 
 # Runs the real CLI in a child process that sends itself `sig` right after block `k`'s shard is complete.
+# To its main thread: a signal sent to the process may land on another (idle) thread, which under load
+# can run its handler only after this tiny run has finished; Ctrl-C on a real run is long past that.
 KILLER = textwrap.dedent(
     """
-    import os, sys
+    import signal, sys, threading
     from layerwise import checkpoint
     sig, k = int(sys.argv[1]), int(sys.argv[2])
     write_block = checkpoint.CheckpointWriter.write_block
     def write_then_die(self, index, *args, **kwargs):
         write_block(self, index, *args, **kwargs)
         if index == k:
-            os.kill(os.getpid(), sig)
+            signal.pthread_kill(threading.main_thread().ident, sig)
     checkpoint.CheckpointWriter.write_block = write_then_die
     from layerwise.cli import main
     sys.exit(main(sys.argv[3:]))
