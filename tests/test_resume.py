@@ -15,18 +15,19 @@ from layerwise.cli import main
 from checkpoint_compare import assert_same_checkpoint, save_sharded
 
 # Runs the real CLI in a child process that sends itself `sig` right after block `k`'s shard is complete.
-# To its main thread: a signal sent to the process may land on another (idle) thread, which under load
-# can run its handler only after this tiny run has finished; Ctrl-C on a real run is long past that.
+# SIGINT gets Python's own handler (Ctrl-C in a terminal): a child inherits an ignored SIGINT from a
+# suite run in the background (`make test &`), and would then finish the run instead of stopping.
 KILLER = textwrap.dedent(
     """
-    import signal, sys, threading
+    import os, signal, sys
     from layerwise import checkpoint
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sig, k = int(sys.argv[1]), int(sys.argv[2])
     write_block = checkpoint.CheckpointWriter.write_block
     def write_then_die(self, index, *args, **kwargs):
         write_block(self, index, *args, **kwargs)
         if index == k:
-            signal.pthread_kill(threading.main_thread().ident, sig)
+            os.kill(os.getpid(), sig)
     checkpoint.CheckpointWriter.write_block = write_then_die
     from layerwise.cli import main
     sys.exit(main(sys.argv[3:]))
