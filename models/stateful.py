@@ -305,15 +305,19 @@ def stored_table_sizes(model: nn.Module, family: Family, context: int) -> list[i
     the package): a cos and a sin table per distinct rope key, and the positions vector when a
     sliding window is shorter than the context (as `StatefulCausalLM.__init__` registers them)."""
     cfg = model.config
-    head_dim = get_module(model, family.blocks)[0].self_attn.head_dim
-    rotary = get_module(model, family.rotary)
     sizes = []
-    for key in set(family.rope_keys(cfg)):
-        cos, _ = _rope_tables(rotary, context, head_dim, key)
-        sizes += [cos.numel(), cos.numel()]
+    for width in rope_widths(model, family).values():
+        sizes += [context * width, context * width]
     if any(w and w < context for w in family.layer_windows(cfg)):
         sizes.append(context)
     return sizes
+
+
+def rope_widths(model: nn.Module, family: Family) -> dict[str | None, int]:
+    """Rope key → the width of its tables: head_dim, or less under partial rotary (Phi-4-mini)."""
+    head_dim = get_module(model, family.blocks)[0].self_attn.head_dim
+    rotary = get_module(model, family.rotary)
+    return {key: _rope_tables(rotary, 2, head_dim, key)[0].shape[-1] for key in set(family.rope_keys(model.config))}
 
 
 def _rope_name(kind: str, key: str | None) -> str:

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from ..coreml.layout import BLOB_HEADER_BYTES, blob_bytes
 from ..errors import RecipeError
-from ..models.families import NormKind, resolve_family
-from ..models.stateful import stored_table_sizes
+from ..models.families import NormKind, get_module, resolve_family
+from ..models.stateful import rope_widths, stored_table_sizes
 from ..recipe import Recipe, Rule
 from .knapsack import choose
 from .loss_scale import output_fisher_scales
@@ -29,15 +29,16 @@ EXPORT_CONTEXT = 512  # `layerwise export`'s default --context: the rotary table
 # model.mlmodel (the program) and Manifest.json, per family: (fixed bytes, bytes per decoder block),
 # measured on tiny models of 2 and 4 blocks with mixed forms (`benchmarks/program_bytes.py`) and
 # rounded up (per block × 1.08, fixed × 1.05) so the package stays below the target: an overestimate
-# only leaves the weights a little less room. Phi-3's covers partial rotary (Phi-4-mini: +2.2 kB per
-# block measured with partial_rotary_factor 0.5). Unknown families take the largest.
+# only leaves the weights a little less room. Unknown families take the largest. Partial rotary
+# (Phi-4-mini) adds a slice and a concat per q and k: 4.4 kB per block measured (tiny Phi-3, factor 0.5).
 PROGRAM_BYTES = {
     "llama": (15_000, 29_000), "mistral": (18_000, 29_000), "qwen2": (15_000, 30_000),
     "qwen3": (14_000, 36_000), "gemma": (15_000, 30_000), "gemma2": (19_000, 38_000),
-    "gemma3_text": (20_000, 43_000), "phi3": (15_000, 34_000), "granite": (16_000, 30_000),
+    "gemma3_text": (20_000, 43_000), "phi3": (15_000, 29_000), "granite": (16_000, 30_000),
     "olmo2": (15_000, 36_000),
 }
 PROGRAM_BYTES_UNKNOWN = (20_000, 43_000)
+PARTIAL_ROTARY_BYTES_PER_BLOCK = 4_800
 DEDUP_FROM = 100  # coremltools' const_deduplication threshold (elements)
 
 
@@ -147,8 +148,17 @@ def allocate_from_table(model: nn.Module, table: dict[str, list[Candidate]], sca
 
 def fixed_export_bytes(model: nn.Module, budgeted: list[str]) -> int:
     """Package bytes that do not depend on the choice: the weight file's other blobs and the program text."""
-    fixed, per_block = PROGRAM_BYTES.get(resolve_family(model).name, PROGRAM_BYTES_UNKNOWN)
-    return other_blob_bytes(model, budgeted) + fixed + per_block * model.config.num_hidden_layers
+    return other_blob_bytes(model, budgeted) + program_bytes(model)
+
+
+def program_bytes(model: nn.Module) -> int:
+    """model.mlmodel and Manifest.json of the export, as priced for the model's family."""
+    family = resolve_family(model)
+    fixed, per_block = PROGRAM_BYTES.get(family.name, PROGRAM_BYTES_UNKNOWN)
+    head_dim = get_module(model, family.blocks)[0].self_attn.head_dim
+    if any(width < head_dim for width in rope_widths(model, family).values()):
+        per_block += PARTIAL_ROTARY_BYTES_PER_BLOCK
+    return fixed + per_block * model.config.num_hidden_layers
 
 
 def other_blob_bytes(model: nn.Module, budgeted: list[str], context: int = EXPORT_CONTEXT) -> int:

@@ -19,7 +19,7 @@ from mil_interpreter import MILInterpreter  # noqa: E402
 from test_export import assert_bit_exact, load_program, op_types, rtn_all  # noqa: E402
 from test_mil_interpreter import assert_logits_close  # noqa: E402
 
-from layerwise.budget.allocate import PROGRAM_BYTES, other_blob_bytes  # noqa: E402
+from layerwise.budget.allocate import other_blob_bytes, program_bytes  # noqa: E402
 from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
 from layerwise.coreml.layout import exported_bytes  # noqa: E402
 from layerwise.models.stateful import causal_mask  # noqa: E402
@@ -58,9 +58,8 @@ def test_program_is_within_its_family_price(exported):
     name, model, _, report, _, _ = exported
     pkg = report["package"]
     program = package_bytes(pkg) - package_bytes(pkg / "Data" / "com.apple.CoreML" / "weights")
-    fixed, per_block = PROGRAM_BYTES[EXPORTED[name][0]]
-    priced = fixed + per_block * model.config.num_hidden_layers
-    assert 0.75 * priced <= program <= priced, (program, priced)
+    priced = program_bytes(model)
+    assert 0.85 * priced <= program <= priced, (program, priced)
 
 
 def test_program_is_stateful_with_sdpa_except_soft_capped_layers(exported):
