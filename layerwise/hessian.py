@@ -55,8 +55,14 @@ class HessianAccumulator:
     @property
     def hessian(self) -> torch.Tensor:
         """2/N · Σ xᵀx: [in, in] float32 (a new tensor), exactly symmetric."""
-        full = self.sum * (2.0 / self.rows) if self.rows else self.sum.clone()
-        _mirror_lower(full.mT)  # the computed upper triangle onto the lower one, in place
+        return self._hessian_in_(self.sum.clone())
+
+    def _hessian_in_(self, full: torch.Tensor) -> torch.Tensor:
+        """`full` (the sum, or a copy of it) made into H in place: scaled by 2/N, and the computed
+        upper triangle mirrored onto the lower one."""
+        if self.rows:
+            full.mul_(2.0 / self.rows)
+        _mirror_lower(full.mT)
         return full
 
     def park(self, directory: Path) -> "ParkedHessian":
@@ -72,10 +78,8 @@ class HessianAccumulator:
     def take_hessian(self) -> torch.Tensor:
         """`hessian` (the same bits) made in the sum's own buffer, for a caller done with this
         accumulator: no second [in, in] beside the sum. The accumulator is spent afterwards."""
-        full = self.sum.mul_(2.0 / self.rows) if self.rows else self.sum
-        self.sum = None
-        _mirror_lower(full.mT)
-        return full
+        full, self.sum = self.sum, None
+        return self._hessian_in_(full)
 
 
 @dataclass
