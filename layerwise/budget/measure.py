@@ -91,12 +91,11 @@ def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
     factored H⁻¹ (`prepare_for`), computed once and dropped before the next one is made."""
     solved: dict[str, list[CompressedWeight | None]] = {name: [None] * len(menu) for name, menu in menus.items()}
     configs = [c for menu in menus.values() for c in menu]
-    keys = [c.hessian_preparation() if c.needs_hessian else None for c in configs]
-    for key in dict.fromkeys(keys):  # distinct, in menu order; one factored H⁻¹ alive at a time
-        prepared = None if key is None else prepare_for(hessian, next(c for c, k in zip(configs, keys) if k == key))
+    for key in dict.fromkeys(map(_preparation, configs)):  # distinct, in menu order; one H⁻¹ alive at a time
+        prepared = None if key is None else prepare_for(hessian, next(c for c in configs if _preparation(c) == key))
         for name, menu in menus.items():
             for k, config in enumerate(menu):
-                if solved[name][k] is not None or keys[configs.index(config)] != key:
+                if solved[name][k] is not None or _preparation(config) != key:
                     continue
                 # every layer whose menu has this config (configs are unhashable dataclasses)
                 members = [(n, m.index(config)) for n, m in menus.items() if config in m]
@@ -104,6 +103,11 @@ def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
                     solved[n][j] = cw
         del prepared
     return solved
+
+
+def _preparation(config: MethodConfig) -> tuple[float, bool] | None:
+    """What the factored H⁻¹ of `config`'s solve depends on besides H (None: it takes none)."""
+    return config.hessian_preparation() if config.needs_hessian else None
 
 
 def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor,
