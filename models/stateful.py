@@ -315,9 +315,18 @@ def stored_table_sizes(model: nn.Module, family: Family, context: int) -> list[i
 
 def rope_widths(model: nn.Module, family: Family) -> dict[str | None, int]:
     """Rope key → the width of its tables: head_dim, or less under partial rotary (Phi-4-mini)."""
-    head_dim = get_module(model, family.blocks)[0].self_attn.head_dim
     rotary = get_module(model, family.rotary)
+    head_dim = _head_dim(model, family)
     return {key: _rope_tables(rotary, 2, head_dim, key)[0].shape[-1] for key in set(family.rope_keys(model.config))}
+
+
+def has_partial_rotary(model: nn.Module, family: Family) -> bool:
+    """Whether some rope covers only part of each head (the wrapper's `rotary_dim`: a slice and a concat)."""
+    return any(width < _head_dim(model, family) for width in rope_widths(model, family).values())
+
+
+def _head_dim(model: nn.Module, family: Family) -> int:
+    return get_module(model, family.blocks)[0].self_attn.head_dim
 
 
 def _rope_name(kind: str, key: str | None) -> str:

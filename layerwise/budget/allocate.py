@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from ..coreml.layout import BLOB_HEADER_BYTES, blob_bytes
 from ..errors import RecipeError
-from ..models.families import NormKind, get_module, resolve_family
-from ..models.stateful import rope_widths, stored_table_sizes
+from ..models.families import NormKind, resolve_family
+from ..models.stateful import has_partial_rotary, stored_table_sizes
 from ..recipe import Recipe, Rule
 from .knapsack import choose
 from .loss_scale import output_fisher_scales
@@ -155,8 +155,7 @@ def program_bytes(model: nn.Module) -> int:
     """model.mlmodel and Manifest.json of the export, as priced for the model's family."""
     family = resolve_family(model)
     fixed, per_block = PROGRAM_BYTES.get(family.name, PROGRAM_BYTES_UNKNOWN)
-    head_dim = get_module(model, family.blocks)[0].self_attn.head_dim
-    if any(width < head_dim for width in rope_widths(model, family).values()):
+    if has_partial_rotary(model, family):
         per_block += PARTIAL_ROTARY_BYTES_PER_BLOCK
     return fixed + per_block * model.config.num_hidden_layers
 
