@@ -84,6 +84,16 @@ def checkpoint_hashes(directory: Path) -> dict[str, str]:
     return out
 
 
+def machine() -> dict:
+    """What the bytes depend on besides the code: GEMM kernels and their summation order."""
+    import torch
+
+    from layerwise.matmul_precision import fast_matmul_is_accurate
+
+    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bfloat16_units": fast_matmul_is_accurate(torch.device("cpu")), "threads": torch.get_num_threads()}
+
+
 def make_case(name: str, tiny_dirs: dict, calib: Path, root: Path) -> Path:
     from layerwise.cli import main
 
@@ -126,5 +136,6 @@ if __name__ == "__main__" and "--write" in sys.argv:
         calib.write_text(Path(BUNDLED_CALIBRATION).read_text()[:20000])
         hashes = {name: checkpoint_hashes(make_case(name, tiny, calib, root)) for name in CASES}
         hashes["demo"] = checkpoint_hashes(make_demo(root))
+        hashes["_machine"] = machine()
     (HERE / "golden_hashes.json").write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(hashes)} cases")
