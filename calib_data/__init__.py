@@ -9,13 +9,15 @@ from .sources import (
     BUNDLED_EVALUATION,
     HUB_TEXTS,
     HubText,
+    bos_token_id,
     calibration_windows,
     load_text,
     sample_windows,
     tokenize_text,
+    with_bos,
 )
 
 __all__ = [
     "BUNDLED_CALIBRATION", "BUNDLED_EVALUATION", "HUB_TEXTS", "HubText",
-    "calibration_windows", "load_text", "sample_windows", "tokenize_text",
+    "bos_token_id", "calibration_windows", "load_text", "sample_windows", "tokenize_text", "with_bos",
 ]

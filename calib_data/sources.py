@@ -132,14 +132,35 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`nsamples` distinct non-overlapping windows of `seqlen` tokens, chosen with `seed`.
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one before every text by default (Gemma, Llama 3), else
+    None (SmolLM2, Qwen). Windows then begin like the model's own text: a model trained with BOS
+    parks attention on it, so calibrating or scoring it without one measures a model nobody runs."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with _quiet_transformers():
+        ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """[N, L-1] text windows with `bos` put first → [N, L] (unchanged when bos is None)."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """`nsamples` distinct non-overlapping windows of `seqlen` tokens, chosen with `seed`; with
+    `bos`, each is BOS followed by seqlen - 1 tokens of text.
 
     Returns [nsamples, seqlen] int64. Never repeats text: too few windows is an error.
     """
-    if nsamples < 1 or seqlen < 2:
+    if nsamples < 1 or seqlen < 2 + (bos is not None):
         raise DataError(f"need nsamples >= 1 and seqlen >= 2 (got nsamples={nsamples}, seqlen={seqlen})")
-    available = token_ids.numel() // seqlen
+    text_len = seqlen - (bos is not None)
+    available = token_ids.numel() // text_len
     if available < nsamples:
         raise DataError(
             f"the calibration text has {token_ids.numel()} tokens = {available} windows of {seqlen}, "
@@ -147,20 +168,22 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available, generator=generator)[:nsamples]
-    windows = token_ids[: available * seqlen].reshape(available, seqlen)
-    return windows[chosen].clone()
+    windows = token_ids[: available * text_len].reshape(available, text_len)
+    return with_bos(windows[chosen].clone(), bos)
 
 
 def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, dict]:
     """Tokenized calibration windows and a JSON-able description of where they came from."""
     token_ids = tokenize_text(tokenizer, load_text(source, "calibration"))
-    windows = sample_windows(token_ids, nsamples, seqlen, seed)
+    bos = bos_token_id(tokenizer)
+    windows = sample_windows(token_ids, nsamples, seqlen, seed, bos)
     description = {
         "source": source if source in HUB_TEXTS else os.path.abspath(source),
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
         "text_tokens": int(token_ids.numel()),
+        "bos_token_id": bos,  # each window starts with it (None: windows are text only)
     }
     return windows, description
 
