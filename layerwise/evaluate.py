@@ -4,13 +4,15 @@
 With a BOS id (the tokenizer adds one by default: Gemma, Llama 3) each window is BOS followed by
 seqlen - 1 tokens of text, and BOS itself is never a target, so every text token is scored.
 
-Memory does not grow with batch × vocabulary: a batch holds at most `LOGITS_BUDGET` bytes of
-float32 logits (a 262,144-token vocabulary runs one window at a time), and the loss is taken over
-a slice of positions at a time.
+Memory does not grow with batch × vocabulary. For a declared family the output head is applied a
+slice of positions at a time (`LOSS_BYTES` of float32 logits alive at once), with the family's
+logit scale and final soft-cap as the HF forward applies them; the model's own forward stops at the
+head's input. Other models return whole logits, a batch of at most `LOGITS_BUDGET` bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,12 +20,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerwise.calib_data import with_bos
+from layerwise.models.families import Family, get_module, resolve_family
 
 from .errors import DataError, NumericalError
 from .memory import check_fits
 
-LOGITS_BUDGET = 512 * 2**20  # bytes of float32 logits one forward may return
-LOSS_ROWS = 1024  # positions whose log-softmax is alive at once
+LOGITS_BUDGET = 512 * 2**20  # bytes of float32 logits one forward may return (models of no declared family)
+LOSS_BYTES = 64 * 2**20  # float32 logits of the positions scored at once
 
 
 @torch.no_grad()
@@ -39,19 +42,17 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 256, batch_size: in
         raise DataError(f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = with_bos(token_ids[: n_windows * text_len].reshape(n_windows, text_len), bos)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    batch_size = _batch_within_budget(batch_size, seqlen, vocab)
-    if torch.device(device).type == "cpu" and isinstance(vocab, int):  # the batch's logits and one loss slice
-        rows = min(batch_size, n_windows) * seqlen
-        check_fits(4 * vocab * (2 * rows + 2 * min(rows, LOSS_ROWS)), f"--batch-size {batch_size} x --seqlen {seqlen}",
-                   "lower --batch-size or --seqlen")
+    family = _declared_family(model)
+    batch_size = batch_size if family is not None else _batch_within_budget(batch_size, seqlen, vocab)
+    if torch.device(device).type == "cpu" and isinstance(vocab, int):  # the logits alive at once, twice
+        alive = LOSS_BYTES if family is not None else 4 * vocab * min(batch_size, n_windows) * seqlen
+        check_fits(3 * alive, f"--batch-size {batch_size} x --seqlen {seqlen}", "lower --batch-size or --seqlen")
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False, disable=None):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits  # [B, L, vocab]
-        total_nll += _nll_sum(logits[:, :-1], ids[:, 1:])
+        total_nll += _window_nll(model, family, ids)
         total_tokens += ids[:, 1:].numel()
-        del logits
     mean = total_nll / total_tokens
     if not math.isfinite(mean):
         raise NumericalError(
@@ -62,6 +63,15 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 256, batch_size: in
             "bos_token_id": bos}
 
 
+def _declared_family(model) -> Family | None:
+    """The family entry whose head transform we reproduce; None: score the model's own logits."""
+    try:
+        family = resolve_family(model)
+    except Exception:  # not a decoder we know (any model with .logits is still scored whole)
+        return None
+    return family if family.exportable and family.lm_head else None
+
+
 def _batch_within_budget(batch_size: int, seqlen: int, vocab) -> int:
     """The largest batch ≤ batch_size whose float32 logits fit LOGITS_BUDGET (at least one window)."""
     if not isinstance(vocab, int):
@@ -69,12 +79,56 @@ def _batch_within_budget(batch_size: int, seqlen: int, vocab) -> int:
     return max(1, min(batch_size, LOGITS_BUDGET // (4 * seqlen * vocab)))
 
 
-def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Σ −log p(target) over logits: [B, T, vocab] (any float dtype), targets: [B, T], in float32
-    slices of LOSS_ROWS positions (a whole-batch log-softmax is another copy of the logits)."""
-    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    total = 0.0
-    for s in range(0, flat.shape[0], LOSS_ROWS):
-        chunk = flat[s : s + LOSS_ROWS].float()
-        total += F.cross_entropy(chunk, flat_targets[s : s + LOSS_ROWS], reduction="sum").item()
+def _window_nll(model, family: Family | None, ids: torch.Tensor) -> float:
+    """Σ −log p(next token) over ids: [B, L] (the first position is never a target)."""
+    if family is None:
+        logits = model(input_ids=ids, use_cache=False).logits  # [B, L, vocab]
+        return sum(_nll_sum(logits[b, :-1], ids[b, 1:], lambda x: x) for b in range(ids.shape[0]))
+    head = get_module(model, family.lm_head)
+    with _head_input(model, family.lm_head) as kept:
+        model(input_ids=ids, use_cache=False)
+    hidden = kept[0][:, :-1].reshape(-1, kept[0].shape[-1])  # [B·(L-1), hidden], the final norm applied
+    scale, cap = family.logit_scale, family.softcap(model.config)[1]
+    divisor = None if scale is None else getattr(model.config, scale.field)
+
+    def logits_of(rows):  # as the HF forward does it: head, ÷ logits_scaling, final soft-cap
+        logits = head(rows)
+        logits = logits / divisor if divisor is not None else logits
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+    return _nll_sum(hidden, ids[:, 1:].reshape(-1), logits_of)
+
+
+@contextlib.contextmanager
+def _head_input(model, path: str):
+    """The output head swapped for one that keeps its input and returns no logits ([..., 0]),
+    so the model's forward never holds [B, L, vocab]."""
+    head = get_module(model, path)
+    kept: list[torch.Tensor] = []
+    model.set_submodule(path, _KeepInput(kept))
+    try:
+        yield kept
+    finally:
+        model.set_submodule(path, head)
+
+
+class _KeepInput(torch.nn.Module):
+    def __init__(self, kept: list):
+        super().__init__()
+        self.kept = kept
+
+    def forward(self, x):
+        self.kept.append(x)
+        return x[..., :0]
+
+
+def _nll_sum(rows: torch.Tensor, targets: torch.Tensor, logits_of) -> float:
+    """Σ −log p(target): rows [T, ·] give logits_of(rows) [T, vocab] (any float dtype), targets [T];
+    taken LOSS_BYTES of float32 logits at a time (one row first, to learn the vocabulary)."""
+    total, start, step = 0.0, 0, 1
+    while start < rows.shape[0]:
+        logits = logits_of(rows[start : start + step]).float()
+        total += F.cross_entropy(logits, targets[start : start + step], reduction="sum").item()
+        start += step
+        step = max(1, LOSS_BYTES // (4 * logits.shape[-1]))
     return total
