@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from layerwise.bench import pareto_front
+from layerwise.bench.plots import pareto_front
 from layerwise.cli import main
 
 
@@ -40,7 +40,7 @@ def test_pareto_front():
 
 
 def test_repeated_runs_report_median_times_and_largest_memory():
-    from layerwise.bench import median_of_runs
+    from layerwise.bench.rows import median_of_runs
 
     runs = [{"method": "gptq", "ppl": 9.0, "compress_s": s, "forward_s": 2.0, "time_vs_forward": s / 2.0,
              "peak_rss_mb": m} for s, m in [(5.0, 100.0), (1.0, 300.0), (3.0, 200.0)]]
@@ -57,7 +57,7 @@ def test_bench_repeat_must_be_positive(tiny_dirs, tmp_path, capsys):
 
 
 def test_peer_ratios_compare_each_peer_with_the_row_before_it():
-    from layerwise.bench import peer_ratios
+    from layerwise.bench.results import peer_ratios
 
     rows = [{"method": "gptq", "settings": "bits=3", "compress_s": 6.0, "delta_ppl": 1.0},
             {"method": "ct-gptq", "settings": "peer", "peer": True, "compress_s": 10.0, "delta_ppl": 4.0},
@@ -67,7 +67,7 @@ def test_peer_ratios_compare_each_peer_with_the_row_before_it():
 
 
 def test_evaluation_ids_cap():
-    from layerwise.bench import evaluation_ids
+    from layerwise.bench.measure import evaluation_ids
     from layerwise.calib_data import BUNDLED_EVALUATION
     from layerwise.loading import load_tokenizer
 
