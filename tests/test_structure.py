@@ -116,8 +116,10 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     found: dict[frozenset, list[str]] = {}
     for component in components(graph):
         for start in sorted(component):
-            cycle = shortest_cycle(graph, start, component)
-            found.setdefault(frozenset(zip(cycle, cycle[1:])), cycle)
+            cycle = shortest_cycle(graph, start, component)[:-1]
+            first = cycle.index(min(cycle))  # written from its first module in sorted order
+            cycle = cycle[first:] + cycle[:first]
+            found.setdefault(frozenset(zip(cycle, cycle[1:] + cycle[:1])), [*cycle, cycle[0]])
     return sorted(found.values())
 
 
