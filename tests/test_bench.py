@@ -1,5 +1,6 @@
 import csv
 import json
+import sys
 
 import pytest
 import torch
@@ -74,3 +75,17 @@ def test_evaluation_ids_cap():
     tokenizer = load_tokenizer(str(__import__("pathlib").Path(__file__).parents[1] / "models" / "wt2-llama-4l"))
     full = evaluation_ids(tokenizer, BUNDLED_EVALUATION)
     assert torch.equal(evaluation_ids(tokenizer, BUNDLED_EVALUATION, 1000), full[:1000])
+
+
+def test_bench_without_matplotlib_says_how_to_get_it(tiny_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    results = tmp_path / "R.md"
+    code = main(["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--results", str(results)])
+    assert code == 2 and "pip install 'layerwise[bench]'" in capsys.readouterr().err
+    assert not results.exists()  # refused before the first row
+
+
+def test_bench_results_default_to_the_working_directory():
+    from layerwise.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "MODEL"]).results == "RESULTS.md"
