@@ -232,21 +232,21 @@ _FSTRING_TYPES = {getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDL
 
 
 def trivial(shape: str) -> bool:
-    """Boilerplate that repeats without being a copy: closing brackets, bare return / pass, a
+    """Boilerplate that repeats without being a copy: lone brackets, bare return / pass, a
     docstring, a decorator. (Rows of a literal table are not trivial: a table repeating the
     same entry shape should be built by a helper.)"""
     words = re.sub(r"S( S)+", "S", shape).split()
-    brackets = all(w in ")]}:," for w in words)
+    brackets = all(w in set("()[]{}:,") for w in words)
     return " ".join(words) in ALWAYS_TRIVIAL or words[0] == "@" or brackets
 
 
-def copies() -> list[str]:
+def copies(sources: dict[str, str]) -> list[str]:
     """Regions of at least WINDOW lines of the same shape in two places (two files, or two
-    non-overlapping stretches of one), each pair once, as 'a:lines ≈ b:lines'."""
+    non-overlapping stretches of one), each pair once, as 'a:lines ≈ b:lines'. sources: name → text."""
     seen: dict[tuple[str, ...], list[tuple[str, int]]] = defaultdict(list)
     lines: dict[str, list[tuple[int, str]]] = {}
-    for module, path in MODULES.items():
-        lines[module] = shape_lines(path.read_text())
+    for module, source in sources.items():
+        lines[module] = shape_lines(source)
         shapes = [s for _, s in lines[module]]
         for i in range(len(shapes) - WINDOW + 1):
             window = tuple(shapes[i : i + WINDOW])
@@ -262,8 +262,8 @@ def copies() -> list[str]:
     for (a, b, offset), starts in sorted(pairs.items()):
         for first, last in _runs(sorted(starts)):
             la, lb = lines[a], lines[b]
-            found.append(f"{where(a)}:{la[first][0]}-{la[last + WINDOW - 1][0]} ≈ "
-                         f"{where(b)}:{lb[first + offset][0]}-{lb[last + offset + WINDOW - 1][0]}")
+            found.append(f"{a}:{la[first][0]}-{la[last + WINDOW - 1][0]} ≈ "
+                         f"{b}:{lb[first + offset][0]}-{lb[last + offset + WINDOW - 1][0]}")
     return found
 
 
@@ -288,6 +288,18 @@ def test_shape_ignores_names_and_literals():
     assert not trivial("N = N ( N )") and not trivial("return N") and not trivial("S : { S : True , S : S } ,")
 
 
+def test_copies_finds_a_renamed_copy_of_nine_lines_and_not_of_eight():
+    def function(name: str, steps: int) -> str:  # `def`, the steps, `return`: steps + 2 lines
+        body = "".join(f"    {name}{i} = f({name}{i - 1}, {i})  # step\n" for i in range(1, steps + 1))
+        return f"def {name}(x):\n{body}    return {name}{steps}\n"
+
+    assert copies({"a.py": function("v", 8), "b.py": "\n\n" + function("w", 8)}) == ["a.py:1-10 ≈ b.py:3-12"]
+    assert copies({"a.py": function("v", 7), "b.py": function("w", 7)}) == ["a.py:1-9 ≈ b.py:1-9"]
+    assert copies({"a.py": function("v", 6), "b.py": function("w", 6)}) == []
+    nested = "x = [\n" + "    [\n        [\n            y\n        ],\n    ],\n" * 2 + "]\n"  # mostly brackets
+    assert copies({"a.py": nested, "b.py": nested}) == []
+
+
 def test_no_copied_blocks():
-    found = copies()
+    found = copies({where(m): path.read_text() for m, path in MODULES.items()})
     assert not found, f"{len(found)} blocks of more than {WINDOW - 1} lines of the same shape:\n" + "\n".join(found)
