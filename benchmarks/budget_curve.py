@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.bench import update_results
+from layerwise.bench.results import update_results
 from layerwise.budget import Target, menu_recipe
 from layerwise.budget.allocate import allocate_from_table
 from layerwise.budget.loss_scale import output_fisher_scales

@@ -80,7 +80,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    from layerwise.bench import update_results
+    from layerwise.bench.results import update_results
 
     times = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,8 +18,10 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> int:
     sys.path.insert(0, str(HERE.parent))
-    from layerwise.bench import plot_ppl_vs_bits, settings_label, update_results
-    from layerwise.peers import PEERS
+    from layerwise.bench.grids import settings_label
+    from layerwise.bench.plots import plot_ppl_vs_bits
+    from layerwise.bench.peers import PEERS
+    from layerwise.bench.results import update_results
 
     rows_file = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "bench-peers.json"
     rows = json.loads(rows_file.read_text())

@@ -27,7 +27,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests" / "coreml"))
     from test_export import assert_bit_exact, load_program  # the same decoder the tests use
 
-    from layerwise.bench import display_path, update_results
+    from layerwise.bench.results import display_path, update_results
     from layerwise.checkpoint import load_compressed
     from layerwise.cli import main as cli
     from layerwise.export import export_model

@@ -102,10 +102,10 @@ def shard_hashes(directory: Path, names: set[str] | None = None) -> dict[str, st
 
 
 def coremltools_child(model: str, calib: str, nsamples: int, seqlen: int) -> None:
-    """coremltools' LayerwiseCompressor (GPTQ uint4 per-block 32) as layerwise.peers drives it."""
+    """coremltools' LayerwiseCompressor (GPTQ uint4 per-block 32) as layerwise.bench.peers drives it."""
     from layerwise.calib_data import calibration_windows
     from layerwise.loading import load_model, load_tokenizer
-    from layerwise.peers import compress_peer
+    from layerwise.bench.peers import compress_peer
 
     windows, _ = calibration_windows(calib, load_tokenizer(model), nsamples, seqlen, 0)
     compress_peer("ct-gptq-4bit-block32", load_model(model, dtype="float32"), windows, "cpu")
@@ -183,7 +183,7 @@ def main() -> None:
                          **res, "ref": ckpt})
     section = render(rows, size, args, model)
     print(section)
-    from layerwise.bench import update_results
+    from layerwise.bench.results import update_results
 
     update_results(REPO / args.results, "memory-" + args.windows.replace(",", "-"), section)
 
@@ -193,7 +193,8 @@ EXPORT_IMPORTS = "import torch, transformers, coremltools, layerwise.cli, layerw
 
 def export_only(args, work: Path) -> None:
     """Peak RSS of `layerwise export` per checkpoint (and of the baseline code, and of the imports alone)."""
-    from layerwise.bench import display_path, machine, update_results
+    from layerwise.bench.measure import machine
+    from layerwise.bench.results import display_path, update_results
 
     codes = [("this code", REPO)]
     if args.export_baseline:
@@ -251,7 +252,8 @@ def _clean(out: Path) -> None:
 
 
 def render(rows: list[dict], size: int, args, model: Path) -> str:
-    from layerwise.bench import display_path, machine
+    from layerwise.bench.measure import machine
+    from layerwise.bench.results import display_path
 
     load = os.getloadavg()
     cmd = "python benchmarks/memory_bench.py " + " ".join(a for a in sys.argv[1:])

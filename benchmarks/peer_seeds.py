@@ -20,8 +20,10 @@ EVAL = str(SHARED / "data" / "wikitext-2" / "test.txt")
 
 
 def main() -> int:
-    from layerwise.bench import run_row, settings_label, update_results
-    from layerwise.peers import PEERS
+    from layerwise.bench.grids import settings_label
+    from layerwise.bench.peers import PEERS
+    from layerwise.bench.results import update_results
+    from layerwise.bench.rows import run_row
 
     p = argparse.ArgumentParser()
     p.add_argument("--pair", default="ct-sparsegpt-50", choices=sorted(PEERS))

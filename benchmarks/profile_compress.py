@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--peer", help="a layerwise.peers.PEERS name, run right after ours")
+    ap.add_argument("--peer", help="a layerwise.bench.peers.PEERS name, run right after ours")
     ap.add_argument("--forward", action="store_true", help="also time one float forward over the windows")
     ap.add_argument("--no-stack", action="store_true")
     ap.add_argument("--json", help="write the numbers here")
@@ -112,13 +112,13 @@ def main():
     out["parts"]["other"] = [total - sum(clock.wall.values()), total_cpu - sum(clock.cpu.values())]
     del model
     if args.forward:
-        from layerwise.bench import time_forward
+        from layerwise.bench.measure import time_forward
 
         c0 = time.perf_counter(), time.process_time()
         out["forward_s"] = time_forward(load_model(args.model, dtype="float32"), windows)
         out["forward_cpu_s"] = time.process_time() - c0[1]
     if args.peer:
-        from layerwise.peers import PEERS, _import_coremltools, compress_peer
+        from layerwise.bench.peers import PEERS, _import_coremltools, compress_peer
 
         _import_coremltools()
         model = load_model(args.model, dtype="float32")

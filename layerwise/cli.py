@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-tokens", type=positive, help="evaluate on the first N tokens of the evaluation text only (slow machines)")
     b.add_argument("--threads", type=positive, help="torch threads of every row's process (1: CPU seconds that other "
                    "work on a shared machine disturbs least; the table then shows them next to wall seconds)")
-    b.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file whose grid section is replaced")
+    b.add_argument("--results", default="RESULTS.md", help="Markdown file whose grid section is replaced (default: ./RESULTS.md)")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
     _add_generate_and_families(sub)
     return p
@@ -381,13 +381,17 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .bench import GRIDS, display_path, render_section, run_grid, update_results, write_outputs
+    from .bench.grids import GRIDS
+    from .bench.plots import require_matplotlib
+    from .bench.results import display_path, render_section, update_results, write_outputs
+    from .bench.rows import run_grid
 
     grid = "quick" if args.quick else args.grid
     if grid not in GRIDS:
         raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
     if args.eval_tokens is not None and args.eval_tokens < args.seqlen:
         raise RecipeError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
+    require_matplotlib()  # before the first row, not after an hour of them
     results = Path(args.results)
     out_dir = Path(args.out_dir) if args.out_dir else results.parent
     words = [display_path(word) for word in sys.argv]  # the shell expanded ~: no machine paths in RESULTS.md

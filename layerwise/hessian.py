@@ -205,13 +205,7 @@ def prepare_hessian(
     one [in, in] buffer: the textbook route (Cholesky, inverse from it, Cholesky again) does twice
     the arithmetic, and its buffers were once the memory peak of a whole compress run.
     """
-    if not _all_finite(hessian):
-        raise NumericalError(
-            "the Hessian holds NaN/Inf: the calibration activations overflowed even in float32; check the "
-            "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
-        )
-    if in_place and (keep_damped or not hessian.is_contiguous()):
-        raise ValueError("prepare_hessian(in_place=True) needs a contiguous hessian and no keep_damped")
+    _check_input(hessian, in_place, keep_damped)
     dead = dead_columns(hessian)
     order = perm if perm is not None else torch.arange(hessian.shape[0], device=hessian.device)
     dead = dead[order]
@@ -230,6 +224,30 @@ def prepare_hessian(
 
     H = undamped_reversed()
     undamped = _LowerTriangle(H) if in_place else None  # kept for retries: the caller's H is gone
+
+    def restore(H: torch.Tensor) -> torch.Tensor:
+        if in_place:
+            undamped.restore(H)
+            return H
+        return undamped_reversed()
+
+    return _factor_with_retries(H, restore, dead, damp, max_damp, keep_damped)
+
+
+def _check_input(hessian: torch.Tensor, in_place: bool, keep_damped: bool) -> None:
+    if not _all_finite(hessian):
+        raise NumericalError(
+            "the Hessian holds NaN/Inf: the calibration activations overflowed even in float32; check the "
+            "model's weights (`layerwise ppl MODEL` shows whether the model itself produces NaN)"
+        )
+    if in_place and (keep_damped or not hessian.is_contiguous()):
+        raise ValueError("prepare_hessian(in_place=True) needs a contiguous hessian and no keep_damped")
+
+
+def _factor_with_retries(H, restore, dead, damp, max_damp, keep_damped) -> PreparedHessian:
+    """Add `damp` · mean(diag H) to the diagonal of H (undamped, reversed sweep order, [in, in]) and
+    factor it in place; a failed Cholesky overwrote H, so `restore(H)` gives the undamped H back and
+    the factoring is retried with ten times the damping, up to `max_damp`."""
     mean_diag = torch.mean(torch.diag(H)).item()
     notes: list[str] = []
     fraction = damp
@@ -252,11 +270,7 @@ def prepare_hessian(
         log.warning(note)
         notes.append(note)
         fraction = retry
-        # the failed factorization overwrote H: the undamped one again
-        if in_place:
-            undamped.restore(H)
-        else:
-            H = undamped_reversed()
+        H = restore(H)
 
 
 _TILE = 512  # rows per temporary in the in-place copies below (512 × in floats, not [in, in])

@@ -16,22 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .compressible import is_compressible, is_transposed
 from .errors import ModelError
-
-
-def _conv1d_type():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
-def is_compressible(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, _conv1d_type()))
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """Whether the module stores its weight as [in, out] (Conv1D)."""
-    return isinstance(module, _conv1d_type())
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

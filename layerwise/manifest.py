@@ -9,7 +9,6 @@ naming the layer and the field.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from .errors import CheckpointError
 from .formats import SCHEMES, packed_nbytes
+from .solvers.base import is_int, is_number
 
 FORMAT = "layerwise-checkpoint/1"
 SHARD_NAME = re.compile(r"(block-\d{5}|rest)\.safetensors")
@@ -37,11 +37,11 @@ def validate_manifest(manifest, where) -> dict:
     _require(shards is None or (isinstance(shards, dict) and all(
         isinstance(k, str) and SHARD_NAME.fullmatch(k) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
         for k, v in shards.items())), where, "shards", "must map shard file names to sha256 hex digests")
-    _require(manifest.get("compression_seconds") is None or _is_number(manifest["compression_seconds"]),
+    _require(manifest.get("compression_seconds") is None or is_number(manifest["compression_seconds"]),
              where, "compression_seconds", "must be a number")
     left = manifest.get("left_uncompressed")  # block weights kept in float16 (inspect's summary line)
     _require(left is None or (
-        isinstance(left, dict) and all(_is_int(left.get(k)) and left[k] >= 0
+        isinstance(left, dict) and all(is_int(left.get(k)) and left[k] >= 0
                                        for k in ("weights", "parameters", "block_weights", "block_parameters"))
         and isinstance(left.get("reasons"), dict)
         and all(isinstance(r, dict) and isinstance(r.get("kinds"), list) and all(isinstance(k, str) for k in r["kinds"])
@@ -62,22 +62,22 @@ def validate_layer(name: str, meta, where) -> None:
          f"{meta.get('shard')!r} is not a shard name like block-00000.safetensors")
     scheme, bits, shape = meta.get("scheme"), meta.get("bits"), meta.get("shape")
     need(scheme in SCHEMES, "scheme", f"{scheme!r} is not one of {list(SCHEMES)}")
-    need(isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape),
+    need(isinstance(shape, list) and len(shape) == 2 and all(is_int(s) and s > 0 for s in shape),
          "shape", f"{shape!r} is not [out, in] positive integers")
     allowed = {"affine": AFFINE_BITS, "lut": LUT_BITS, "dense": (16,)}[scheme]
-    need(_is_int(bits) and bits in allowed, "bits", f"{bits!r} is not valid for scheme {scheme} ({list(allowed)})")
+    need(is_int(bits) and bits in allowed, "bits", f"{bits!r} is not valid for scheme {scheme} ({list(allowed)})")
     numel = shape[0] * shape[1]
     need(isinstance(meta.get("sparse"), bool), "sparse", "must be true or false")
     kept = meta.get("kept")
-    need(_is_int(kept) and 0 <= kept <= numel and (meta["sparse"] or kept == numel), "kept",
+    need(is_int(kept) and 0 <= kept <= numel and (meta["sparse"] or kept == numel), "kept",
          f"{kept!r} does not fit {numel} weights (sparse: {meta['sparse']})")
     if scheme == "affine":
         bs = meta.get("block_size")
-        need(_is_int(bs) and bs > 0 and shape[1] % bs == 0, "block_size", f"{bs!r} does not divide {shape[1]} inputs")
+        need(is_int(bs) and bs > 0 and shape[1] % bs == 0, "block_size", f"{bs!r} does not divide {shape[1]} inputs")
         need(meta.get("zero_point") in ("midpoint", "stored"), "zero_point", "must be 'midpoint' or 'stored'")
     if scheme == "lut":
         group, lut_shape = meta.get("lut_group"), meta.get("lut_shape")
-        need(isinstance(group, list) and len(group) == 2 and all(_is_int(g) and g > 0 for g in group)
+        need(isinstance(group, list) and len(group) == 2 and all(is_int(g) and g > 0 for g in group)
              and shape[0] % group[0] == 0 and shape[1] % group[1] == 0, "lut_group", f"{group!r} does not tile {shape}")
         need(lut_shape == [shape[0] // group[0], shape[1] // group[1], 2**bits], "lut_shape",
              f"{lut_shape!r} does not match shape {shape}, lut_group {group} and {bits} bits")
@@ -85,8 +85,8 @@ def validate_layer(name: str, meta, where) -> None:
     report = meta.get("report")
     need(isinstance(report, dict), "report", "must be an object (the layer's solver report)")
     for key in REPORT_NUMBERS:
-        need(_is_number(report.get(key)), f"report.{key}", f"{report.get(key)!r} is not a number")
-    need("damping" in report and (report["damping"] is None or _is_number(report["damping"])), "report.damping",
+        need(is_number(report.get(key)), f"report.{key}", f"{report.get(key)!r} is not a number")
+    need("damping" in report and (report["damping"] is None or is_number(report["damping"])), "report.damping",
          "must be a number or null")
     need(isinstance(report.get("method"), str), "report.method", "must be a string")
     need(report.get("error_space", "output") in ("output", "weight"), "report.error_space", "must be output or weight")
@@ -152,11 +152,3 @@ def sha256_file(path: Path) -> str:
 def _require(ok, where, field, problem) -> None:
     if not ok:
         raise CheckpointError(f"{where}: {field} {problem}; the checkpoint's layerwise.json is damaged or edited")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -56,10 +56,6 @@ class Recipe:
         """The first rule whose pattern is found in `name`."""
         return next((rule for rule in self.rules if rule.matches(name)), None)
 
-    @property
-    def has_menus(self) -> bool:
-        return any(rule.menu for rule in self.rules)
-
     def names_lm_head(self) -> bool:
         return any("lm_head" in rule.pattern and (rule.config is not None or rule.menu) for rule in self.rules)
 

@@ -16,7 +16,7 @@ from enum import Enum
 import torch.nn as nn
 
 from layerwise.errors import ModelError
-from layerwise.linears import is_compressible
+from layerwise.compressible import is_compressible
 
 LinearGroup = tuple[str, ...]  # linear names (relative to a block) fed the same input tensor
 

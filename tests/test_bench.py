@@ -1,10 +1,11 @@
 import csv
 import json
+import sys
 
 import pytest
 import torch
 
-from layerwise.bench import pareto_front
+from layerwise.bench.plots import pareto_front
 from layerwise.cli import main
 
 
@@ -40,7 +41,7 @@ def test_pareto_front():
 
 
 def test_repeated_runs_report_median_times_and_largest_memory():
-    from layerwise.bench import median_of_runs
+    from layerwise.bench.rows import median_of_runs
 
     runs = [{"method": "gptq", "ppl": 9.0, "compress_s": s, "forward_s": 2.0, "time_vs_forward": s / 2.0,
              "peak_rss_mb": m} for s, m in [(5.0, 100.0), (1.0, 300.0), (3.0, 200.0)]]
@@ -57,7 +58,7 @@ def test_bench_repeat_must_be_positive(tiny_dirs, tmp_path, capsys):
 
 
 def test_peer_ratios_compare_each_peer_with_the_row_before_it():
-    from layerwise.bench import peer_ratios
+    from layerwise.bench.results import peer_ratios
 
     rows = [{"method": "gptq", "settings": "bits=3", "compress_s": 6.0, "delta_ppl": 1.0},
             {"method": "ct-gptq", "settings": "peer", "peer": True, "compress_s": 10.0, "delta_ppl": 4.0},
@@ -67,10 +68,24 @@ def test_peer_ratios_compare_each_peer_with_the_row_before_it():
 
 
 def test_evaluation_ids_cap():
-    from layerwise.bench import evaluation_ids
+    from layerwise.bench.measure import evaluation_ids
     from layerwise.calib_data import BUNDLED_EVALUATION
     from layerwise.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(__import__("pathlib").Path(__file__).parents[1] / "models" / "wt2-llama-4l"))
     full = evaluation_ids(tokenizer, BUNDLED_EVALUATION)
     assert torch.equal(evaluation_ids(tokenizer, BUNDLED_EVALUATION, 1000), full[:1000])
+
+
+def test_bench_without_matplotlib_says_how_to_get_it(tiny_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    results = tmp_path / "R.md"
+    code = main(["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--results", str(results)])
+    assert code == 2 and "pip install 'layerwise[bench]'" in capsys.readouterr().err
+    assert not results.exists()  # refused before the first row
+
+
+def test_bench_results_default_to_the_working_directory():
+    from layerwise.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "MODEL"]).results == "RESULTS.md"

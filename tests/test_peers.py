@@ -7,7 +7,7 @@ import torch
 
 from layerwise.calib_data import BUNDLED_CALIBRATION, BUNDLED_EVALUATION, calibration_windows
 from layerwise.loading import load_model, load_tokenizer
-from layerwise.peers import PEERS, compress_peer, measure_peer, peer_bits
+from layerwise.bench.peers import PEERS, compress_peer, measure_peer, peer_bits
 from layerwise.pipeline import evaluate_perplexity
 
 NSAMPLES, SEQLEN = 4, 64

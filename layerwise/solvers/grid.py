@@ -153,8 +153,3 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """float16 grid values: one rounding of the exact float32 product (same as CompressedWeight)."""
     return ((codes.float() - zero.float()) * scale.float()).to(torch.float16)
-
-
-def quantize_dequantize(w, scale, zero, maxq) -> torch.Tensor:
-    """float32 view of the nearest grid value (what GPTQ's sweep carries forward)."""
-    return dequantize(quantize(w, scale, zero, maxq), scale, zero).float()

@@ -40,12 +40,8 @@ def weighted_kmeans(
     device = values.device
     x = values.to(torch.float32)
     valid = torch.ones(G, n, dtype=torch.bool, device=device) if valid is None else valid
-    w = torch.ones_like(x) if weights is None else weights.to(torch.float32).clamp(min=0)
-    w = torch.where(valid, w, 0.0)
-    w = torch.where(w.sum(dim=1, keepdim=True) > 0, w, valid.float())  # all-zero → uniform
     n_valid = valid.sum(dim=1)  # [G]
-    mean_w = w.sum(dim=1, keepdim=True) / n_valid.clamp(min=1)[:, None]
-    w = torch.where(valid, torch.maximum(w, MIN_WEIGHT * mean_w), 0.0)
+    w = _floored_weights(x, weights, valid, n_valid)
 
     # sort once; invalid entries go to the end as +inf with weight 0
     xs, order = torch.sort(torch.where(valid, x, torch.inf), dim=1, stable=True)  # [G, n]
@@ -69,7 +65,28 @@ def weighted_kmeans(
 
     generator = torch.Generator(device=device).manual_seed(seed)
     c = _kmeans_pp(xs, cum_w, cum_wx, n_valid, k, generator)  # [G, k] sorted
-    active = ~exact & (spread > 0)
+    c = _lloyd(xs, ws, cum_w, cum_wx, c, ~exact & (spread > 0), spread, max_iters, tol)
+
+    if bool(exact.any()):
+        rank = is_new.cumsum(dim=1) - 1  # index of each entry's value among its row's distinct values
+        c = torch.where(exact[:, None], _distinct_table(xs, is_new, rank, distinct, k), c)
+    return c, nearest(x, c)
+
+
+def _floored_weights(x, weights, valid, n_valid) -> torch.Tensor:
+    """[G, n] float32: the weights ≥ 0, zero outside `valid`, uniform for a group weighted all zero,
+    and floored at MIN_WEIGHT × the group's mean weight inside it."""
+    w = torch.ones_like(x) if weights is None else weights.to(torch.float32).clamp(min=0)
+    w = torch.where(valid, w, 0.0)
+    w = torch.where(w.sum(dim=1, keepdim=True) > 0, w, valid.float())  # all-zero → uniform
+    mean_w = w.sum(dim=1, keepdim=True) / n_valid.clamp(min=1)[:, None]
+    return torch.where(valid, torch.maximum(w, MIN_WEIGHT * mean_w), 0.0)
+
+
+def _lloyd(xs, ws, cum_w, cum_wx, c, active, spread, max_iters, tol) -> torch.Tensor:
+    """Lloyd steps from the sorted centroids c [G, k] over the sorted rows xs [G, n] (weights ws,
+    prefix sums cum_w / cum_wx [G, n + 1]) until no `active` group's centroid moves more than
+    tol × its spread [G] and no empty cluster was re-seeded, or max_iters; returns c sorted."""
     for _ in range(max_iters if bool(active.any()) else 0):
         bounds = _bounds(xs, c)  # [G, k + 1]
         sw = cum_w.gather(1, bounds).diff(dim=1)  # [G, k]
@@ -84,11 +101,7 @@ def weighted_kmeans(
         c = new
         if not bool((active & ((shift > tol * spread) | repaired.any(dim=1))).any()):
             break
-
-    if bool(exact.any()):
-        rank = is_new.cumsum(dim=1) - 1  # index of each entry's value among its row's distinct values
-        c = torch.where(exact[:, None], _distinct_table(xs, is_new, rank, distinct, k), c)
-    return c, nearest(x, c)
+    return c
 
 
 def _distinct_table(xs, is_new, rank, distinct, k) -> torch.Tensor:

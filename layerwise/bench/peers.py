@@ -22,15 +22,30 @@ from __future__ import annotations
 import logging
 import os
 import re
-import resource
 import time
 
 import torch
+
+from .measure import add_forward_ratios, evaluation_ids, gpu_peak_mb, peak_rss_mb, timed_forward
 
 log = logging.getLogger(__name__)
 
 BLOCKS = r"model\.layers\.\d+"  # the decoder blocks of a HF LlamaForCausalLM (and Mistral, Qwen2, ...)
 TARGETS = BLOCKS + r"\..*"  # any module inside a block; only nn.Linear ones are compressed
+
+
+_PALETTIZERS = {  # kind: (our method at the same setting, the peer's settings line)
+    "skm": ("skm", "SKMPalettizer {}-bit, LUT per 16 output channels"),
+    "ptp": ("kmeans", "PostTrainingPalettizer {}-bit k-means, LUT per 16 output channels (data-free)"),
+}
+
+
+def _palettizer(kind: str, n_bits: int) -> dict:
+    """A palettizer peer with one LUT per 16 output channels (see _PALETTIZERS)."""
+    method, settings = _PALETTIZERS[kind]
+    config = {"n_bits": n_bits, "granularity": "per_grouped_channel", "group_size": 16}
+    return {"ours": {"method": method, **config}, "kind": kind, "settings": settings.format(n_bits), "config": config}
+
 
 # Each peer names `ours`: the layerwise config at the matching setting (same bits, granularity and
 # symmetry), run next to it in the `peers` grid.
@@ -65,26 +80,10 @@ PEERS: dict[str, dict] = {
         "config": {"algorithm": "sparse_gpt", "n_m_ratio": [2, 4], "weight_dtype": "float32"},
     },
     # SKMPalettizer: Fisher-weighted k-means; sensitivity from next-token cross-entropy per window
-    "ct-skm-4bit-g16": {
-        "ours": {"method": "skm", "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
-        "kind": "skm", "settings": "SKMPalettizer 4-bit, LUT per 16 output channels",
-        "config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
-    },
-    "ct-skm-3bit-g16": {
-        "ours": {"method": "skm", "n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
-        "kind": "skm", "settings": "SKMPalettizer 3-bit, LUT per 16 output channels",
-        "config": {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
-    },
-    "ct-ptp-4bit-g16": {
-        "ours": {"method": "kmeans", "n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
-        "kind": "ptp", "settings": "PostTrainingPalettizer 4-bit k-means, LUT per 16 output channels (data-free)",
-        "config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16},
-    },
-    "ct-ptp-3bit-g16": {
-        "ours": {"method": "kmeans", "n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
-        "kind": "ptp", "settings": "PostTrainingPalettizer 3-bit k-means, LUT per 16 output channels (data-free)",
-        "config": {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 16},
-    },
+    "ct-skm-4bit-g16": _palettizer("skm", 4),
+    "ct-skm-3bit-g16": _palettizer("skm", 3),
+    "ct-ptp-4bit-g16": _palettizer("ptp", 4),  # PostTrainingPalettizer: data-free k-means
+    "ct-ptp-3bit-g16": _palettizer("ptp", 3),
     "ct-ptq-int4-block32": {
         "ours": {"method": "rtn", "bits": 4, "block_size": 32, "sym": True},
         "kind": "ptq", "settings": "PostTrainingQuantizer int4 symmetric per-block 32 (data-free RTN)",
@@ -110,7 +109,6 @@ def measure_peer(name: str, model_path: str, calib: str, eval_text: str, nsample
 
 
 def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None) -> dict:
-    from layerwise.bench import add_forward_ratios, evaluation_ids, gpu_peak_mb, timed_forward
     from layerwise.calib_data import calibration_windows
     from layerwise.evaluate import perplexity
     from layerwise.loading import load_model, load_tokenizer
@@ -130,7 +128,7 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device,
     start, cpu = time.perf_counter(), time.process_time()
     model = compress_peer(peer, model, windows, dev)
     out = {"compress_s": time.perf_counter() - start, "compress_cpu_s": time.process_time() - cpu}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    out["peak_rss_mb"] = peak_rss_mb()
     out["gpu_peak_mb"] = gpu_peak_mb()
     model.zero_grad(set_to_none=True)  # SKM leaves its squared gradients behind
     model = model.cpu().float().eval().requires_grad_(False)
