@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from layerwise.calib_data import bos_token_id
+
 from .measure import add_forward_ratios, evaluation_ids, gpu_peak_mb, peak_rss_mb, timed_forward
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ def _measure(peer, model_path, calib, eval_text, nsamples, seqlen, seed, device,
     if peer["kind"] in ("layerwise", "skm"):  # calibrated: × forward (data-free peers have no windows to compare)
         out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
         add_forward_ratios(out)
-    res = perplexity(model, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
+    res = perplexity(model, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen, bos=bos_token_id(tokenizer))
     out["ppl"] = res["ppl"]
     out["eval_tokens"] = res["tokens"]
     return out

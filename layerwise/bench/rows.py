@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from .grids import settings_label
+from layerwise.calib_data import bos_token_id
+
 from .measure import add_forward_ratios, evaluation_ids, gpu_peak_mb, peak_rss_mb, timed_forward
 from .peers import measure_peer
 
@@ -94,7 +96,8 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
         if cfg is not None and any(rule.config.needs_hessian for rule in recipe.rules):  # calibrated: × forward
             out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
             add_forward_ratios(out)
-        res = perplexity(evaluated, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen)
+        res = perplexity(evaluated, evaluation_ids(tokenizer, eval_text, eval_tokens), seqlen=seqlen,
+                         bos=bos_token_id(tokenizer))
         out["ppl"] = res["ppl"]
         out["eval_tokens"] = res["tokens"]
     finally:
