@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .grids import settings_label
 from layerwise.calib_data import bos_token_id
 
+from .grids import settings_label
 from .measure import add_forward_ratios, evaluation_ids, gpu_peak_mb, peak_rss_mb, timed_forward
 from .peers import measure_peer
 
