@@ -166,6 +166,7 @@ def scratch_directory(out: Path):
     """Yield a fresh `temporary_path(out)` directory, which is also this process's temporary
     directory meanwhile (`tempfile` and TMPDIR: what libraries write there, coremltools' whole
     temporary packages among them, lands beside `out` under its name); removed at the end."""
+    remove_stale(out)
     scratch = temporary_path(out)
     with os_errors(out):
         remove(scratch)
