@@ -46,7 +46,7 @@ def main() -> int:
             pkg = ck.with_suffix(".mlpackage")
             report = export_model(str(ck), pkg)
             _, prog = load_program(pkg)
-            kinds = assert_bit_exact(prog, load_compressed(ck).layerwise_compressed)
+            kinds = assert_bit_exact(prog, load_compressed(ck).compressed)
             payload = totals(ck)["safetensors_bytes"] / 1e6
             rows.append((name, report["seconds"], report["size_bytes"] / 1e6, payload, report,
                          f"{len(kinds)} layers bit-exact"))

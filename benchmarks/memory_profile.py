@@ -28,7 +28,7 @@ WRAPPED = [  # (module, attribute, label)
     ("layerwise.solvers.gptq", "obs_sweep_transposed", "gptq: sweep"),
     ("layerwise.solvers.gptq", "_transposed_in_sweep_order", "gptq: Wᵀ and static grids"),
     ("layerwise.solvers.gptq", "_undamped_row_errors", "gptq: row errors"),
-    ("layerwise.export", "load_model", "export: load"),  # `-- export CKPT --out PKG`: its phases
+    ("layerwise.export", "load_checkpoint", "export: load"),  # `-- export CKPT --out PKG`: its phases
     ("layerwise.coreml.convert", "_trace", "export: trace"),
     ("layerwise.coreml.convert", "_convert", "export: convert"),
     ("layerwise.coreml.weights", "swap_stand_ins", "export: swap"),

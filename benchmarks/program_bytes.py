@@ -4,7 +4,7 @@ mix forms (4-bit blocks of 32, 3-bit per-channel LUT, 8-bit per-channel, 2-bit b
 
     python benchmarks/program_bytes.py [--kinds llama,qwen3,...]
 
-`layerwise.budget.allocate.PROGRAM_BYTES` prices `--target-mb` with these figures (rounded up);
+`layerwise.coreml.layout.PROGRAM_BYTES` prices `--target-mb` with these figures (rounded up);
 the tiny configs are the test suite's (`tests/conftest.py`).
 """
 

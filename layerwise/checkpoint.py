@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -332,12 +333,24 @@ def _read_shard(shard: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{shard} is not a readable safetensors file ({_first_line(e)}); the checkpoint is damaged") from None
 
 
-def load_compressed(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str = "cpu", verify: bool = True,
-                    trust_remote_code: bool = False, dense: bool = True, spill: Spill | None = None):
-    """A transformers model whose dense weights equal the checkpoint's dequantized codes.
+@dataclass
+class LoadedCheckpoint:
+    """A model as loaded, with what its checkpoint says beyond the dense weights (what export reads).
 
-    The compressed form stays attached as `model.layerwise_compressed` (name → CompressedWeight) and
-    the manifest as `model.layerwise_manifest`, for export.
+    A plain Hugging Face model loads as the same value with no compressed layers and no manifest.
+    """
+
+    model: torch.nn.Module
+    compressed: dict[str, CompressedWeight] = field(default_factory=dict)  # HF module name → its weight
+    manifest: dict | None = None  # the validated layerwise.json; None for a plain model
+    spill: Spill | None = None  # where the compressed layers' codes, masks and values are parked, if anywhere
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str = "cpu", verify: bool = True,
+                    trust_remote_code: bool = False, dense: bool = True, spill: Spill | None = None) -> LoadedCheckpoint:
+    """The checkpoint as a transformers model whose dense weights equal the dequantized codes, with
+    its CompressedWeights and manifest.
+
     dtype: of the floating tensors (None: as stored). dense=False: each compressed layer's weight is a
     placeholder of its shape (`memory.placeholder`, no memory) and only the CompressedWeight holds it —
     for export, which never needs the dense values. spill: see `read_tensors`.
@@ -373,9 +386,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = torch.float32,
     model.tie_weights()
     model.to(device=device)
     model.eval()
-    model.layerwise_compressed = compressed
-    model.layerwise_manifest = manifest
-    return model
+    return LoadedCheckpoint(model, compressed, manifest, spill)
 
 
 def _is_tied(model, key: str) -> bool:
@@ -388,7 +399,7 @@ def decompress(path: str | Path, out_dir: str | Path, overwrite: bool = False, v
     from transformers import AutoTokenizer
 
     check_output(out_dir, overwrite, inputs=(path,))
-    model = load_compressed(path, dtype=torch.float16, verify=verify, trust_remote_code=trust_remote_code)
+    model = load_compressed(path, dtype=torch.float16, verify=verify, trust_remote_code=trust_remote_code).model
     with atomic_directory(out_dir, "decompressed", overwrite, inputs=(path,)) as tmp:
         model.config.dtype = torch.float16
         model.save_pretrained(tmp, safe_serialization=True)

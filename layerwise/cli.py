@@ -18,6 +18,7 @@ import sys
 import traceback
 
 from .errors import LayerwiseError, PeerError, RecipeError
+from .exporters import DEFAULT_FORMAT, EXPORTERS
 from .outputs import environment_failure
 
 log = logging.getLogger("layerwise")
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
     e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
     e.add_argument("--out", required=True, help="Model.mlpackage to create")
+    e.add_argument("--format", default=DEFAULT_FORMAT, choices=sorted(EXPORTERS), help="output format (default: coreml)")
     e.add_argument("--context", type=positive, default=512, help="maximum tokens (KV-cache length)")
     e.add_argument("--multifunction", action="store_true", help="prefill + decode functions sharing the weights")
     e.add_argument("--prefill-length", type=positive, default=64, help="query length of the prefill function")
@@ -372,7 +374,7 @@ def cmd_export(args) -> int:
     report = export_model(args.model, args.out, context=args.context, multifunction=args.multifunction,
                           prefill_length=args.prefill_length, last_logits_only=args.last_logits_only,
                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, verify=args.verify,
-                          allow_long_context=args.allow_long_context)
+                          allow_long_context=args.allow_long_context, format=args.format)
     print(f"wrote {report['path']}: {report['size_bytes'] / 1e6:.2f} MB in {report['seconds']:.1f} s; "
           f"functions {', '.join(report['functions'])}; compressed ops {report['compressed']}")
     return 0

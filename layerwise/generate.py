@@ -139,7 +139,7 @@ def stream_text(tokenizer, tokens: Iterator[int], hidden: tuple[int, ...] = ()) 
 def generate(model_path: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
              cache_dtype: str = "float32", write: Callable[[str], None] | None = None) -> tuple[str, GenerationStats]:
     """Generate from a model directory, checkpoint or mlpackage; `write` receives the text as it streams."""
-    from .export import tokenizer_dir_for
+    from .exporters import get_exporter
     from .loading import load_model, load_tokenizer
 
     if max_new_tokens < 1:
@@ -153,7 +153,7 @@ def generate(model_path: str, prompt: str, max_new_tokens: int = 64, temperature
         if not path.is_dir():
             raise ModelError(f"no Core ML package at {model_path}")
         step, context = coreml_step(path)
-        tokenizer = load_tokenizer(str(tokenizer_dir_for(path)))
+        tokenizer = load_tokenizer(str(get_exporter("coreml").tokenizer_dir(path)))
         eos = _eos_ids(tokenizer=tokenizer)
     else:
         model = load_model(model_path)

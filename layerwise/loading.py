@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_checkpoint, load_compressed
+from .checkpoint import LoadedCheckpoint, is_checkpoint, load_compressed
 from .errors import ModelError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,15 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
                verify: bool = True, allow_non_finite: bool = False, dense: bool = True, spill=None):
-    """A causal LM from a checkpoint directory, a HF directory or a Hub id, on `device`.
+    """A causal LM from a checkpoint directory, a HF directory or a Hub id, on `device` (see `load_checkpoint`)."""
+    return load_checkpoint(name_or_path, dtype, device, trust_remote_code, verify, allow_non_finite, dense, spill).model
+
+
+def load_checkpoint(name_or_path: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+                    verify: bool = True, allow_non_finite: bool = False, dense: bool = True,
+                    spill=None) -> LoadedCheckpoint:
+    """A checkpoint directory, a HF directory or a Hub id as a `LoadedCheckpoint`, its model on `device`
+    (a plain model: no compressed layers, no manifest).
 
     dtype "auto" keeps the stored dtype of a HF model (a layerwise checkpoint loads as float32).
     verify: check a checkpoint's shard sha256s. allow_non_finite: skip the NaN/Inf weight check
@@ -41,24 +49,23 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", trus
     device = str(resolve_device(device))  # an unknown or absent device is one line, not a torch traceback
     if is_checkpoint(name_or_path):
         stored = None if not dense else torch.float32
-        model = load_compressed(name_or_path, dtype=stored if dtype == "auto" else DTYPES[dtype], device=device,
-                                verify=verify, trust_remote_code=trust_remote_code, dense=dense, spill=spill)
+        loaded = load_compressed(name_or_path, dtype=stored if dtype == "auto" else DTYPES[dtype], device=device,
+                                 verify=verify, trust_remote_code=trust_remote_code, dense=dense, spill=spill)
     else:
-        model = _load_hf(name_or_path, dtype, trust_remote_code).to(device).eval()
-    check_causal(model, name_or_path)
+        loaded = LoadedCheckpoint(_load_hf(name_or_path, dtype, trust_remote_code).to(device).eval())
+    check_causal(loaded.model, name_or_path)
     if not allow_non_finite:
-        check_finite(model.named_parameters() if dense else _decoded_parameters(model), name_or_path)
+        check_finite(loaded.model.named_parameters() if dense else _decoded_parameters(loaded), name_or_path)
         if spill is not None:
             spill.release_all()  # what the check decoded (dense layers' values, masks) goes back to the file
-    return model
+    return loaded
 
 
-def _decoded_parameters(model):
+def _decoded_parameters(loaded: LoadedCheckpoint):
     """(name, tensor) whose values are finite iff the parameter's (decoded) values are: a compressed
     layer's own tensors where they decide it, else its dequantized weight (one layer at a time)."""
-    compressed = getattr(model, "layerwise_compressed", {})
-    for name, p in model.named_parameters():
-        cw = compressed.get(name.removesuffix(".weight"))
+    for name, p in loaded.model.named_parameters():
+        cw = loaded.compressed.get(name.removesuffix(".weight"))
         if cw is None:
             yield name, p
         elif cw.scheme == "lut":  # decoded values are LUT entries

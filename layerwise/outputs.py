@@ -5,6 +5,11 @@ is built under a hidden temporary name next to the target and renamed into place
 complete. `--overwrite` replaces only something layerwise wrote (a `MARKER` file inside it, or a
 layerwise manifest, or an mlpackage whose metadata layerwise wrote), only after the new output is
 complete, and never a path that is, contains or lies inside one of the command's inputs.
+
+Everything temporary a command makes for an output lives in one hidden sibling named by
+`temporary_path` (`.NAME.partial-PID`, `.NAME.old-PID`): removed when the command ends, however it
+ends short of SIGKILL, and after a SIGKILL by the next command writing NAME (`remove_stale`, once
+the owning process is gone).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import OutputError
@@ -153,6 +159,39 @@ def atomic_directory(out: str | Path, kind: str, overwrite: bool, inputs: tuple 
         publish(tmp, out, kind)
     finally:
         remove(tmp)
+
+
+@contextlib.contextmanager
+def scratch_directory(out: Path):
+    """Yield a fresh `temporary_path(out)` directory, which is also this process's temporary
+    directory meanwhile (`tempfile` and TMPDIR: what libraries write there, coremltools' whole
+    temporary packages among them, lands beside `out` under its name); removed at the end."""
+    remove_stale(out)
+    scratch = temporary_path(out)
+    with os_errors(out):
+        remove(scratch)
+        (scratch / "tmp").mkdir(parents=True)
+    try:
+        with temporary_files_in(scratch / "tmp"):
+            yield scratch
+    finally:
+        remove(scratch)
+
+
+@contextlib.contextmanager
+def temporary_files_in(directory: Path):
+    """Point `tempfile` (and TMPDIR, for native code and child processes) at `directory`, then
+    restore both; process-wide, like every use of the temporary directory."""
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
 
 
 def remove(path: Path) -> None:

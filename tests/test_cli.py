@@ -31,13 +31,14 @@ def checkpoints(tiny_dirs, calib_text_file, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_checkpoint_load_is_bit_exact(checkpoints, kind):
-    model = load_compressed(checkpoints[kind])
+    loaded = load_compressed(checkpoints[kind])
+    model = loaded.model
     plain, compressed = read_tensors(checkpoints[kind])
     assert len(compressed) == 2 * 7
     for name, cw in compressed.items():
         weight = model.get_submodule(name).weight
         assert torch.equal(weight.half().view(torch.int16), cw.dequantize().view(torch.int16))
-        assert torch.equal(model.layerwise_compressed[name].codes, cw.codes)
+        assert torch.equal(loaded.compressed[name].codes, cw.codes)
     if kind == "qwen2":
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
         assert model.model.layers[0].self_attn.q_proj.bias is not None
@@ -63,7 +64,7 @@ def test_decompress_loads_in_plain_transformers_with_same_ppl(checkpoints, calib
     assert main(["-q", "decompress", str(checkpoints[kind]), "--out", str(dense)]) == 0
     model = AutoModelForCausalLM.from_pretrained(dense)
     assert next(model.parameters()).dtype == torch.float16
-    ref = load_compressed(checkpoints[kind])
+    ref = load_compressed(checkpoints[kind]).model
     for name, p in ref.named_parameters():
         assert torch.equal(p.half(), model.get_parameter(name)), name
     ppl = []

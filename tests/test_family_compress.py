@@ -64,7 +64,7 @@ def test_compress_decompress_equals_dequantized_codes(kind, tmp_path):
     ids = calib(2, 48)
     with torch.no_grad():  # the dense checkpoint and the checkpoint itself are one model
         a = dense.float()(input_ids=ids).logits
-        b = load_compressed(path)(input_ids=ids).logits
+        b = load_compressed(path).model(input_ids=ids).logits
     assert (a - b).abs().max() <= 1e-4
 
 

@@ -3,8 +3,9 @@
 Steps: wrap the model in `StatefulCausalLM` (KV cache in float16 buffers, fused SDPA), trace and
 convert it to a pymil program with ``k_cache``/``v_cache`` states while every 2-D+ weight is a
 stand-in that costs no memory (`standins`), put the real weights in (float16 consts, or constexpr
-ops built from the CompressedWeights: `weights.swap_stand_ins`), save to a temporary package next
-to `out_path` and rename it into place. Peak memory: the weights as loaded (compressed codes, float16
+ops built from the CompressedWeights: `weights.swap_stand_ins`), save to a temporary package in a
+hidden folder next to `out_path` (`outputs.scratch_directory`, where coremltools' own temporary
+files go too) and rename it into place. Peak memory: the weights as loaded (compressed codes, float16
 tensors) plus coremltools' own, never a dense copy of the model; the weight file is written without
 copies of the float16 consts, and codes parked in a `Spill` come into memory one layer at a time
 (`blob_writer`).
@@ -24,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ModelError
 from ..formats import CompressedWeight
-from ..outputs import os_errors, publish, remove
+from ..outputs import os_errors, publish, scratch_directory
 
 log = logging.getLogger(__name__)
 
@@ -64,64 +64,27 @@ def export_mlpackage(
     """
     import coremltools as ct
 
-    from ..models.stateful import StatefulCausalLM
     from .blob_writer import lean_writer
-    from .standins import StandIns, held_weights, standing_in
-    from .weights import swap_stand_ins
 
     start = time.perf_counter()
     out_path = Path(out_path)
-    if out_path.suffix != ".mlpackage":
-        raise ModelError(f"{out_path} must end in .mlpackage")
-    if context < 3:
-        raise ModelError(f"context={context} is too short; use at least 3 tokens")
-    if multifunction and not 1 <= prefill_length <= context:
-        raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
+    _check_arguments(out_path, context, multifunction, prefill_length)
     compressed = dict(compressed or {})
-    held = held_weights(model)
-    values = _exported_values(model, held, compressed)
-    shapes = _function_shapes(ct, context, prefill_length if multifunction else None)
-
-    programs = {}
-    stand_ins = StandIns(set(held))
-    with standing_in(model, held), torch.no_grad():
-        wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
-        traced = _trace(wrapper)
-        for fn, (ids_shape, mask_shape) in shapes.items():
-            programs[fn] = _convert(ct, traced, wrapper, ids_shape, mask_shape, stand_ins)
-    del traced
-    kinds: dict[str, int] = {}  # MIL op type producing each compressed weight → count
-    for i, prog in enumerate(programs.values()):
-        for op_type in swap_stand_ins(prog, stand_ins, values, spill=spill).values():
-            kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
-    ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
-    missing = [op for op in wrapper.required_ops() if op not in ops]
-    if missing:
-        raise ModelError(f"the converted program lacks {missing}; the export would not be stateful/fused")
-
-    info = {
-        "layerwise.context": str(context),
-        "layerwise.state_names": ",".join(STATE_NAMES),
-        "layerwise.state_shape": json.dumps(list(wrapper.state_shape)),
-        "layerwise.input_names": ",".join(INPUT_NAMES),
-        "layerwise.functions": ",".join(programs),
-        "layerwise.last_logits_only": str(last_logits_only).lower(),
-        "layerwise.compressed_layers": str(len(compressed)),
-        **wrapper.export_metadata(),
-    }
-    if multifunction:
-        info["layerwise.prefill_length"] = str(prefill_length)
-    for key, value in (metadata or {}).items():
-        info[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-    tmp = out_path.with_name(f".{out_path.stem}.partial-{os.getpid()}.mlpackage")
-    remove(tmp)
-    try:
+    # the package, coremltools' temporary packages and a multifunction export's parts: all in one
+    # hidden folder beside out_path, gone when this ends (or, after a SIGKILL, at the next export)
+    with scratch_directory(out_path) as scratch:
+        programs, wrapper, kinds = _programs(ct, model, context, compressed, prefill_length if multifunction else None,
+                                             last_logits_only, spill)
+        ops = sorted({op.op_type for prog in programs.values() for op in _all_ops(prog)})
+        missing = [op for op in wrapper.required_ops() if op not in ops]
+        if missing:
+            raise ModelError(f"the converted program lacks {missing}; the export would not be stateful/fused")
+        info = _package_info(wrapper, list(programs), context, compressed, last_logits_only,
+                             prefill_length if multifunction else None, metadata)
+        package = scratch / out_path.name
         with os_errors(out_path), lean_writer(spill):
-            _save(ct, programs, info, tmp)
-        publish(tmp, out_path)  # an mlpackage is recognised as ours by its layerwise.* metadata
-    finally:
-        remove(tmp)
+            _save(ct, programs, info, package)
+        publish(package, out_path)  # an mlpackage is recognised as ours by its layerwise.* metadata
     report = {
         "path": str(out_path),
         "seconds": round(time.perf_counter() - start, 3),
@@ -132,6 +95,62 @@ def export_mlpackage(
     }
     log.info("exported %s: %d bytes in %.1f s", out_path, report["size_bytes"], report["seconds"])
     return report
+
+
+def _check_arguments(out_path: Path, context: int, multifunction: bool, prefill_length: int) -> None:
+    if out_path.suffix != ".mlpackage":
+        raise ModelError(f"{out_path} must end in .mlpackage")
+    if context < 3:
+        raise ModelError(f"context={context} is too short; use at least 3 tokens")
+    if multifunction and not 1 <= prefill_length <= context:
+        raise ModelError(f"prefill_length={prefill_length} must lie in [1, context={context}]")
+
+
+def _programs(ct, model, context: int, compressed: dict[str, CompressedWeight], prefill_length: int | None,
+              last_logits_only: bool, spill) -> tuple[dict, torch.nn.Module, dict[str, int]]:
+    """Trace and convert once per function while every weight is a stand-in, then put the real ones in.
+    Returns the programs by function name, the wrapper, and the MIL op type producing each compressed
+    weight → count."""
+    from ..models.stateful import StatefulCausalLM
+    from .standins import StandIns, held_weights, standing_in
+    from .weights import swap_stand_ins
+
+    held = held_weights(model)
+    values = _exported_values(model, held, compressed)
+    shapes = _function_shapes(ct, context, prefill_length)
+    programs = {}
+    stand_ins = StandIns(set(held))
+    with standing_in(model, held), torch.no_grad():
+        wrapper = StatefulCausalLM(model, context, torch.float16, last_logits_only).eval()
+        traced = _trace(wrapper)
+        for fn, (ids_shape, mask_shape) in shapes.items():
+            programs[fn] = _convert(ct, traced, wrapper, ids_shape, mask_shape, stand_ins)
+    del traced
+    kinds: dict[str, int] = {}
+    for i, prog in enumerate(programs.values()):
+        for op_type in swap_stand_ins(prog, stand_ins, values, spill=spill).values():
+            kinds[op_type] = kinds.get(op_type, 0) + (i == 0)
+    return programs, wrapper, kinds
+
+
+def _package_info(wrapper, functions: list[str], context: int, compressed: dict, last_logits_only: bool,
+                  prefill_length: int | None, metadata: dict | None) -> dict[str, str]:
+    """The package's user-defined metadata: the program interface, then the caller's `metadata`."""
+    info = {
+        "layerwise.context": str(context),
+        "layerwise.state_names": ",".join(STATE_NAMES),
+        "layerwise.state_shape": json.dumps(list(wrapper.state_shape)),
+        "layerwise.input_names": ",".join(INPUT_NAMES),
+        "layerwise.functions": ",".join(functions),
+        "layerwise.last_logits_only": str(last_logits_only).lower(),
+        "layerwise.compressed_layers": str(len(compressed)),
+        **wrapper.export_metadata(),
+    }
+    if prefill_length is not None:
+        info["layerwise.prefill_length"] = str(prefill_length)
+    for key, value in (metadata or {}).items():
+        info[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return info
 
 
 def package_bytes(path: str | os.PathLike) -> int:
@@ -196,18 +215,19 @@ def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
         mlmodel.user_defined_metadata.update(info)
         mlmodel.save(str(path))
         return
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".layerwise-mf-") as scratch:
-        desc = ct.utils.MultiFunctionDescriptor()
-        for fn, prog in programs.items():
-            part = os.path.join(scratch, f"{fn}.mlpackage")
-            finish(prog).save(part)
-            desc.add_function(part, "main", fn)
-        desc.default_function_name = "decode"
-        merged = os.path.join(scratch, "merged.mlpackage")
-        ct.utils.save_multifunction(desc, merged)  # deduplicates the weights across functions
-        mlmodel = ct.models.MLModel(merged, skip_model_load=True)
-        mlmodel.user_defined_metadata.update(info)
-        mlmodel.save(str(path))
+    parts = path.parent / "functions"  # beside `path`: in the caller's scratch folder
+    parts.mkdir()
+    desc = ct.utils.MultiFunctionDescriptor()
+    for fn, prog in programs.items():
+        part = str(parts / f"{fn}.mlpackage")
+        finish(prog).save(part)
+        desc.add_function(part, "main", fn)
+    desc.default_function_name = "decode"
+    merged = str(parts / "merged.mlpackage")
+    ct.utils.save_multifunction(desc, merged)  # deduplicates the weights across functions
+    mlmodel = ct.models.MLModel(merged, skip_model_load=True)
+    mlmodel.user_defined_metadata.update(info)
+    mlmodel.save(str(path))
 
 
 def _exported_values(model, held: dict[str, torch.Tensor], compressed: dict[str, CompressedWeight]) -> dict:

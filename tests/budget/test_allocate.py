@@ -72,9 +72,9 @@ def test_mb_budget_counts_the_export_layout(measured):
     """--target-mb prices candidates by the mlpackage's layout: a 3-bit grid in blocks costs its
     4-bit codes there, so at the same MB the choice differs from the checkpoint-bytes one."""
     model, allocation = measured
-    from layerwise.budget.allocate import fixed_export_bytes
+    from layerwise.exporters import get_exporter
 
-    fixed = fixed_export_bytes(model, list(allocation.table))
+    fixed = get_exporter("coreml").fixed_bytes(model, list(allocation.table))
     three_b32 = {n: next(c for c in cands if c.config.bits == 3 and c.config.block_size == 32)
                  for n, cands in allocation.table.items()}
     assert all(c.export_bytes > c.checkpoint_bytes for c in three_b32.values())

@@ -9,11 +9,10 @@ pytest.importorskip("coremltools")
 
 from test_export import assert_bit_exact, load_program
 
-from layerwise.budget.allocate import other_blob_bytes
 from layerwise.checkpoint import load_compressed, read_manifest, read_tensors
 from layerwise.cli import main
 from layerwise.coreml import package_bytes
-from layerwise.coreml.layout import exported_bytes
+from layerwise.coreml.layout import exported_bytes, other_blob_bytes
 
 SMALL = ["--nsamples", "8", "--seqlen", "64", "--seed", "0", "--device", "cpu"]
 
@@ -42,7 +41,7 @@ def test_weight_file_is_the_priced_layout(mixed_export):
     checkpoint, pkg = mixed_export
     _, compressed = read_tensors(checkpoint)
     weights = package_bytes(pkg / "Data" / "com.apple.CoreML" / "weights")
-    model = load_compressed(checkpoint)
+    model = load_compressed(checkpoint).model
     budgeted = sum(exported_bytes(cw) for cw in compressed.values())
     # header + one blob per constant, the converter's zero biases included: byte for byte
     assert weights == budgeted + other_blob_bytes(model, list(compressed))

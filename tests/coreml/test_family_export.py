@@ -19,9 +19,8 @@ from mil_interpreter import MILInterpreter  # noqa: E402
 from test_export import assert_bit_exact, load_program, op_types, rtn_all  # noqa: E402
 from test_mil_interpreter import assert_logits_close  # noqa: E402
 
-from layerwise.budget.allocate import other_blob_bytes, program_bytes  # noqa: E402
 from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
-from layerwise.coreml.layout import exported_bytes  # noqa: E402
+from layerwise.coreml.layout import exported_bytes, other_blob_bytes, program_bytes  # noqa: E402
 from layerwise.models.stateful import causal_mask  # noqa: E402
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
