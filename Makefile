@@ -27,11 +27,12 @@ demo: install
 	@du -b models/wt2-llama-4l/model.safetensors | awk '{printf "float16 weights    %.2f MB\n", $$1/1e6}'
 	@cat $(DEMO_OUT)/*.safetensors | wc -c | awk '{printf "compressed weights %.2f MB (embeddings and lm_head stay float16)\n", $$1/1e6}'
 
+# two workers: most tests are Python-bound conversions and small tensors, so each core gets one
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2
 
 test-fast: install
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -n 2 -m "not slow"
 
 bench: install
 	$(PY) benchmarks/run_bench.py --grid spine

@@ -92,7 +92,7 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
             out["checkpoint_mb"] = t["safetensors_bytes"] / 1e6
             out["layer_errors"] = {r.name: r.rel_error for r in result.layers}
             del model
-            evaluated = load_compressed(path)
+            evaluated = load_compressed(path).model
         if cfg is not None and any(rule.config.needs_hessian for rule in recipe.rules):  # calibrated: × forward
             out.update(timed_forward(load_model(model_path, dtype="float32"), windows))
             add_forward_ratios(out)
