@@ -169,7 +169,14 @@ def check_headers(directory: Path, name_or_path: str, trust_remote_code: bool = 
     a floating dtype. lazy: this reader loads them, so persistent buffers count and names must match
     exactly; else transformers does (buffers keep their computed values, a base model's names lack
     the `base_model_prefix`)."""
+    from layerwise.models.families import resolve_family
+
+    from .linears import refuse_expert_tensors
+
     model, files, _ = _skeleton(directory, name_or_path, trust_remote_code)
+    blocks = resolve_family(model).blocks
+    for i, block in enumerate(model.get_submodule(blocks)):  # transformers stores fused experts under other names
+        refuse_expert_tensors(block, f"{blocks}.{i}")
     model.tie_weights()  # tied names become one tensor, which the files hold once
     held: dict[Path, dict[str, tuple[str, tuple[int, ...]]]] = {}
     for shard in sorted(set(files.values())):
