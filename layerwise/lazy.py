@@ -175,7 +175,7 @@ def check_headers(directory: Path, name_or_path: str, trust_remote_code: bool = 
 
     model, files, _ = _skeleton(directory, name_or_path, trust_remote_code)
     blocks = resolve_family(model).blocks
-    for i, block in enumerate(model.get_submodule(blocks)):  # transformers stores fused experts under other names
+    for i, block in enumerate(model.get_submodule(blocks)):  # the files name fused experts per expert: say why first
         refuse_expert_tensors(block, f"{blocks}.{i}")
     model.tie_weights()  # tied names become one tensor, which the files hold once
     held: dict[Path, dict[str, tuple[str, tuple[int, ...]]]] = {}
@@ -185,8 +185,9 @@ def check_headers(directory: Path, name_or_path: str, trust_remote_code: bool = 
             held[shard] = {name: (t.get_dtype(), tuple(t.get_shape())) for name, t in slices.items()}
     prefix = f"{model.base_model_prefix}." if not lazy and model.base_model_prefix else None
     for names, tensor in _needed(model, buffers=lazy):
-        stored = [n for n in names if n in files] or [n.removeprefix(prefix) for n in names if prefix
-                                                      and n.startswith(prefix) and n.removeprefix(prefix) in files]
+        stored = [n for n in names if n in files]
+        if not stored and prefix:  # saved from the base model: transformers adds the prefix when loading
+            stored = [n.removeprefix(prefix) for n in names if n.startswith(prefix) and n.removeprefix(prefix) in files]
         if not stored:
             hint = " (or pass --eager-load if transformers renames this model's tensors when loading)" if lazy else ""
             raise ModelError(f"no weight file in {directory} holds the tensor {names[0]!r} the model needs; the "
