@@ -31,6 +31,7 @@ def program_bytes(kind: str, blocks: int, work: Path) -> int:
     from layerwise.calib_data import BUNDLED_CALIBRATION
     from layerwise.cli import main
     from layerwise.coreml import package_bytes
+    from layerwise.job import CompressJob
     from layerwise.pipeline import compress_to_checkpoint
     from layerwise.recipe import recipe_from_dict
 
@@ -40,8 +41,8 @@ def program_bytes(kind: str, blocks: int, work: Path) -> int:
         overrides["layer_types"] = (types * blocks)[:blocks]
     src = save_tiny_model(work / f"{kind}-{blocks}", kind, **overrides)
     ckpt, pkg = work / f"{kind}-{blocks}-ckpt", work / f"{kind}-{blocks}.mlpackage"
-    compress_to_checkpoint(str(src), ckpt, recipe_from_dict({"rules": MIXED_RULES}), BUNDLED_CALIBRATION, 8, 32,
-                           device="cpu")
+    compress_to_checkpoint(CompressJob(str(src), ckpt, recipe_from_dict({"rules": MIXED_RULES}), BUNDLED_CALIBRATION,
+                                       8, 32, device="cpu"))
     assert main(["-q", "export", str(ckpt), "--out", str(pkg), "--context", "512", "--allow-long-context"]) == 0
     return package_bytes(pkg) - package_bytes(pkg / "Data" / "com.apple.CoreML" / "weights")
 

@@ -57,9 +57,9 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | Path, overwrite: bool = False, plain_dtype: torch.dtype = torch.float16,
-                 resume: bool = False, run_args: dict | None = None, inputs: tuple = ()):
-        """inputs: the paths the run reads; the output may not be, contain or lie inside any of them."""
-        self.out_dir = check_output(out_dir, overwrite, inputs)
+                 resume: bool = False, run_args: dict | None = None):
+        """out_dir: a path `outputs.check_output` accepted (`CompressJob.validate` checks it once)."""
+        self.out_dir = Path(out_dir)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.plain_dtype = plain_dtype
         self.layers: dict[str, dict] = {}  # name → shard and CompressedWeight meta

@@ -291,53 +291,60 @@ def method_config_from_flags(args) -> dict:
 
 def cmd_compress(args) -> int:
     from . import distributed
+    from .budget.run import compress_to_budget
+    from .inspect import summary
     from .pipeline import compress_to_checkpoint
-    from .recipe import Recipe, load_recipe, method_config
 
     if args.target_bits is not None or args.target_mb is not None:
-        return _compress_to_budget(args)
-    recipe = load_recipe(args.recipe) if args.recipe else Recipe.single(
-        method_config(method_config_from_flags(args), "command line")
-    )
+        job = _compress_job(args)
+        path, _, allocation = compress_to_budget(job.validate())
+        print(summary(path))
+        print(f"budget {job.target.describe()}: {allocation.bits_per_weight:.4f} bits/weight, "
+              f"{allocation.export_mb:.2f} MB exported (predicted); rerun with --recipe {path}")
+        return 0
+    recipe = _compress_recipe(args)  # a bad recipe is named before joining the other ranks
     ranks, device = distributed.from_environment(args.device, args.dist_timeout)
     try:
-        path, result = compress_to_checkpoint(
-            args.model, args.out, recipe, args.calib, args.nsamples, args.seqlen, args.seed,
-            device=device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
-            allow_long_context=args.allow_long_context, inputs=(args.recipe,),
-            lazy=False if args.eager_load else None, resume=args.resume, offload_activations=args.offload_activations,
-            ranks=ranks, fast_matmul=not args.exact_matmul,
-        )
+        path, _ = compress_to_checkpoint(_compress_job(args, recipe, ranks, device).validate())
     finally:
         distributed.leave(ranks)
     if ranks.main:
-        from .inspect import summary
-
         print(summary(path))
     return 0
 
 
-def _compress_to_budget(args) -> int:
-    from .budget import Target, menu_recipe
-    from .budget.run import compress_to_budget
-    from .inspect import summary
-    from .recipe import load_recipe
+def _compress_recipe(args):
+    """The recipe the flags ask for: --recipe, else the --method flags; with a size budget, the menu
+    each layer chooses from (the --method's, else DEFAULT_BUDGET_METHOD's)."""
+    from .budget import menu_recipe
+    from .job import DEFAULT_BUDGET_METHOD
+    from .recipe import Recipe, load_recipe, method_config
 
-    target = Target(bits=args.target_bits, mb=args.target_mb)
-    if args.method is None:  # a budget alone means the default menu: GPTQ's bits × granularities
-        args.method = "gptq"
-    recipe = load_recipe(args.recipe) if args.recipe else menu_recipe(method_config_from_flags(args))
-    path, _, allocation = compress_to_budget(
-        args.model, args.out, recipe, target, args.calib, args.nsamples, args.seqlen, args.seed,
-        device=args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
-        resume=args.resume, offload_activations=args.offload_activations, trust_remote_code=args.trust_remote_code,
-        allow_non_finite=args.allow_non_finite, allow_long_context=args.allow_long_context, inputs=(args.recipe,),
+    if args.recipe:
+        return load_recipe(args.recipe)
+    if args.target_bits is None and args.target_mb is None:
+        return Recipe.single(method_config(method_config_from_flags(args), "command line"))
+    return menu_recipe(method_config_from_flags(argparse.Namespace(**{**vars(args),
+                                                                      "method": args.method or DEFAULT_BUDGET_METHOD})))
+
+
+def _compress_job(args, recipe=None, ranks=None, device: str | None = None):
+    """The `compress` flags as one CompressJob (validated by its `validate()`, before any block)."""
+    from .budget import Target
+    from .distributed import SINGLE
+    from .job import CompressJob
+
+    budget = args.target_bits is not None or args.target_mb is not None
+    target = Target(bits=args.target_bits, mb=args.target_mb) if budget else None
+    return CompressJob(
+        model=args.model, out=args.out, recipe=recipe if recipe is not None else _compress_recipe(args),
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, target=target,
+        device=device or args.device, batch_size=args.batch_size, staged=args.staged, overwrite=args.overwrite,
+        resume=args.resume, offload_activations=args.offload_activations, lazy=False if args.eager_load else None,
+        trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
+        allow_long_context=args.allow_long_context, fast_matmul=not args.exact_matmul, ranks=ranks or SINGLE,
+        inputs=(args.recipe,),
     )
-    print(summary(path))
-    print(f"budget {target.describe()}: {allocation.bits_per_weight:.4f} bits/weight, "
-          f"{allocation.export_mb:.2f} MB exported (predicted); rerun with --recipe {path}")
-    return 0
 
 
 def cmd_ppl(args) -> int:

@@ -47,11 +47,21 @@ def resolve_local(name_or_path: str) -> Path:
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name → the safetensors file holding it (sharded or single-file checkpoints)."""
+    """Tensor name → the safetensors file holding it (sharded or single-file checkpoints); every
+    shard the index names must exist."""
     index = directory / INDEX
     if index.is_file():
-        mapping = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in mapping.items()}
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+            files = {name: directory / file for name, file in mapping.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{index} is not a readable index (JSON with a weight_map of tensor → shard); "
+                             "download or save the model again") from None
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ModelError(f"{INDEX} in {directory} names the shard {shard.name}, which is missing; download "
+                                 "that shard again (or save the model again)")
+        return files
     single = directory / SINGLE
     if single.is_file():
         with _reading(single) as f:
@@ -121,12 +131,23 @@ class LazyBlocks:
 def open_lazy(name_or_path: str, blocks_path: str | None = None, trust_remote_code: bool = False
               ) -> tuple[nn.Module, LazyBlocks]:
     """(model skeleton with the outside tensors loaded, reader of its blocks)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from layerwise.models.families import resolve_family
 
     directory = resolve_local(name_or_path)
+    model, files, dtype = _skeleton(directory, name_or_path, trust_remote_code)
+    blocks_path = blocks_path or resolve_family(model).blocks
+    _load_outside(model, blocks_path + ".", files, dtype)
+    model.eval()
+    log.info("lazy loading %s: %d tensors outside the blocks in memory, blocks read on demand", directory,
+             sum(1 for n in model.state_dict() if not n.startswith(blocks_path + ".")))
+    return model, LazyBlocks(model, blocks_path, files, dtype)
+
+
+def _skeleton(directory: Path, name_or_path: str, trust_remote_code: bool) -> tuple[nn.Module, dict[str, Path], torch.dtype]:
+    """(the model on the meta device but for its computed buffers, tensor name → file, stored dtype)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     files = weight_files(directory)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -139,12 +160,64 @@ def open_lazy(name_or_path: str, blocks_path: str | None = None, trust_remote_co
     except ValueError as e:
         raise ModelError(f"{name_or_path!r} is not a causal language model transformers can build: {str(e).splitlines()[0]}") from None
     check_causal(model, name_or_path)  # before any weight is read: an encoder's names differ anyway
-    blocks_path = blocks_path or resolve_family(model).blocks
-    _load_outside(model, blocks_path + ".", files, dtype)
-    model.eval()
-    log.info("lazy loading %s: %d tensors outside the blocks in memory, blocks read on demand", directory,
-             sum(1 for n in model.state_dict() if not n.startswith(blocks_path + ".")))
-    return model, LazyBlocks(model, blocks_path, files, dtype)
+    return model, files, dtype
+
+
+def check_headers(directory: Path, name_or_path: str, trust_remote_code: bool = False, lazy: bool = True) -> None:
+    """Refuse weights that cannot give the model its tensors, from the safetensors headers alone (no
+    data is read): every shard readable, every tensor the skeleton needs present with its shape and
+    a floating dtype. lazy: this reader loads them, so persistent buffers count and names must match
+    exactly; else transformers does (buffers keep their computed values, a base model's names lack
+    the `base_model_prefix`)."""
+    from layerwise.models.families import resolve_family
+
+    from .linears import refuse_expert_tensors
+
+    model, files, _ = _skeleton(directory, name_or_path, trust_remote_code)
+    blocks = resolve_family(model).blocks
+    for i, block in enumerate(model.get_submodule(blocks)):  # the files name fused experts per expert: say why first
+        refuse_expert_tensors(block, f"{blocks}.{i}")
+    model.tie_weights()  # tied names become one tensor, which the files hold once
+    held: dict[Path, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for shard in sorted(set(files.values())):
+        with _reading(shard) as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            held[shard] = {name: (t.get_dtype(), tuple(t.get_shape())) for name, t in slices.items()}
+    prefix = f"{model.base_model_prefix}." if not lazy and model.base_model_prefix else None
+    for names, tensor in _needed(model, buffers=lazy):
+        stored = [n for n in names if n in files]
+        if not stored and prefix:  # saved from the base model: transformers adds the prefix when loading
+            stored = [n.removeprefix(prefix) for n in names if n.startswith(prefix) and n.removeprefix(prefix) in files]
+        if not stored:
+            hint = " (or pass --eager-load if transformers renames this model's tensors when loading)" if lazy else ""
+            raise ModelError(f"no weight file in {directory} holds the tensor {names[0]!r} the model needs; the "
+                             f"download is incomplete or config.json describes another model: download or save it again{hint}")
+        for name in stored:
+            _check_header(name, files[name], held[files[name]].get(name), tensor)
+
+
+def _needed(model: nn.Module, buffers: bool):
+    """(names, tensor) per tensor the model loads; tied names (one tensor under several names) together."""
+    groups: dict[int, list[str]] = {}
+    tensors = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    parameters = {id(p) for p in model.parameters()}
+    return [(names, tensors[key]) for key, names in groups.items() if buffers or key in parameters]
+
+
+def _check_header(name: str, shard: Path, header: tuple | None, tensor: torch.Tensor) -> None:
+    if header is None:
+        raise ModelError(f"the shard {shard.name} has no tensor {name!r}, which {INDEX} places there; download or "
+                         "save the model again")
+    kind, shape = header
+    if shape != tuple(tensor.shape):
+        raise ModelError(f"the tensor {name!r} in {shard.name} has shape {list(shape)} but config.json needs "
+                         f"{list(tensor.shape)}; the directory mixes two models, download or save it again")
+    if tensor.is_floating_point() and not kind.startswith(("F", "BF")):
+        raise ModelError(f"the tensor {name!r} in {shard.name} is stored as {kind}, not floating point; layerwise "
+                         "compresses float16/bfloat16/float32 weights (not a model quantized already)")
 
 
 def _load_outside(model: nn.Module, block_prefix: str, files: dict[str, Path], dtype: torch.dtype) -> None:

@@ -144,6 +144,21 @@ def open_for_compress(name_or_path: str, lazy: bool | None = None, trust_remote_
     return model, blocks, str(local)
 
 
+def check_weights(name_or_path: str, trust_remote_code: bool = False, lazy: bool = True) -> None:
+    """Refuse, before anything is loaded, a Hugging Face model whose weight files cannot give it every
+    tensor (a missing or damaged shard, a tensor absent, of another shape or not floating point);
+    only the safetensors headers are read. lazy: `open_for_compress` will read it block by block."""
+    from .lazy import check_headers, resolve_local
+
+    _check_looks_reachable(name_or_path)
+    local = resolve_local(name_or_path)
+    try:
+        check_headers(local, name_or_path, trust_remote_code, lazy=lazy)
+    except ModelError:
+        _refuse_custom_code(str(local), trust_remote_code)
+        raise
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

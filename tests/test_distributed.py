@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from layerwise.cli import main
 from layerwise.distributed import Ranks, cover, tree_sum
+from layerwise.job import CompressJob
 from layerwise.pipeline import compress_to_checkpoint
 from layerwise.recipe import Recipe, recipe_from_dict
 
@@ -69,7 +70,8 @@ def _spawned_rank(rank: int, world: int, store: str, src: str, calib: str, root:
     try:
         ranks = Ranks(rank, world)
         for name in RECIPES:
-            compress_to_checkpoint(src, Path(root) / f"{name}-{world}", recipe(name), calib, ranks=ranks, **CALIB)
+            compress_to_checkpoint(CompressJob(src, Path(root) / f"{name}-{world}", recipe(name), calib, ranks=ranks,
+                                               **CALIB))
     finally:
         dist.destroy_process_group()
 
@@ -85,7 +87,8 @@ def two_rank_outputs(tmp_path_factory, calib_text_file):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_two_gloo_ranks_write_the_one_process_bytes(two_rank_outputs, calib_text_file, name):
     root, src = two_rank_outputs
-    single, _ = compress_to_checkpoint(str(src), root / f"{name}-1", recipe(name), str(calib_text_file), **CALIB)
+    single, _ = compress_to_checkpoint(CompressJob(str(src), root / f"{name}-1", recipe(name), str(calib_text_file),
+                                                   **CALIB))
     two = root / f"{name}-2"
     hashes = file_hashes(single)
     assert len(hashes) >= 4 and file_hashes(two) == hashes  # 3 blocks, rest (and lm_head)

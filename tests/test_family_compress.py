@@ -12,6 +12,7 @@ from layerwise.cli import main
 from layerwise.engine import LayerwiseCompressor
 from layerwise.errors import ModelError
 from layerwise.linears import left_out_summary, left_out_weights, to_module_layout, weight_out_in
+from layerwise.job import CompressJob
 from layerwise.pipeline import compress_to_checkpoint
 from layerwise.recipe import Recipe, recipe_from_dict
 from layerwise.solvers import GPTQConfig
@@ -38,8 +39,8 @@ def overrides(kind):
 def test_compress_decompress_equals_dequantized_codes(kind, tmp_path):
     source = save_tiny_model(tmp_path / "src", kind, **overrides(kind))
     original = build_tiny_model(kind, **overrides(kind))  # the same float16 weights
-    path, result = compress_to_checkpoint(str(source), tmp_path / "q4", RECIPE, calib="test", windows=calib(),
-                                          device="cpu")
+    path, result = compress_to_checkpoint(CompressJob(str(source), tmp_path / "q4", RECIPE, calib="test", device="cpu"),
+                                          windows=calib())
     manifest = json.loads((path / "layerwise.json").read_text())
     assert manifest["left_uncompressed"]["weights"] == 0  # every block weight compressed
     assert len(result.layers) == manifest["left_uncompressed"]["block_weights"] > 0

@@ -13,6 +13,7 @@ import torch
 from layerwise.cli import main
 from layerwise.engine import LayerwiseCompressor
 from layerwise.errors import ModelError
+from layerwise.job import CompressJob
 from layerwise.lazy import open_lazy, weight_files
 from layerwise.pipeline import compress_to_checkpoint
 from layerwise.recipe import Recipe
@@ -31,8 +32,8 @@ def test_lazy_checkpoint_equals_eager_byte_for_byte(tmp_path, calib_text_file, k
     assert (src / "model.safetensors.index.json").is_file()
     recipe = Recipe.single(GPTQConfig(bits=4, block_size=32))
     for lazy in (True, False):
-        compress_to_checkpoint(str(src), tmp_path / f"out-{lazy}", recipe, str(calib_text_file), nsamples=8,
-                               seqlen=32, device="cpu", lazy=lazy)
+        compress_to_checkpoint(CompressJob(str(src), tmp_path / f"out-{lazy}", recipe, str(calib_text_file),
+                                           nsamples=8, seqlen=32, device="cpu", lazy=lazy))
     assert_same_checkpoint(tmp_path / "out-True", tmp_path / "out-False")
 
 

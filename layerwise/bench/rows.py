@@ -61,6 +61,7 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
     from layerwise.checkpoint import load_compressed
     from layerwise.evaluate import perplexity
     from layerwise.inspect import totals
+    from layerwise.job import CompressJob
     from layerwise.loading import load_model, load_tokenizer
     from layerwise.pipeline import compress_to_checkpoint
     from layerwise.recipe import Recipe, method_config, recipe_from_dict
@@ -81,8 +82,9 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
             else:
                 recipe = Recipe.single(method_config(dict(cfg), "bench"))
             cpu = time.process_time()
-            path, result = compress_to_checkpoint(model_path, tmp / "ck", recipe, calib, seed=seed, device=device,
-                                                  model=model, tokenizer=tokenizer, windows=windows)
+            path, result = compress_to_checkpoint(CompressJob(model_path, tmp / "ck", recipe, calib, seed=seed,
+                                                              device=device), model=model, tokenizer=tokenizer,
+                                                  windows=windows)
             out["compress_cpu_s"] = time.process_time() - cpu
             out["compress_s"] = result.seconds
             out["peak_rss_mb"] = peak_rss_mb()

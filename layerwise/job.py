@@ -1,0 +1,110 @@
+"""One `layerwise compress` run as one value: what to read, what to write, how; validated once.
+
+The CLI builds a `CompressJob` from its flags (`cli._compress_job`), the Python API builds one
+directly; `pipeline.compress_to_checkpoint(job)` and `budget.run.compress_to_budget(job)` take it.
+`validate()` checks the whole input before anything is loaded or written (the output path, an
+unfinished run, every weight shard's header against the model's skeleton), so a bad input is one
+line and nothing on disk, never a failure half-way through the blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .distributed import SINGLE, Ranks
+from .errors import RecipeError
+from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .budget import Target
+
+# a size budget without --method chooses among this method's bits × granularities
+DEFAULT_BUDGET_METHOD = "gptq"
+
+
+@dataclass
+class CompressJob:
+    """Everything a compress run reads and decides, by the CLI flag it comes from."""
+
+    model: str  # MODEL: HF model directory, Hub id, or a layerwise checkpoint
+    out: Path  # --out: the checkpoint directory to create
+    recipe: Recipe  # --recipe or --method flags; with a target: the menu each layer chooses from
+    calib: str  # --calib: wikitext2 | c4 | PATH
+    nsamples: int = 128
+    seqlen: int = 256
+    seed: int = 0
+    target: Target | None = None  # budget.Target (--target-bits / --target-mb), or None: compress with `recipe`
+    device: str = "auto"
+    batch_size: int = 8
+    staged: bool = True  # False: --no-staged
+    overwrite: bool = False
+    resume: bool = False
+    offload_activations: bool = False
+    lazy: bool | None = None  # False: --eager-load; None: lazy for a HF model, eager for a checkpoint
+    trust_remote_code: bool = False
+    allow_non_finite: bool = False
+    allow_long_context: bool = False
+    fast_matmul: bool = True  # False: --exact-matmul
+    ranks: Ranks = SINGLE  # this process's place under torchrun / accelerate launch
+    inputs: tuple = ()  # further paths the run reads (the recipe file): --out may not touch them
+    _validated: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.inputs = tuple(p for p in self.inputs if p is not None)
+        for flag, value in (("--nsamples", self.nsamples), ("--seqlen", self.seqlen), ("--batch-size", self.batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"{flag} {value!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError(f"--seed {self.seed!r} must be a non-negative integer")
+
+    @property
+    def read_paths(self) -> tuple:
+        """Every path the run reads: the model, the calibration text, the recipe file."""
+        return (self.model, self.calib, *self.inputs)
+
+    @property
+    def eager(self) -> bool:
+        """Whether the whole model is loaded by transformers (a budget needs it whole)."""
+        from .checkpoint import is_checkpoint
+
+        if self.target is not None or self.lazy is False:
+            return True
+        return self.lazy is None and is_checkpoint(self.model)
+
+    def with_recipe(self, recipe: Recipe) -> CompressJob:
+        """The same validated job compressing `recipe` (a budget's allocation)."""
+        job = dataclasses.replace(self, recipe=recipe, target=None)
+        job._validated = self._validated
+        return job
+
+    def validate(self) -> CompressJob:
+        """Check the whole input once, before anything is loaded or written; later calls do nothing.
+
+        Raises the LayerwiseError that names the first problem: the output path (`check_output`),
+        the device, an unfinished run (or none to --resume), the model's weight files (`check_weights`).
+        """
+        if self._validated:
+            return self
+        from .engine import resolve_device
+        from .outputs import check_output
+
+        self.out = check_output(self.out, self.overwrite, self.read_paths)
+        resolve_device(self.device)
+        if self.ranks.world == 1:  # several ranks: rank 0 names it when opening the writer, to all of them
+            from .checkpoint import CheckpointWriter
+
+            CheckpointWriter(self.out, overwrite=self.overwrite, resume=self.resume).check_start()
+        self._check_model()
+        self._validated = True
+        return self
+
+    def _check_model(self) -> None:
+        from .checkpoint import is_checkpoint
+        from .loading import check_weights
+
+        if not is_checkpoint(self.model):  # a checkpoint's manifest names and checks its own tensors
+            check_weights(self.model, trust_remote_code=self.trust_remote_code, lazy=not self.eager)
