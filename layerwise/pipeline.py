@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.calib_data import calibration_windows, load_text, tokenize_text
+from layerwise.calib_data import bos_token_id, calibration_windows, load_text, tokenize_text
 
 from .checkpoint import CheckpointWriter
 from .distributed import opened_on_main
@@ -18,7 +18,7 @@ from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .dtypes import checkpoint_plain_dtype
 from .loading import check_finite, check_length, load_model, load_tokenizer, open_for_compress
-from .memory import check_fits
+from .memory import check_fits, trim_heap
 from .job import CompressJob
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _calibration(job: CompressJob, compressor: LayerwiseCompressor, tokenizer, w
     if windows is None:
         return calibration_windows(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
     return windows, {"source": job.calib, "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
-                     "seed": job.seed}
+                     "seed": job.seed, "bos_token_id": bos_token_id(tokenizer)}
 
 
 def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, windows, calib_info: dict,
@@ -155,14 +155,19 @@ def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:
 def evaluate_perplexity(model_or_path, data: str, seqlen: int = 256, batch_size: int = 8, device: str = "cpu",
                         dtype: str = "float32", tokenizer=None, token_ids: torch.Tensor | None = None,
                         trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
-    """Perplexity of a HF model, a checkpoint directory, or an in-memory model on `data`."""
-    if isinstance(model_or_path, (str, Path)):
-        model = load_model(str(model_or_path), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                           verify=verify)
-        tokenizer = tokenizer or load_tokenizer(str(model_or_path), trust_remote_code=trust_remote_code)
+    """Perplexity of a HF model, a checkpoint directory, or an in-memory model on `data`; windows
+    begin with the tokenizer's BOS when it adds one by default (`calib_data.bos_token_id`)."""
+    path = str(model_or_path) if isinstance(model_or_path, (str, Path)) else None
+    if tokenizer is None and path is not None:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    bos = bos_token_id(tokenizer) if tokenizer is not None else None
+    if token_ids is None:
+        token_ids = tokenize_text(tokenizer, load_text(data, "evaluation"))
+    if path is not None:  # a 262k-token vocabulary's tokenizer is ~400 MB: not resident beside the model
+        del tokenizer
+        trim_heap()
+        model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, verify=verify)
     else:
         model = model_or_path
     check_length(model.config, seqlen, "--seqlen", allow_long_context)
-    if token_ids is None:
-        token_ids = tokenize_text(tokenizer, load_text(data, "evaluation"))
-    return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, device=device)
+    return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, device=device, bos=bos)
