@@ -50,7 +50,7 @@ def instrument(clock: Clock) -> None:
 
     import layerwise.engine as engine
     from layerwise.hessian import HessianAccumulator
-    import layerwise.solvers as solvers
+    from layerwise import methods
 
     # the modules (the package's attributes of the same names are the solver functions)
     gptq, palettize, rtn, sparsegpt = (importlib.import_module(f"layerwise.solvers.{m}")
@@ -68,11 +68,7 @@ def instrument(clock: Clock) -> None:
         clock.patch(mod, "obs_sweep", "solve: OBS sweep")
         clock.patch(mod, "_fit", "solve: k-means")
         clock.patch(mod, "refine_masked", "solve: SparseGPT refinement")
-    for table in (solvers.METHODS,):
-        for method, (cls, fn) in list(table.items()):
-            table[method] = (cls, clock.wrap("solve: the rest (sweep loop before sweep.py)", fn))
-    for method, fn in list(getattr(solvers, "GROUP_SOLVERS", {}).items()):
-        solvers.GROUP_SOLVERS[method] = clock.wrap("solve: the rest (sweep loop before sweep.py)", fn)
+    clock.patch(methods, "solve_group", "solve: the rest (sweep loop before sweep.py)")
 
 
 def main():

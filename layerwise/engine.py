@@ -40,7 +40,8 @@ from .linears import (
     set_weight_out_in, weight_out_in,
 )
 from .recipe import Recipe
-from .solvers import CONSUMES_HESSIAN, GROUP_SOLVERS, METHODS, MethodConfig, Solution
+from . import methods
+from .solvers import MethodConfig, Solution
 from .stacking import stack_runs
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class LayerwiseCompressor:
         config = self.recipe.config_for(name)
         if config is not None:
             config.check_shape(*linear_shape(module), name)
-            if _wants_fisher(config) and name not in self.sensitivity:
+            if methods.wants_sensitivities(config) and name not in self.sensitivity:
                 raise RecipeError(
                     f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
                     "sensitivity=layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)) or use "
@@ -361,12 +362,12 @@ class LayerwiseCompressor:
         The runs are dealt round-robin over the ranks and every rank takes every solution, so the
         weights and reports do not depend on the world size.
 
-        When every run's solver can consume the Hessian (`CONSUMES_HESSIAN`: its solutions carry
+        When every run's solver can consume the Hessian (`methods.Method.consumes_hessian`: its solutions carry
         `row_errors`), the last run factors H in its own buffer — one [in, in] less at the widest
         solve — and the reports' denominators tr(W H Wᵀ) are taken before."""
         trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
         runs = stack_runs(list(linears), self.plan, self.stack)
-        consume = hessian is not None and all(self.plan[run[0]].method in CONSUMES_HESSIAN for run in runs)
+        consume = hessian is not None and all(methods.method(self.plan[run[0]].method).consumes_hessian for run in runs)
         scales = {n: report_denominator(weight_out_in(m), hessian) for n, m in linears.items()} if consume else {}
         mine = {j: self._solve_run(run, linears, hessian, consume and j == len(runs) - 1)
                 for j, run in enumerate(runs) if self.ranks.solves(j)}
@@ -387,17 +388,10 @@ class LayerwiseCompressor:
         """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows.
         consume: the solver may factor `hessian` in place (it is not used after)."""
         config = self.plan[run[0]]
-        fisher = _wants_fisher(config)
-        hessian = hessian if config.needs_hessian else None
         weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
-        extra = {"consume_hessian": True} if consume else {}
+        sensitivities = [self.sensitivity[n] for n in run] if methods.wants_sensitivities(config) else None
         t0 = time.perf_counter()
-        if len(run) > 1:
-            extra |= {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
-            solutions = GROUP_SOLVERS[config.method](weights, hessian, config, **extra)
-        else:
-            extra |= {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
-            solutions = [METHODS[config.method][1](weights[0], hessian, config, **extra)]
+        solutions = methods.solve_group(config, weights, hessian, consume_hessian=consume, sensitivities=sensitivities)
         seconds = time.perf_counter() - t0
         rows = [w.shape[0] for w in weights]
         return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
@@ -498,11 +492,6 @@ def _put_dense(linear: nn.Module, cw: CompressedWeight) -> None:
     dtype it stores its weight in (float16 values: exact in float16 and float32)."""
     weight = linear.weight
     set_weight_out_in(linear, cw.dequantize().to(device=weight.device, dtype=weight.dtype))
-
-
-def _wants_fisher(config: MethodConfig) -> bool:
-    """Whether the layer's solver takes caller-given sensitivities (skm with sensitivity: fisher)."""
-    return getattr(config, "sensitivity", None) == "fisher"
 
 
 def collect_hessians(

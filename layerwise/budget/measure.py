@@ -24,7 +24,8 @@ from ..formats import CompressedWeight
 from ..hessian import PreparedHessian
 from ..linears import weight_out_in
 from ..recipe import Recipe, Rule
-from ..solvers import GROUP_SOLVERS, METHODS, MethodConfig
+from .. import methods
+from ..solvers import MethodConfig
 from ..solvers.base import prepare_for
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,7 @@ def _preparation(config: MethodConfig) -> tuple[float, bool] | None:
 def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor,
            prepared: PreparedHessian | None) -> list[CompressedWeight]:
     """One candidate for layers sharing `hessian`: stacked when the method has a group solver."""
-    h = hessian if config.needs_hessian else None
-    shared = {} if prepared is None else {"prepared": prepared}
-    if len(weights) > 1 and config.method in GROUP_SOLVERS:
-        return [s.compressed for s in GROUP_SOLVERS[config.method](weights, h, config, **shared)]
-    return [METHODS[config.method][1](w, h, config, **shared).compressed for w in weights]
+    return [s.compressed for s in methods.solve_group(config, weights, hessian, prepared=prepared)]
 
 
 def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor, config: MethodConfig,
