@@ -48,6 +48,7 @@ class Clock:
 def instrument(clock: Clock) -> None:
     import importlib
 
+    import layerwise.compressing as compressing
     import layerwise.engine as engine
     from layerwise.hessian import HessianAccumulator
     from layerwise import methods
@@ -60,7 +61,7 @@ def instrument(clock: Clock) -> None:
     clock.patch(engine, "collect_hessians", "Hessian collection (staged forwards)")
     clock.patch(engine, "lockstep_block", "block forwards + Hessians (lockstep, one forward per block)")
     clock.patch(engine, "run_block", "block forwards (next block's inputs)")
-    clock.patch(engine, "relative_error", "report (relative error)")
+    clock.patch(compressing, "relative_error", "report (relative error)")
     clock.patch(HessianAccumulator, "add", "Hessian accumulation (XᵀX)")
     for mod in (gptq, sparsegpt, palettize, rtn):
         clock.patch(mod, "prepare_hessian", "solve: prepare_hessian (Cholesky)")
