@@ -137,9 +137,9 @@ def main() -> None:
         mod = importlib.import_module(module)
         if hasattr(mod, name):
             setattr(mod, name, peaks.wrap(label, getattr(mod, name)))
-    from layerwise.engine import LayerwiseCompressor
+    from layerwise.engine import BlockWalker
 
-    process = LayerwiseCompressor._process_block
+    process = BlockWalker._process_block
 
     def block(self, index, *rest):
         process(self, index, *rest)
@@ -147,7 +147,7 @@ def main() -> None:
         if args.blocks and index + 1 >= args.blocks:
             raise KeyboardInterrupt
 
-    LayerwiseCompressor._process_block = peaks.wrap(lambda self, index, *rest: f"block {index}", block)
+    BlockWalker._process_block = peaks.wrap(lambda self, index, *rest: f"block {index}", block)
     from layerwise import cli
 
     try:

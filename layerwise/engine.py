@@ -170,7 +170,7 @@ class BlockWalker:
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None if self.ranks.main else True):
-                self._process_block(walk, index, replay=index < done)
+                self._process_block(index, walk, replay=index < done)
             if self.lazy is not None:
                 self.lazy.load_outside()
             if self.family.lm_head in walk.solver.layers and done <= len(self.blocks):
@@ -193,7 +193,7 @@ class BlockWalker:
         finally:
             _move_outside(self.model, skip, torch.device("cpu"), stored)
 
-    def _process_block(self, walk: _Walk, index: int, replay: bool) -> None:
+    def _process_block(self, index: int, walk: _Walk, replay: bool) -> None:
         """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
         the next block's inputs, offload it and hand it to the sink."""
         block = self.blocks[index]

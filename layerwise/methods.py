@@ -111,7 +111,7 @@ PALETTE_MENU = tuple({"n_bits": bits} for bits in (2, 3, 4, 6))
 
 
 def _one_by_one(solve_one: Callable[[torch.Tensor, torch.Tensor | None, MethodConfig], Solution]) -> GroupSolve:
-    """A group solver for a method without one: each layer alone (for data-free methods)."""
+    """The group solver of a method whose solver takes one layer: each layer alone, in order."""
     def solve(weights, hessian, config, *, prepared=None, consume_hessian=False, sensitivities=None):
         return [solve_one(w, hessian, config) for w in weights]
 

@@ -4,7 +4,7 @@ The engine's block walker (capture, per-block Hessians, lazy blocks, every famil
 with its own group solver, `CandidateMeasurer`: each layer solves every candidate of its menu
 (through the method registry), records them, and leaves the weight as it was — so every Hessian
 is that of the *uncompressed* model. Layers sharing an input (q/k/v, gate/up) solve each
-common candidate as one stacked matrix where the method has a group solver, and the candidates
+common candidate as one stacked matrix where the method's solver stacks, and the candidates
 of one damping and act-order share one factored H⁻¹ (the same answers as one by one, one
 Hessian factorization per group instead of one per layer and candidate).
 """
@@ -21,7 +21,6 @@ from .. import methods
 from ..coreml.layout import exported_bytes
 from ..engine import BlockWalker
 from ..formats import CompressedWeight
-from ..hessian import PreparedHessian
 from ..linears import weight_out_in
 from ..plan import left_out, plan_layers
 from ..solvers import MethodConfig
@@ -89,8 +88,8 @@ class CandidateMeasurer:
 def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
                 menus: dict[str, tuple[MethodConfig, ...]]) -> dict[str, list[CompressedWeight]]:
     """Every candidate of layers sharing `hessian` (weights: {name: [out, in]}), the same answers
-    as solving each alone: a config in several menus is solved once as one stacked matrix where
-    the method has a group solver, and candidates of equal damping and act-order share one
+    as solving each alone: a config in several menus is solved once for all of them (one stacked
+    matrix where the method's solver stacks), and candidates of equal damping and act-order share one
     factored H⁻¹ (`prepare_for`), computed once and dropped before the next one is made."""
     solved: dict[str, list[CompressedWeight | None]] = {name: [None] * len(menu) for name, menu in menus.items()}
     configs = [c for menu in menus.values() for c in menu]
@@ -102,8 +101,9 @@ def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
                     continue
                 # every layer whose menu has this config (configs are unhashable dataclasses)
                 members = [(n, m.index(config)) for n, m in menus.items() if config in m]
-                for (n, j), cw in zip(members, _solve(config, [weights[n] for n, _ in members], hessian, prepared)):
-                    solved[n][j] = cw
+                solutions = methods.solve_group(config, [weights[n] for n, _ in members], hessian, prepared=prepared)
+                for (n, j), solution in zip(members, solutions):
+                    solved[n][j] = solution.compressed
         del prepared
     return solved
 
@@ -111,12 +111,6 @@ def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
 def _preparation(config: MethodConfig) -> tuple[float, bool] | None:
     """What the factored H⁻¹ of `config`'s solve depends on besides H (None: it takes none)."""
     return config.hessian_preparation() if config.needs_hessian else None
-
-
-def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor,
-           prepared: PreparedHessian | None) -> list[CompressedWeight]:
-    """One candidate for layers sharing `hessian`: stacked when the method has a group solver."""
-    return [s.compressed for s in methods.solve_group(config, weights, hessian, prepared=prepared)]
 
 
 def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor, config: MethodConfig,
