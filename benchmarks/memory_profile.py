@@ -21,9 +21,9 @@ WRAPPED = [  # (module, attribute, label)
     ("layerwise.engine", "collect_hessians", "Hessian collection (staged)"),
     ("layerwise.engine", "lockstep_block", "lockstep block"),
     ("layerwise.engine", "run_block", "block forward"),
-    ("layerwise.engine", "relative_error", "report: relative_error"),
-    ("layerwise.engine", "report_denominator", "report: tr(W H Wᵀ)"),
-    ("layerwise.engine", "_put_dense", "put dense weights"),
+    ("layerwise.compressing", "relative_error", "report: relative_error"),
+    ("layerwise.compressing", "report_denominator", "report: tr(W H Wᵀ)"),
+    ("layerwise.compressing", "put_dense", "put dense weights"),
     ("layerwise.solvers.gptq", "prepare_hessian", "gptq: prepare_hessian"),
     ("layerwise.solvers.gptq", "obs_sweep_transposed", "gptq: sweep"),
     ("layerwise.solvers.gptq", "_transposed_in_sweep_order", "gptq: Wᵀ and static grids"),
@@ -137,9 +137,9 @@ def main() -> None:
         mod = importlib.import_module(module)
         if hasattr(mod, name):
             setattr(mod, name, peaks.wrap(label, getattr(mod, name)))
-    from layerwise.engine import LayerwiseCompressor
+    from layerwise.engine import BlockWalker
 
-    process = LayerwiseCompressor._process_block
+    process = BlockWalker._process_block
 
     def block(self, index, *rest):
         process(self, index, *rest)
@@ -147,7 +147,7 @@ def main() -> None:
         if args.blocks and index + 1 >= args.blocks:
             raise KeyboardInterrupt
 
-    LayerwiseCompressor._process_block = peaks.wrap(lambda self, index, *rest: f"block {index}", block)
+    BlockWalker._process_block = peaks.wrap(lambda self, index, *rest: f"block {index}", block)
     from layerwise import cli
 
     try:

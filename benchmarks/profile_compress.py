@@ -48,9 +48,10 @@ class Clock:
 def instrument(clock: Clock) -> None:
     import importlib
 
+    import layerwise.compressing as compressing
     import layerwise.engine as engine
     from layerwise.hessian import HessianAccumulator
-    import layerwise.solvers as solvers
+    from layerwise import methods
 
     # the modules (the package's attributes of the same names are the solver functions)
     gptq, palettize, rtn, sparsegpt = (importlib.import_module(f"layerwise.solvers.{m}")
@@ -60,7 +61,7 @@ def instrument(clock: Clock) -> None:
     clock.patch(engine, "collect_hessians", "Hessian collection (staged forwards)")
     clock.patch(engine, "lockstep_block", "block forwards + Hessians (lockstep, one forward per block)")
     clock.patch(engine, "run_block", "block forwards (next block's inputs)")
-    clock.patch(engine, "relative_error", "report (relative error)")
+    clock.patch(compressing, "relative_error", "report (relative error)")
     clock.patch(HessianAccumulator, "add", "Hessian accumulation (XᵀX)")
     for mod in (gptq, sparsegpt, palettize, rtn):
         clock.patch(mod, "prepare_hessian", "solve: prepare_hessian (Cholesky)")
@@ -68,11 +69,7 @@ def instrument(clock: Clock) -> None:
         clock.patch(mod, "obs_sweep", "solve: OBS sweep")
         clock.patch(mod, "_fit", "solve: k-means")
         clock.patch(mod, "refine_masked", "solve: SparseGPT refinement")
-    for table in (solvers.METHODS,):
-        for method, (cls, fn) in list(table.items()):
-            table[method] = (cls, clock.wrap("solve: the rest (sweep loop before sweep.py)", fn))
-    for method, fn in list(getattr(solvers, "GROUP_SOLVERS", {}).items()):
-        solvers.GROUP_SOLVERS[method] = clock.wrap("solve: the rest (sweep loop before sweep.py)", fn)
+    clock.patch(methods, "solve_group", "solve: the rest (sweep loop before sweep.py)")
 
 
 def main():

@@ -17,13 +17,13 @@ import signal
 import sys
 import traceback
 
+from . import methods
 from .errors import LayerwiseError, PeerError, RecipeError
 from .exporters import DEFAULT_FORMAT, EXPORTERS
 from .outputs import environment_failure
 
 log = logging.getLogger("layerwise")
 
-METHOD_CHOICES = ("gptq", "rtn", "sparsegpt", "magnitude", "skm", "kmeans")
 OVERWRITE_HELP = "replace --out if layerwise wrote it (never a foreign directory or an input), once the new one is complete"
 BUG_REPORT = "this is a bug in layerwise, not in your input: please report it with the command line and the traceback above"
 
@@ -73,24 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model into a checkpoint directory")
     c.add_argument("model", help="HF model directory or Hub id")
     c.add_argument("--out", required=True, help="checkpoint directory to create")
-    c.add_argument("--method", choices=METHOD_CHOICES, help="method for every block linear (or use --recipe)")
-    c.add_argument("--bits", type=int, help="bits per weight (quantization, LUT indices, or joint with sparsity)")
-    c.add_argument("--block-size", type=positive, help="input columns per scale (omit: per-channel)")
-    sym = c.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
-    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: columns by decreasing H_ii, with static groups (default on)")
-    c.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="MSE-optimal range clipping of the grid (default on for gptq/rtn, off for sparse methods)")
-    c.add_argument("--damp", type=float, help="damping as a fraction of mean(diag H) (default 0.01)")
-    c.add_argument("--refine-steps", type=non_negative,
-                   help="sparsegpt: CG steps re-solving the kept weights for the final mask (default 32; 0: off)")
-    c.add_argument("--sparsity", type=float, help="fraction of zeros (sparsegpt / magnitude / joint skm)")
-    c.add_argument("--nm", help="n:m pattern, n kept of every m inputs, e.g. 2:4")
-    c.add_argument("--group-size", type=positive, help="palettization: output channels sharing one LUT (omit: per-tensor)")
-    c.add_argument("--no-error-feedback", action="store_true", help="skm: fit the palette without GPTQ-style feedback")
-    c.add_argument("--lut-dtype", choices=("float16", "int8", "uint8"), help="palettization: LUT entry type")
+    c.add_argument("--method", choices=methods.names(), help="method for every block linear (or use --recipe)")
+    _method_flags(c)
     c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect) or a checkpoint; overrides --method")
     target = c.add_mutually_exclusive_group()
     target.add_argument("--target-bits", type=float,
@@ -266,27 +250,20 @@ def _quiet_third_party() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # "… thrown while requesting HEAD" retries
 
 
+def _method_flags(p: argparse.ArgumentParser) -> None:
+    """The registered methods' flags (`methods.flags`): one option each, or a mutually exclusive pair."""
+    for flag in methods.flags():
+        group = p.add_mutually_exclusive_group() if len(flag.options) > 1 else p
+        for option in flag.options:
+            typed = {} if option.minimum is None else {"type": at_least(option.minimum)}
+            group.add_argument(*option.names, **typed, **option.settings)
+
+
 def method_config_from_flags(args) -> dict:
     """The --method flags as one recipe config dict (only flags the user gave)."""
     if args.method is None:
-        raise RecipeError("give --method (gptq, rtn, sparsegpt, magnitude, skm, kmeans) or --recipe FILE")
-    cfg: dict = {"method": args.method}
-    palettize = args.method in ("skm", "kmeans")
-    flags = {
-        "bits": "n_bits" if palettize else "bits",
-        "block_size": "block_size", "sym": "sym", "act_order": "act_order", "mse_clip": "mse_clip",
-        "damp": "damp", "refine_steps": "refine_steps", "sparsity": "sparsity", "nm": "nm",
-        "group_size": "group_size", "lut_dtype": "lut_dtype",
-    }
-    for flag, key in flags.items():
-        value = getattr(args, flag)
-        if value is not None:
-            cfg[key] = value
-    if palettize:
-        cfg["granularity"] = "per_grouped_channel" if args.group_size else "per_tensor"
-    if args.no_error_feedback:
-        cfg["error_feedback"] = False
-    return cfg
+        raise RecipeError(f"give --method ({', '.join(methods.names())}) or --recipe FILE")
+    return methods.config_from_flags(args.method, {flag.dest: getattr(args, flag.dest) for flag in methods.flags()})
 
 
 def cmd_compress(args) -> int:

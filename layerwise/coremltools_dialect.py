@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Iterator
 
 from .errors import RecipeError
 
@@ -42,31 +43,33 @@ _TOP_KEYS = {"global_config", "module_type_configs", "module_name_configs", "lay
 _LINEAR_TYPES = {"Linear", "nn.Linear", "torch.nn.Linear", "torch.nn.modules.linear.Linear"}
 
 
-def recipe_from_coremltools(data: dict, where: str):
-    from .recipe import Recipe, Rule, method_config
-
+def coremltools_rules(data: dict, where: str) -> Iterator[tuple[str, dict | None, str]]:
+    """(pattern, our method config dict or None, where it came from) per rule, in precedence order;
+    translated one at a time, so that the first bad entry is the one reported."""
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} in a coremltools config; valid: {sorted(_TOP_KEYS)}")
     ignored = sorted(set(data) & {"layers", "calibration_nsamples", "input_cacher"})
     if ignored:
         log.info("coremltools config keys %s are ignored (all decoder blocks are streamed)", ignored)
-    rules = []
+    found = False
     for name, cfg in (data.get("module_name_configs") or {}).items():
         at = f"{where}: module_name_configs[{name!r}]"
         pattern = name if _looks_like_regex(name) else re.escape(name)
-        rules.append(Rule(f"^(?:{pattern})$", method_config(translate(cfg, at), at)))
+        found = True
+        yield f"^(?:{pattern})$", translate(cfg, at), at
     for type_name, cfg in (data.get("module_type_configs") or {}).items():
         at = f"{where}: module_type_configs[{type_name!r}]"
         if type_name not in _LINEAR_TYPES:
             raise RecipeError(f"{at}: only Linear layers are compressed; module type {type_name!r} is not supported")
-        rules.append(Rule(".*", method_config(translate(cfg, at), at)))
+        found = True
+        yield ".*", translate(cfg, at), at
     if data.get("global_config") is not None:
         at = f"{where}: global_config"
-        rules.append(Rule(".*", method_config(translate(data["global_config"], at), at)))
-    if not rules:
+        found = True
+        yield ".*", translate(data["global_config"], at), at
+    if not found:
         raise RecipeError(f"{where}: the coremltools config names no module and has no global_config")
-    return Recipe(tuple(rules))
 
 
 def translate(cfg: dict | None, where: str) -> dict | None:

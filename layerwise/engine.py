@@ -1,11 +1,13 @@
-"""LayerwiseCompressor: stream calibration batches through the model one block at a time.
+"""The block walker: stream calibration batches through the model one block at a time.
 
 For each block: onload it, collect one Hessian per group of linears sharing an input (stage by
-stage by default, so later stages see the earlier stages' error), solve each linear, forward again
-with the compressed weights to produce the next block's inputs, hand the block to the writer, offload.
+stage by default, so later stages see the earlier stages' error), hand each group to a
+`GroupSolver` (compress it, or measure candidates), forward again to produce the next block's
+inputs, hand the block to a `BlockSink`, offload.
 
-A recipe whose every method is data-free (RTN, magnitude, k-means) streams nothing: each block's
-linears are solved from their weights alone, and the report's error is measured in weight space.
+A solver that needs no data (RTN, magnitude, k-means only) streams nothing: each block's linears
+are handed over from their weights alone. `LayerwiseCompressor` is the walker with the compressing
+solver (`compressing.Compressing`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, Collection, Iterable, Protocol
 
 import torch
 import torch.nn as nn
@@ -24,52 +26,66 @@ from tqdm.auto import tqdm
 from layerwise.models.families import Family, get_module, resolve_family
 
 from .activations import Activations
-from .capture import BlockInput, StopForward, capture_block_inputs, run_block
+from .block_hessians import collect_hessians, discover_groups, lm_head_hessian
+from .capture import capture_block_inputs, run_block
+from .compressing import Compressing, LayerReport
+from .devices import resolve_device
+from .distributed import SINGLE, Ranks, check_batches
 from .dtypes import COMPUTE_DTYPE, kept_dtype
-from .distributed import SINGLE, Ranks, check_batches, portable, reduce_hessians, share_solved
 from .errors import RecipeError
 from .formats import CompressedWeight
-from .hessian import HessianAccumulator, relative_error, relative_error_of_rows, report_denominator
-from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .lazy import LazyBlocks
+from .linears import is_compressible, linear_shape, put_dense
 from .lockstep import lockstep_block
+from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .memory import available_memory, give_back_large_frees, trim_heap
-from .upcast import restore_linears, upcast_per_call
-from .linears import (
-    describe_left_out, is_compressible, left_out_summary, left_out_weights, linear_shape, refuse_expert_tensors,
-    set_weight_out_in, weight_out_in,
-)
+from .plan import left_out, plan_layers
 from .recipe import Recipe
-from .solvers import CONSUMES_HESSIAN, GROUP_SOLVERS, METHODS, MethodConfig, Solution
-from .stacking import stack_runs
+from .solvers import MethodConfig
+from .upcast import restore_linears, upcast_per_call
+
+__all__ = [
+    "BlockSink", "BlockWalker", "CompressionResult", "GroupSolver", "LayerReport", "LayerwiseCompressor",
+    "collect_hessians", "discover_groups", "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
 
-class BlockWriter(Protocol):
-    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor]) -> None: ...
+class BlockSink(Protocol):
+    """Where the walker hands each finished block (`checkpoint.CheckpointWriter`, `distributed.RankWriter`)."""
+
+    @property
+    def blocks_done(self) -> int:
+        """Blocks 0 … n-1 are written already (a resumed run): they are replayed, not solved."""
+
+    def write_block(self, index: int, compressed: dict[str, CompressedWeight], plain: dict[str, torch.Tensor],
+                    reports: dict[str, dict] | None = None) -> None:
+        """Block `index` (or len(blocks): the lm_head): its compressed layers, its other tensors by
+        full name, and the solver's manifest entries of its layers."""
+
+    def read_block(self, index: int) -> dict[str, CompressedWeight]:
+        """The compressed layers of a block written before."""
 
 
-@dataclass
-class LayerReport:
-    name: str
-    method: str
-    rel_error: float  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs this layer saw
-    seconds: float  # solver time (a stacked group's time shared out by rows)
-    bits_per_weight: float  # packed payload bits / weights (codes, scales, LUTs, mask)
-    damping: float | None
-    sparsity: float
-    notes: list[str] = field(default_factory=list)
-    # "output": rel_error as above; "weight": |ΔW|² / |W|² (data-free recipe, no inputs streamed)
-    error_space: str = "output"
+class GroupSolver(Protocol):
+    """What the walker does with the layers of one block that share an input (one Hessian)."""
 
-    def to_dict(self) -> dict:
-        """The manifest's form (the name is its key there)."""
-        return {
-            "method": self.method, "rel_error": self.rel_error, "error_space": self.error_space, "seconds": self.seconds,
-            "bits_per_weight": self.bits_per_weight, "damping": self.damping, "sparsity": self.sparsity,
-            "notes": self.notes,
-        }
+    @property
+    def layers(self) -> Collection[str]:
+        """The full names of the layers to hand over (the lm_head's too, when it is one)."""
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether some layer needs its inputs' Hessian (otherwise no calibration is streamed)."""
+
+    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
+        """linears: {full name: nn.Linear or Conv1D} sharing one input; hessian: [in, in] float32 of
+        that input (None: no data streamed). Returns what to hand to the sink for them ({}: nothing);
+        the weights the solver leaves in the modules are what the next stages and blocks see."""
+
+    def reports_of(self, names: Iterable[str]) -> dict[str, dict]:
+        """The manifest entries of the layers `names`, handed to the sink with their block."""
 
 
 @dataclass
@@ -80,151 +96,89 @@ class CompressionResult:
     left_out: dict = field(default_factory=dict)  # block weights kept in float16 and why (linears.left_out_summary)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise RecipeError(f"--device {device!r} is unknown; use cpu, cuda, mps or auto")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise RecipeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return torch.device(device)
+@dataclass
+class _Walk:
+    """One walk's parties: the solver, the sink (None: keep what it returns), the block-output consumer."""
+
+    solver: GroupSolver
+    sink: BlockSink | None
+    on_block_output: Callable[[int, list[torch.Tensor]], None] | None
+    batches: Activations | None = None
+    kept: dict[str, CompressedWeight] = field(default_factory=dict)
 
 
-class LayerwiseCompressor:
-    """Compress `model` in place, block by block, with the methods `recipe` assigns."""
+class BlockWalker:
+    """Walk `model`'s blocks for a `GroupSolver`.
 
-    def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
-                 sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
-                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
+    lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
+    blocks are in memory. offload_dir: keep the calibration activations memory-mapped there.
+    staged: one Hessian pass per stage of the block (later stages see the earlier stages' solved
+    weights); False: one pass for all groups. lockstep: staged solving of a declared family in one
+    forward per block (lockstep.py; same result, every batch's block activations in memory at once;
+    not with offload_dir); False: one forward per stage; "auto": lockstep when its extra activations
+    fit (`_choose_lockstep`). ranks: this process's share of the batches under torch.distributed.
+    fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
+    device (`matmul_precision`)."""
+
+    def __init__(self, model: nn.Module, device: str = "auto", batch_size: int = 8, staged: bool = True,
+                 lazy: LazyBlocks | None = None, offload_dir: str | Path | None = None, lockstep: bool | str = "auto",
                  ranks: Ranks = SINGLE, fast_matmul: bool = True):
-        """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
-        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
-        lazy: reads each block's weights when it is reached (`layerwise.lazy.open_lazy`); None: the
-        blocks are in memory. offload_dir: keep the calibration activations memory-mapped there.
-        stack: solve the layers of one input group with one config as one stacked matrix
-        (stacking.py; same result). lockstep: staged solving of a declared family in one forward per
-        block (lockstep.py; same result, every batch's block activations in memory at once; not with
-        offload_dir); False: one forward per stage; "auto": lockstep when its extra activations fit
-        (`_choose_lockstep`).
-        ranks: this process's share of the batches and layers under torch.distributed (`distributed`).
-        fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
-        device (`matmul_precision`; about twice as fast on CPUs with AVX512-BF16)."""
         self.ranks = ranks
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
-        self.stack = stack
         self.lockstep = lockstep if offload_dir is None else False
         self.model = model
         self.lazy = lazy
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
-        self.sensitivity = sensitivity or {}
-        self.recipe = recipe
         self.device = resolve_device(device)
         self.fast_matmul = fast_matmul and fast_matmul_is_accurate(self.device)
         self.batch_size = batch_size
         self.staged = staged
         self.family: Family = resolve_family(model)
         self.blocks: nn.ModuleList = get_module(model, self.family.blocks)
-        self.plan = self._plan()
-        self.left_out = left_out_summary(left_out_weights(self.blocks, self.family.blocks, set(self.plan)), self.blocks)
-        _warn_if_mostly_left_out(self.left_out, bool(self.plan))
-
-    def _plan(self) -> dict[str, MethodConfig]:
-        """Every layer's config, validated against its shape before any work starts."""
-        plan = {}
-        for i, block in enumerate(self.blocks):
-            refuse_expert_tensors(block, f"{self.family.blocks}.{i}")
-            for rel, module in block.named_modules():
-                if is_compressible(module):
-                    name = f"{self.family.blocks}.{i}.{rel}"
-                    self._add(plan, name, module)
-        if self.recipe.names_lm_head():
-            head = get_module(self.model, self.family.lm_head)
-            if getattr(self.model.config, "tie_word_embeddings", False):
-                raise RecipeError("lm_head is tied to the input embeddings; it cannot be compressed on its own (remove the lm_head rule)")
-            self._add(plan, self.family.lm_head, head)
-        if not plan:
-            log.warning("the recipe selects no layer: the checkpoint will be uncompressed")
-        return plan
-
-    def _add(self, plan, name, module):
-        config = self.recipe.config_for(name)
-        if config is not None:
-            config.check_shape(*linear_shape(module), name)
-            if _wants_fisher(config) and name not in self.sensitivity:
-                raise RecipeError(
-                    f"{name}: sensitivity: fisher needs per-weight sensitivities; pass LayerwiseCompressor(..., "
-                    "sensitivity=layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)) or use "
-                    "sensitivity: hessian_diag"
-                )
-            plan[name] = config
-
-    @property
-    def needs_data(self) -> bool:
-        """Some layer's method needs its inputs (a Hessian); otherwise no calibration is streamed."""
-        return any(config.needs_hessian for config in self.plan.values())
 
     @torch.no_grad()
-    def compress(
-        self,
-        windows: torch.Tensor | None,
-        writer: BlockWriter | None = None,
-        on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
-    ) -> CompressionResult:
-        """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
-        per-layer report (and the weights, without a writer).
+    def walk(self, solver: GroupSolver, windows: torch.Tensor | None, sink: BlockSink | None = None,
+             on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None) -> dict[str, CompressedWeight]:
+        """windows: [N, L] token ids (unused, may be None, when nothing is streamed). Returns what
+        the solver gave for every layer when there is no sink ({} otherwise).
 
-        One loop for every recipe: with calibration batches each block is solved on its inputs and
-        then forwarded to make the next block's; a data-free recipe skips both. A writer that has
-        `blocks_done` > 0 (a resumed run) gets only the blocks after those; the calibration batches
-        are streamed through the already-written compressed blocks to rebuild the next block's inputs.
-        """
+        With calibration batches each block is solved on its inputs and then forwarded to make the
+        next block's; a solver that needs no data skips both (unless `on_block_output` wants the
+        outputs). A sink that has `blocks_done` > 0 (a resumed run) gets only the blocks after those;
+        the batches are streamed through the already-written blocks to rebuild the next block's inputs."""
         with matmul_precision("medium") if self.fast_matmul else contextlib.nullcontext():
-            return self._compress(windows, writer, on_block_output)
+            return self._walk(_Walk(solver, sink, on_block_output), windows)
 
-    def _compress(self, windows, writer, on_block_output) -> CompressionResult:
-        start = time.perf_counter()
+    def _walk(self, walk: _Walk, windows) -> dict[str, CompressedWeight]:
         self.model.eval()
         if self.offload_dir is not None:  # the low-memory mode: one block's temporaries at a time, not
             give_back_large_frees()  # every block's fragments (an mmap per large temporary: ~20 % more CPU)
         trim_heap()  # what reading the model and tokenizing the calibration text left in the heaps
-        streamed = self.needs_data or on_block_output is not None
+        streamed = walk.solver.needs_data or walk.on_block_output is not None
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
-        done = getattr(writer, "blocks_done", 0)
-        reports: list[LayerReport] = []
-        kept: dict[str, CompressedWeight] = {}
-        batches = None
+        done = walk.sink.blocks_done if walk.sink is not None else 0
         try:
             if streamed:
                 with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
-                    batches = self._capture(windows)
+                    walk.batches = self._capture(windows)
             if self.lazy is not None:
                 self.lazy.release_outside()  # read again for the lm_head and the checkpoint
-            self._log_memory_estimate(windows, batches)
-            if batches is not None:
-                self._choose_lockstep(batches)
+            self._log_memory_estimate(windows, walk.batches)
+            if walk.batches is not None:
+                self._choose_lockstep(walk.batches)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None if self.ranks.main else True):
-                self._process_block(index, index < done, batches, reports, writer, kept, on_block_output)
+                self._process_block(index, walk, replay=index < done)
             if self.lazy is not None:
                 self.lazy.load_outside()
-            if self.family.lm_head in self.plan and done <= len(self.blocks):
-                with self._outside_on_device():
-                    head = get_module(self.model, self.family.lm_head)
-                    hessian = self._lm_head_hessian(batches) if streamed else None
-                    cw = self._solve(self.family.lm_head, head, hessian, reports)
-                self._hand_over_head(cw, writer, kept, reports)
+            if self.family.lm_head in walk.solver.layers and done <= len(self.blocks):
+                self._process_head(walk)
         finally:
-            if batches is not None:
-                batches.close()
-        return CompressionResult(reports, kept, time.perf_counter() - start, self.left_out)
+            if walk.batches is not None:
+                walk.batches.close()
+        return walk.kept
 
     @contextlib.contextmanager
     def _outside_on_device(self, head: bool = True):
@@ -239,35 +193,35 @@ class LayerwiseCompressor:
         finally:
             _move_outside(self.model, skip, torch.device("cpu"), stored)
 
-    def _process_block(self, index, replay, batches, reports, writer, kept, on_block_output) -> None:
+    def _process_block(self, index: int, walk: _Walk, replay: bool) -> None:
         """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
-        the next block's inputs, offload it and hand it to the writer."""
+        the next block's inputs, offload it and hand it to the sink."""
         block = self.blocks[index]
         if self.lazy is not None:
             self.lazy.load(index, block)
         keep_dtype, upcast = _onload(block, self.device)
         outputs = None
         if replay:
-            compressed = writer.read_block(index)
+            compressed = walk.sink.read_block(index)
             for name, cw in compressed.items():
-                _put_dense(get_module(self.model, name), cw)
-        elif batches is not None:
-            compressed, outputs = self._compress_block(index, block, batches, reports)
+                put_dense(get_module(self.model, name), cw)
+        elif walk.batches is not None:
+            compressed, outputs = self._solve_block(walk, index, block)
         else:
-            compressed = self._solve_linears({name: module for rel, module in block.named_modules()
-                                              if (name := self._name(index, rel)) in self.plan}, None, reports)
-        if batches is not None:  # the next block sees this block's compressed outputs
+            compressed = walk.solver.solve_group({name: module for rel, module in block.named_modules()
+                                                  if (name := self._name(index, rel)) in walk.solver.layers}, None)
+        if walk.batches is not None:  # the next block sees this block's solved outputs
             if outputs is None:
-                batches.advance(lambda batch: run_block(block, batch, index))
+                walk.batches.advance(lambda batch: run_block(block, batch, index))
             else:  # the lockstep forward made them already
                 ready = iter(outputs)
-                batches.advance(lambda batch: next(ready))
-            if on_block_output is not None:
-                on_block_output(index, batches.hidden_states())
+                walk.batches.advance(lambda batch: next(ready))
+            if walk.on_block_output is not None:
+                walk.on_block_output(index, walk.batches.hidden_states())
         block.to(device="cpu", dtype=keep_dtype)
         restore_linears(upcast)
         if not replay:
-            self._hand_over(index, block, compressed, writer, kept, reports)
+            self._hand_over(walk, index, block, compressed)
         if self.lazy is not None:
             self.lazy.release(block)
         trim_heap()
@@ -318,164 +272,123 @@ class LayerwiseCompressor:
                  "on" if self.lockstep else "off, one forward per stage (same result)", extra / 1e6,
                  f" (allowed: a quarter of {have / 1e6:.0f} MB available)" if have else "")
 
-    def _compress_block(self, index, block, batches, reports) -> tuple[dict[str, CompressedWeight], list | None]:
-        """The block's compressed layers, and its compressed outputs per batch when the lockstep
+    def _solve_block(self, walk: _Walk, index: int, block: nn.Module) -> tuple[dict[str, CompressedWeight], list | None]:
+        """What the solver gave for the block's layers, and its outputs per batch when the lockstep
         forward already produced them (None: the caller runs the block again)."""
         if self.staged and self.lockstep and self.family.groups is not None:
-            return self._compress_block_lockstep(index, block, batches, reports)
-        groups = self.family.groups or discover_groups(block, index, batches[0])
+            return self._solve_block_lockstep(walk, index, block)
+        groups = self.family.groups or discover_groups(block, index, walk.batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         compressed = {}
         for stage in stages:
-            todo = [g for g in stage if any(self._name(index, n) in self.plan for n in g)]
+            todo = [g for g in stage if any(self._name(index, n) in walk.solver.layers for n in g)]
             if not todo:
                 continue
-            hessians = collect_hessians(block, index, [g[0] for g in todo], batches,
-                                       stop_early=self.family.groups is not None, ranks=self.ranks,
-                                       total=self.total_batches, park_dir=self.offload_dir)
+            hessians = collect_hessians(block, index, [g[0] for g in todo], walk.batches,
+                                        stop_early=self.family.groups is not None, ranks=self.ranks,
+                                        total=self.total_batches, park_dir=self.offload_dir)
             for group in todo:
-                compressed.update(self._solve_group(index, block, group, hessians[group[0]], reports))
+                compressed.update(self._solve_group(walk, index, block, group, hessians[group[0]]))
         return compressed, None
 
-    def _compress_block_lockstep(self, index, block, batches, reports):
-        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in self.plan for n in g)}
+    def _solve_block_lockstep(self, walk: _Walk, index: int, block: nn.Module):
+        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in walk.solver.layers for n in g)}
         compressed = {}
 
         def solve(leader, hessian):
-            compressed.update(self._solve_group(index, block, groups[leader], hessian, reports))
+            compressed.update(self._solve_group(walk, index, block, groups[leader], hessian))
 
-        outputs = lockstep_block(block, index, batches, list(groups), solve, self.ranks, self.total_batches)
+        outputs = lockstep_block(block, index, walk.batches, list(groups), solve, self.ranks, self.total_batches)
         return compressed, outputs
 
-    def _solve_group(self, index, block, group, hessian, reports) -> dict[str, CompressedWeight]:
-        """Solve the planned layers of one input group (stacked where stack_runs allows)."""
-        linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in self.plan}
-        return self._solve_linears(linears, hessian, reports)
+    def _solve_group(self, walk: _Walk, index, block, group, hessian) -> dict[str, CompressedWeight]:
+        """Hand the solver the layers of one input group that it solves."""
+        linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in walk.solver.layers}
+        return walk.solver.solve_group(linears, hessian)
 
-    def _solve(self, name: str, linear: nn.Module, hessian: torch.Tensor | None, reports: list) -> CompressedWeight:
-        """linear: nn.Linear or Conv1D; hessian None: data-free (the report's error is then in weight space)."""
-        return self._solve_linears({name: linear}, hessian, reports)[name]
-
-    def _solve_linears(self, linears: dict[str, nn.Module], hessian, reports) -> dict[str, CompressedWeight]:
-        """Solve layers sharing one input (stacked where stack_runs allows); reports in their order.
-        The runs are dealt round-robin over the ranks and every rank takes every solution, so the
-        weights and reports do not depend on the world size.
-
-        When every run's solver can consume the Hessian (`CONSUMES_HESSIAN`: its solutions carry
-        `row_errors`), the last run factors H in its own buffer — one [in, in] less at the widest
-        solve — and the reports' denominators tr(W H Wᵀ) are taken before."""
-        trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
-        runs = stack_runs(list(linears), self.plan, self.stack)
-        consume = hessian is not None and all(self.plan[run[0]].method in CONSUMES_HESSIAN for run in runs)
-        scales = {n: report_denominator(weight_out_in(m), hessian) for n, m in linears.items()} if consume else {}
-        mine = {j: self._solve_run(run, linears, hessian, consume and j == len(runs) - 1)
-                for j, run in enumerate(runs) if self.ranks.solves(j)}
-        solved = {}
-        if self.ranks.world == 1:
-            for result in mine.values():
-                solved.update(result)
+    def _process_head(self, walk: _Walk) -> None:
+        """The lm_head, solved on norm(last block's outputs) with the tensors outside the blocks on the device."""
+        name = self.family.lm_head
+        with self._outside_on_device():
+            head = get_module(self.model, name)
+            hessian = None
+            if walk.batches is not None:
+                hessian = lm_head_hessian(get_module(self.model, self.family.final_norm), head, walk.batches,
+                                          self.device, self.ranks, self.total_batches)
+            compressed = walk.solver.solve_group({name: head}, hessian)
+        if walk.sink is not None:
+            walk.sink.write_block(len(self.blocks), compressed, {}, walk.solver.reports_of([name]))
         else:
-            packed = {j: {n: (portable(s.compressed), s.damping, s.notes, s.row_errors, sec) for n, (s, sec) in r.items()}
-                      for j, r in mine.items()}
-            for result in share_solved(self.ranks, packed, len(runs)):
-                solved.update({n: (Solution(CompressedWeight.from_tensors(*cw), damping, notes, row_errors), sec)
-                               for n, (cw, damping, notes, row_errors, sec) in result.items()})
-        return {name: self._record(name, linears[name], hessian, *solved[name], reports, scales.get(name))
-                for name in linears}
+            walk.kept.update(compressed)
 
-    def _solve_run(self, run: list[str], linears, hessian, consume: bool = False) -> dict:
-        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows.
-        consume: the solver may factor `hessian` in place (it is not used after)."""
-        config = self.plan[run[0]]
-        fisher = _wants_fisher(config)
-        hessian = hessian if config.needs_hessian else None
-        weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
-        extra = {"consume_hessian": True} if consume else {}
-        t0 = time.perf_counter()
-        if len(run) > 1:
-            extra |= {"sensitivities": [self.sensitivity[n] for n in run]} if fisher else {}
-            solutions = GROUP_SOLVERS[config.method](weights, hessian, config, **extra)
-        else:
-            extra |= {"sensitivity": self.sensitivity[run[0]]} if fisher else {}
-            solutions = [METHODS[config.method][1](weights[0], hessian, config, **extra)]
-        seconds = time.perf_counter() - t0
-        rows = [w.shape[0] for w in weights]
-        return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
-
-    def _record(self, name, linear, hessian, solution, seconds, reports, scale=None) -> CompressedWeight:
-        """Report the layer's solution and put its dense view into the model (later stages see it).
-        scale: the report's denominator tr(W H Wᵀ), taken before a solver consumed `hessian`."""
-        config = self.plan[name]
-        weight = weight_out_in(linear)  # [out, in]
-        cw = solution.compressed
-        if hessian is not None and solution.row_errors is not None:
-            scale = report_denominator(weight, hessian) if scale is None else scale
-            rel_error = relative_error_of_rows(solution.row_errors, scale)
-        else:
-            dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
-            rel_error = relative_error(weight, dense, hessian)
-            del dense
-        reports.append(
-            LayerReport(
-                name=name,
-                method=config.method,
-                rel_error=rel_error,
-                error_space="output" if hessian is not None else "weight",
-                seconds=seconds,
-                bits_per_weight=cw.bits_per_weight(),
-                damping=solution.damping,
-                sparsity=1 - cw.kept / cw.numel,
-                notes=solution.notes,
-            )
-        )
-        _put_dense(linear, cw)
-        return cw
-
-    def _lm_head_hessian(self, batches) -> torch.Tensor:
-        norm = get_module(self.model, self.family.final_norm)
-        head = get_module(self.model, self.family.lm_head)
-
-        def blank():
-            return {"head": HessianAccumulator(head.in_features, self.device)}
-
-        def leaves():
-            for batch in batches:
-                leaf = blank()
-                leaf["head"].add(norm(batch.hidden))
-                yield leaf
-
-        return reduce_hessians(self.ranks, leaves(), self.total_batches, blank)["head"].take_hessian()
-
-    def _hand_over_head(self, cw, writer, kept, reports):
-        if writer is not None:
-            writer.write_block(len(self.blocks), {self.family.lm_head: cw}, {}, _reports_of(reports, [self.family.lm_head]))
-        else:
-            kept[self.family.lm_head] = cw
-
-    def _hand_over(self, index, block, compressed, writer, kept, reports):
-        if writer is None:
-            kept.update(compressed)
+    def _hand_over(self, walk: _Walk, index: int, block: nn.Module, compressed: dict[str, CompressedWeight]) -> None:
+        if walk.sink is None:
+            walk.kept.update(compressed)
             return
         plain = {}
         for rel, tensor in block.state_dict().items():
             name = self._name(index, rel)
             if name.removesuffix(".weight") not in compressed:
                 plain[name] = tensor
-        writer.write_block(index, compressed, plain, _reports_of(reports, compressed))
+        walk.sink.write_block(index, compressed, plain, walk.solver.reports_of(compressed))
 
     def _name(self, index: int, rel: str) -> str:
         return f"{self.family.blocks}.{index}.{rel}"
 
 
-def _reports_of(reports: list[LayerReport], names) -> dict[str, dict]:
-    """The manifest entries of the layers `names` (the block just handed over)."""
-    names = set(names)
-    return {r.name: r.to_dict() for r in reports if r.name in names}
+class LayerwiseCompressor:
+    """Compress `model` in place, block by block, with the methods `recipe` assigns: the block
+    walker with the compressing group solver."""
 
+    def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
+                 sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
+                 offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True):
+        """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
+        from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
+        stack: solve the layers of one input group with one config as one stacked matrix
+        (stacking.py; same result). ranks: this process's share of the batches and layers under
+        torch.distributed (`distributed`). The other arguments: `BlockWalker`'s."""
+        self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul)
+        self.model = model
+        self.recipe = recipe
+        self.sensitivity = sensitivity or {}
+        self.stack = stack
+        self.ranks = ranks
+        self.plan: dict[str, MethodConfig] = plan_layers(model, self.family, recipe.config_for, recipe.names_lm_head(),
+                                                         self.sensitivity)
+        self.left_out = left_out(model, self.family, self.plan)
 
-def _warn_if_mostly_left_out(left_out: dict, planned: bool) -> None:
-    if planned and left_out["parameters"] * 2 > left_out["block_parameters"]:
-        log.warning("most block weights stay float16: %s", describe_left_out(left_out))
+    @property
+    def family(self) -> Family:
+        return self.walker.family
+
+    @property
+    def device(self) -> torch.device:
+        return self.walker.device
+
+    @property
+    def fast_matmul(self) -> bool:
+        return self.walker.fast_matmul
+
+    @property
+    def lockstep(self) -> bool | str:
+        """"auto" until a streamed compress has chosen (`BlockWalker._choose_lockstep`)."""
+        return self.walker.lockstep
+
+    @property
+    def needs_data(self) -> bool:
+        """Some layer's method needs its inputs (a Hessian); otherwise no calibration is streamed."""
+        return any(config.needs_hessian for config in self.plan.values())
+
+    def compress(self, windows: torch.Tensor | None, writer: BlockSink | None = None,
+                 on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None) -> CompressionResult:
+        """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
+        per-layer report (and the weights, without a writer); see `BlockWalker.walk`."""
+        start = time.perf_counter()
+        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks)
+        kept = self.walker.walk(solver, windows, writer, on_block_output)
+        return CompressionResult(solver.reports, kept, time.perf_counter() - start, self.left_out)
 
 
 def _onload(block: nn.Module, device: torch.device) -> tuple[torch.dtype, list[nn.Linear]]:
@@ -491,87 +404,6 @@ def _onload(block: nn.Module, device: torch.device) -> tuple[torch.dtype, list[n
         if tensor.is_floating_point() and id(tensor) not in narrow:
             tensor.data = tensor.data.to(COMPUTE_DTYPE)
     return kept, upcast
-
-
-def _put_dense(linear: nn.Module, cw: CompressedWeight) -> None:
-    """The compressed weight's dense values into `linear` (later stages and blocks see them), in the
-    dtype it stores its weight in (float16 values: exact in float16 and float32)."""
-    weight = linear.weight
-    set_weight_out_in(linear, cw.dequantize().to(device=weight.device, dtype=weight.dtype))
-
-
-def _wants_fisher(config: MethodConfig) -> bool:
-    """Whether the layer's solver takes caller-given sensitivities (skm with sensitivity: fisher)."""
-    return getattr(config, "sensitivity", None) == "fisher"
-
-
-def collect_hessians(
-    block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True,
-    ranks: Ranks = SINGLE, total: int | None = None, park_dir: Path | None = None,
-) -> dict[str, torch.Tensor]:
-    """Run every batch through `block` (block number `index`, whose captured arguments it is
-    called with), accumulating H of each named linear's input. One partial H per batch, summed
-    along the fixed tree of `distributed.reduce_batches` (`batches`: this rank's share of `total`).
-
-    With `stop_early` the forward is cut as soon as every named linear has seen its input: the
-    rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
-    (the q/k/v stage costs one norm, the o stage stops before o_proj, …). Only safe when each
-    linear runs once per forward, which the declared families guarantee.
-    """
-    linears = {name: block.get_submodule(name) for name in names}
-    pending: set[str] = set()
-    current: dict[str, HessianAccumulator] = {}
-
-    def blank():
-        return {name: _blank_for(m) for name, m in linears.items()}
-
-    def grab(name, x):
-        if name not in current:  # made here, not before the forward: an 8192-wide H is 268 MB, not
-            current[name] = _blank_for(linears[name])  # to be resident beside the forward's temporaries
-        current[name].add(x)
-        pending.discard(name)
-        if stop_early and not pending:
-            raise StopForward
-
-    def leaves():
-        for batch in batches:
-            current.clear()
-            pending.update(names)
-            try:
-                run_block(block, batch, index)
-            except StopForward:
-                pass
-            yield {name: current.get(name) or _blank_for(m) for name, m in linears.items()}
-
-    handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
-    try:
-        summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank, park_dir)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: acc.take_hessian() for name, acc in summed.items()}
-
-
-def _blank_for(linear: nn.Module) -> HessianAccumulator:
-    return HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
-
-
-def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
-    """Linears grouped by the input tensor they share, in execution order (generic fallback)."""
-    seen: dict[tuple, list[str]] = {}
-    handles = []
-    for name, module in block.named_modules():
-        if is_compressible(module):
-            def hook(m, inp, out, name=name):
-                x = inp[0]
-                seen.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
-            handles.append(module.register_forward_hook(hook))
-    try:
-        run_block(block, batch, index)
-    finally:
-        for h in handles:
-            h.remove()
-    return tuple(tuple(names) for names in seen.values())
 
 
 def _move_outside(

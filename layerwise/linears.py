@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .compressible import is_compressible, is_transposed
 from .errors import ModelError
+from .formats import CompressedWeight
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -35,6 +36,13 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 def set_weight_out_in(module: nn.Module, dense: torch.Tensor) -> None:
     """Store an [out, in] matrix as the module's weight, in the module's own layout."""
     module.weight.data = dense.t().contiguous() if is_transposed(module) else dense
+
+
+def put_dense(linear: nn.Module, cw: CompressedWeight) -> None:
+    """The compressed weight's dense values into `linear` (later stages and blocks see them), in the
+    dtype it stores its weight in (float16 values: exact in float16 and float32)."""
+    weight = linear.weight
+    set_weight_out_in(linear, cw.dequantize().to(device=weight.device, dtype=weight.dtype))
 
 
 def to_module_layout(module: nn.Module, dense: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedCheckpoint, is_checkpoint, load_compressed
+from .devices import resolve_device
 from .errors import ModelError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ def load_checkpoint(name_or_path: str, dtype: str = "auto", device: str = "cpu",
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
-    from .engine import resolve_device
 
     device = str(resolve_device(device))  # an unknown or absent device is one line, not a torch traceback
     if is_checkpoint(name_or_path):

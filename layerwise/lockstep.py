@@ -2,7 +2,7 @@
 thread, all batches pause together at the input of each group of linears, the group is solved from
 the complete Hessian, and every batch resumes with the compressed weights.
 
-Each stage still sees the earlier stages' error (the staged semantics of engine.collect_hessians,
+Each stage still sees the earlier stages' error (the staged semantics of block_hessians.collect_hessians,
 stage by stage), but the block is run once instead of once per stage plus once more for the next
 block's inputs: the forward that collected the last stage's Hessian has already produced the block's
 compressed outputs. The threads take turns (only one runs at a time, in batch order), so the
@@ -68,6 +68,22 @@ class _Batch(threading.Thread):
             raise self.error
 
 
+def _pause_hook(name: str, current: dict[int, _Batch], accs: dict[str, HessianTree], sizes: dict) -> Callable:
+    """The forward pre-hook of group leader `name`: add the calling batch's input to the group's
+    Hessian, then pause that batch until the group is solved."""
+    def grab(module, inp):
+        thread = current.get(threading.get_ident())
+        if thread is None:  # a forward outside the lockstep run (none expected)
+            return
+        if name in accs:  # (a second call is reported by the coordinator)
+            partial = HessianAccumulator(*sizes[name])
+            partial.add(inp[0])
+            accs[name].push(partial)
+            del partial  # this frame waits through the solve: it must not keep an [in, in] alive
+        thread.pause(name)
+    return grab
+
+
 def lockstep_block(
     block: nn.Module,
     index: int,
@@ -77,32 +93,20 @@ def lockstep_block(
     ranks: Ranks = SINGLE,
     total: int | None = None,
 ) -> list[torch.Tensor]:
-    """Run `block` (block number `index`, whose captured arguments each batch holds) over `batches`, solving each group at its input: `leaders` are the first linear
-    of every group to solve (its input is the group's input), in any order; `solve(leader,
-    hessian)` compresses the group in place. Returns the block's outputs per batch (compressed).
+    """Run `block` (block number `index`, whose captured arguments each batch holds) over `batches`,
+    solving each group at its input: `leaders` are the first linear of every group to solve (its
+    input is the group's input), in any order; `solve(leader, hessian)` compresses the group in
+    place. Returns the block's outputs per batch (compressed).
     ranks, total: under torch.distributed `batches` is this rank's share of `total` batches; every
     group's Hessian is then reduced across the ranks at its pause (`distributed.HessianTree`)."""
     threads = [_Batch(block, index, b) for b in batches]
-    current = {}
+    current: dict[int, _Batch] = {}
     sizes = {name: (linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device) for name in leaders}
     # one partial H per batch, summed along the fixed tree the staged path uses (same bits on any ranks)
     total = len(threads) if total is None else total
     accs = {name: HessianTree(ranks, total, *sizes[name]) for name in leaders}
-
-    def hook(name):
-        def grab(module, inp):
-            thread = current.get(threading.get_ident())
-            if thread is None:  # a forward outside the lockstep run (none expected)
-                return
-            if name in accs:  # (a second call is reported by the coordinator)
-                partial = HessianAccumulator(*sizes[name])
-                partial.add(inp[0])
-                accs[name].push(partial)
-                del partial  # this frame waits through the solve: it must not keep an [in, in] alive
-            thread.pause(name)
-        return grab
-
-    handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in leaders]
+    handles = [block.get_submodule(name).register_forward_pre_hook(_pause_hook(name, current, accs, sizes))
+               for name in leaders]
     try:
         for t in threads:
             t.start()

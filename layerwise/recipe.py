@@ -24,8 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from . import methods
+from .coremltools_dialect import coremltools_rules
 from .errors import RecipeError
-from .solvers import METHODS, MethodConfig
+from .solvers import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -82,19 +84,16 @@ def method_config(raw: dict | None, where: str) -> MethodConfig | None:
         raise RecipeError(f"{where}: a method config must be a mapping or null, got {type(raw).__name__}")
     raw = dict(raw)
     method = raw.pop("method", None)
-    if method not in METHODS:
-        raise RecipeError(f"{where}: method={method!r} is unknown; use one of {sorted(METHODS)}")
-    config_cls, _ = METHODS[method]
-    return config_cls.from_dict(raw, where=f"{where} (method {method})")
+    if not methods.is_method(method):
+        raise RecipeError(f"{where}: method={method!r} is unknown; use one of {sorted(methods.names())}")
+    return methods.method(method).config.from_dict(raw, where=f"{where} (method {method})")
 
 
 def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
     if any(k in data for k in ("global_config", "module_type_configs", "module_name_configs")):
-        from .coremltools_dialect import recipe_from_coremltools
-
-        return recipe_from_coremltools(data, where)
+        return Recipe(tuple(Rule(pattern, method_config(raw, at)) for pattern, raw, at in coremltools_rules(data, where)))
     unknown = set(data) - {"rules"}
     if unknown:
         raise RecipeError(

@@ -108,12 +108,12 @@ DYING_RANK = textwrap.dedent(
     import os, sys
     from layerwise import engine
     die_rank, k = int(sys.argv[1]), int(sys.argv[2])
-    process_block = engine.LayerwiseCompressor._process_block
+    process_block = engine.BlockWalker._process_block
     def process_then_die(self, index, *args, **kwargs):
         process_block(self, index, *args, **kwargs)
         if index == k and self.ranks.rank == die_rank:
             os._exit(1)
-    engine.LayerwiseCompressor._process_block = process_then_die
+    engine.BlockWalker._process_block = process_then_die
     from layerwise.cli import main
     sys.exit(main(sys.argv[3:]))
     """

@@ -5,7 +5,8 @@ import torch
 
 from layerwise.engine import LayerwiseCompressor
 from layerwise.recipe import Recipe, method_config, recipe_from_dict
-from layerwise.solvers import GROUP_SOLVERS, METHODS, GPTQConfig, RTNConfig
+from layerwise import methods
+from layerwise.solvers import GPTQConfig, RTNConfig, gptq, skm, sparsegpt
 from layerwise.stacking import stack_runs
 
 from conftest import build_tiny_model
@@ -37,9 +38,10 @@ def test_group_solver_equals_one_by_one(raw):
     H = correlated_hessian()
     g = torch.Generator().manual_seed(4)
     weights = [torch.randn(rows, 128, generator=g) * 0.05 for rows in (64, 32, 32)]
-    stacked = GROUP_SOLVERS[raw["method"]](weights, H, config)
+    assert methods.method(raw["method"]).stacks
+    stacked = methods.solve_group(config, weights, H)
     for w, sol in zip(weights, stacked):
-        alone = METHODS[raw["method"]][1](w, H, config)
+        alone = {"gptq": gptq, "sparsegpt": sparsegpt, "skm": skm}[raw["method"]](w, H, config)
         assert_same(sol.compressed, alone.compressed)
         assert sol.damping == alone.damping
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..engine import resolve_device
+from ..devices import resolve_device
 from ..errors import DataError
 from ..linears import linear_shape
 

@@ -1,10 +1,10 @@
 """Measure every candidate of every layer: its output error on the calibration data and its bytes.
 
-The engine's own streaming pass (capture, per-block Hessians, lazy blocks, every family's
-arguments) with one difference: each layer's solve step solves every candidate of its menu
-(through the solvers' public API), records them, and leaves the weight as it was — so every
-Hessian is that of the *uncompressed* model. Layers sharing an input (q/k/v, gate/up) solve each
-common candidate as one stacked matrix where the method has a group solver, and the candidates
+The engine's block walker (capture, per-block Hessians, lazy blocks, every family's arguments)
+with its own group solver, `CandidateMeasurer`: each layer solves every candidate of its menu
+(through the method registry), records them, and leaves the weight as it was — so every Hessian
+is that of the *uncompressed* model. Layers sharing an input (q/k/v, gate/up) solve each
+common candidate as one stacked matrix where the method's solver stacks, and the candidates
 of one damping and act-order share one factored H⁻¹ (the same answers as one by one, one
 Hessian factorization per group instead of one per layer and candidate).
 """
@@ -12,19 +12,18 @@ Hessian factorization per group instead of one per layer and candidate).
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .. import methods
 from ..coreml.layout import exported_bytes
-from ..engine import LayerwiseCompressor
+from ..engine import BlockWalker
 from ..formats import CompressedWeight
-from ..hessian import PreparedHessian
 from ..linears import weight_out_in
-from ..recipe import Recipe, Rule
-from ..solvers import GROUP_SOLVERS, METHODS, MethodConfig
+from ..plan import left_out, plan_layers
+from ..solvers import MethodConfig
 from ..solvers.base import prepare_for
 
 log = logging.getLogger(__name__)
@@ -48,46 +47,49 @@ def measure_candidates(
 ) -> dict[str, list[Candidate]]:
     """{layer name: one Candidate per config of its menu}. windows: [N, L] token ids.
     offload_dir: keep the block activations memory-mapped there (the engine's --offload-activations)."""
-    measurer = _CandidateMeasurer(model, menus, device=device, batch_size=batch_size, offload_dir=offload_dir)
-    measurer.compress(windows)
+    # not staged: the model stays uncompressed, so one Hessian pass per block gives the same Hessians
+    walker = BlockWalker(model, device=device, batch_size=batch_size, staged=False, offload_dir=offload_dir)
+    # the layers' checks (shapes, sensitivities, what stays float16) as a compression run makes them
+    plan = plan_layers(model, walker.family, lambda name: menus[name][0] if name in menus else None)
+    left_out(model, walker.family, plan)
+    measurer = CandidateMeasurer(menus)
+    walker.walk(measurer, windows)
     return {name: measurer.table[name] for name in menus}
 
 
-class _CandidateMeasurer(LayerwiseCompressor):
-    """The engine's loop; its per-layer solve measures the whole menu and changes nothing."""
+class CandidateMeasurer:
+    """The walker's group solver of a measuring run (`engine.GroupSolver`): every candidate of every
+    layer of a group is solved and recorded in `table`, and the weights stay as they were."""
 
-    def __init__(self, model, menus, **kwargs):
-        # the plan (which layers, checked shapes) comes from each menu's first candidate; not staged:
-        # the model stays uncompressed, so one Hessian pass per block gives the same Hessians
-        recipe = Recipe(tuple(Rule(f"^{re.escape(name)}$", menu[0]) for name, menu in menus.items()))
-        super().__init__(model, recipe, staged=False, **kwargs)
+    needs_data = True  # every candidate is weighed on the calibration inputs
+
+    def __init__(self, menus: dict[str, tuple[MethodConfig, ...]]):
         self.menus = menus
         self.table: dict[str, list[Candidate]] = {}
 
     @property
-    def needs_data(self) -> bool:  # every candidate is weighed on the calibration inputs
-        return True
+    def layers(self) -> dict[str, tuple[MethodConfig, ...]]:
+        return self.menus
 
-    def _solve_linears(self, linears, hessian, reports) -> dict[str, CompressedWeight]:
-        """Every solve of the engine (one layer or a group sharing `hessian`) goes through here."""
+    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor) -> dict[str, CompressedWeight]:
+        """Measure the menus of layers sharing `hessian` ([in, in]); nothing to hand to a sink."""
         weights = {name: weight_out_in(linear) for name, linear in linears.items()}
         solved = solve_menus(weights, hessian, {name: self.menus[name] for name in linears})
         for name in linears:
             reference = float(_row_errors(weights[name].to(torch.float32), hessian).sum())  # tr(W H Wᵀ), once per layer
             self.table[name] = [_candidate(weights[name], cw, hessian, c, reference)
                                 for cw, c in zip(solved[name], self.menus[name])]
-        # what the engine keeps for each layer (no writer): nothing worth the memory
-        return {name: _PLACEHOLDER for name in linears}
+        return {}
 
-
-_PLACEHOLDER = CompressedWeight((1, 1), "dense", values=torch.zeros(1, 1, dtype=torch.float16))
+    def reports_of(self, names) -> dict[str, dict]:
+        return {}
 
 
 def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
                 menus: dict[str, tuple[MethodConfig, ...]]) -> dict[str, list[CompressedWeight]]:
     """Every candidate of layers sharing `hessian` (weights: {name: [out, in]}), the same answers
-    as solving each alone: a config in several menus is solved once as one stacked matrix where
-    the method has a group solver, and candidates of equal damping and act-order share one
+    as solving each alone: a config in several menus is solved once for all of them (one stacked
+    matrix where the method's solver stacks), and candidates of equal damping and act-order share one
     factored H⁻¹ (`prepare_for`), computed once and dropped before the next one is made."""
     solved: dict[str, list[CompressedWeight | None]] = {name: [None] * len(menu) for name, menu in menus.items()}
     configs = [c for menu in menus.values() for c in menu]
@@ -99,8 +101,9 @@ def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
                     continue
                 # every layer whose menu has this config (configs are unhashable dataclasses)
                 members = [(n, m.index(config)) for n, m in menus.items() if config in m]
-                for (n, j), cw in zip(members, _solve(config, [weights[n] for n, _ in members], hessian, prepared)):
-                    solved[n][j] = cw
+                solutions = methods.solve_group(config, [weights[n] for n, _ in members], hessian, prepared=prepared)
+                for (n, j), solution in zip(members, solutions):
+                    solved[n][j] = solution.compressed
         del prepared
     return solved
 
@@ -108,16 +111,6 @@ def solve_menus(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
 def _preparation(config: MethodConfig) -> tuple[float, bool] | None:
     """What the factored H⁻¹ of `config`'s solve depends on besides H (None: it takes none)."""
     return config.hessian_preparation() if config.needs_hessian else None
-
-
-def _solve(config: MethodConfig, weights: list[torch.Tensor], hessian: torch.Tensor,
-           prepared: PreparedHessian | None) -> list[CompressedWeight]:
-    """One candidate for layers sharing `hessian`: stacked when the method has a group solver."""
-    h = hessian if config.needs_hessian else None
-    shared = {} if prepared is None else {"prepared": prepared}
-    if len(weights) > 1 and config.method in GROUP_SOLVERS:
-        return [s.compressed for s in GROUP_SOLVERS[config.method](weights, h, config, **shared)]
-    return [METHODS[config.method][1](w, h, config, **shared).compressed for w in weights]
 
 
 def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor, config: MethodConfig,

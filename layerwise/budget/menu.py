@@ -2,7 +2,7 @@
 
 By default (`--method gptq` or `rtn` with `--target-*`) every block linear may take any of
 {2, 3, 4, 8} bits × {per-channel, blocks of 128, blocks of 32}; with `--method skm` (or `kmeans`)
-{2, 3, 4, 6}-bit palettes. The other flags given (`--sym`, `--no-act-order`, `--group-size`, …)
+{2, 3, 4, 6}-bit palettes (each method's `menu` in `layerwise.methods`). The other flags given (`--sym`, `--no-act-order`, `--group-size`, …)
 apply to every candidate. A recipe can give its own `menu:` per rule instead.
 """
 
@@ -12,29 +12,26 @@ import torch.nn as nn
 
 from layerwise.models.families import get_module, resolve_family
 
+from .. import methods
 from ..errors import RecipeError
 from ..linears import is_compressible, linear_shape
 from ..recipe import Recipe, Rule, method_config
 from ..solvers import MethodConfig
 
-QUANT_MENU = tuple((bits, block) for bits in (2, 3, 4, 8) for block in (None, 128, 32))
-PALETTE_MENU_BITS = (2, 3, 4, 6)
-MENU_METHODS = ("gptq", "rtn", "skm", "kmeans")
-
 
 def default_menu(base: dict) -> tuple[MethodConfig, ...]:
-    """The default candidates for `base`, a method config dict (e.g. from the command-line flags)."""
+    """The default candidates for `base`, a method config dict (e.g. from the command-line flags):
+    its method's registered menu (`methods.Method.menu`), each candidate's keys over `base`."""
     method = base.get("method")
-    if method in ("gptq", "rtn"):
-        raws = [{**base, "bits": bits, "block_size": block} for bits, block in QUANT_MENU]
-    elif method in ("skm", "kmeans"):
-        raws = [{**base, "n_bits": bits} for bits in PALETTE_MENU_BITS]
-    else:
+    menu = methods.method(method).menu if methods.is_method(method) else ()
+    if not menu:
+        with_menu = [name for name in methods.names() if methods.method(name).menu]
         raise RecipeError(
-            f"--target-bits/--target-mb choose bits for {', '.join(MENU_METHODS)}, not {method!r}; "
+            f"--target-bits/--target-mb choose bits for {', '.join(with_menu)}, not {method!r}; "
             "use one of those methods or a recipe whose rules give a 'menu'"
         )
-    if "bits" in base or "n_bits" in base or "block_size" in base:
+    raws = [{**base, **candidate} for candidate in menu]
+    if set(base) & methods.menu_keys():
         raise RecipeError("--bits and --block-size are what a budget chooses; drop them when giving --target-bits/--target-mb")
     return tuple(method_config(raw, "default menu") for raw in raws)
 

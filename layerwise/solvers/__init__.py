@@ -1,8 +1,8 @@
 """Solvers: pure functions (weight [out, in], hessian [in, in] | None, config) -> Solution.
 
-`METHODS` maps each recipe method name to its config class and solver function. `GROUP_SOLVERS`
-holds the methods that can also solve several layers sharing one Hessian as one stacked matrix:
-(weights [[out_k, in]], hessian, config) -> [Solution] (the same answers as one by one).
+The `*_group` solvers take several layers sharing one Hessian and sweep them as one stacked
+matrix: (weights [[out_k, in]], hessian, config) -> [Solution] (the same answers as one by one).
+Which recipe method uses which solver is `layerwise.methods`' registry.
 """
 
 from .base import MethodConfig, Solution
@@ -15,19 +15,8 @@ from .rtn import rtn
 from .sparse_config import MagnitudeConfig, SparseGPTConfig
 from .sparsegpt import sparsegpt, sparsegpt_group
 
-METHODS: dict[str, tuple[type[MethodConfig], object]] = {
-    "gptq": (GPTQConfig, gptq),
-    "rtn": (RTNConfig, rtn),
-    "sparsegpt": (SparseGPTConfig, sparsegpt),
-    "magnitude": (MagnitudeConfig, magnitude),
-    "skm": (SKMConfig, skm),
-    "kmeans": (KMeansConfig, kmeans),
-}
-GROUP_SOLVERS = {"gptq": gptq_group, "sparsegpt": sparsegpt_group, "skm": skm_group}
-# solvers that take consume_hessian=True (factor H in the caller's buffer) and return Solution.row_errors
-CONSUMES_HESSIAN = {"gptq"}
-
 __all__ = [
-    "METHODS", "GROUP_SOLVERS", "CONSUMES_HESSIAN", "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "SparseGPTConfig", "MagnitudeConfig",
+    "MethodConfig", "Solution", "GPTQConfig", "RTNConfig", "SparseGPTConfig", "MagnitudeConfig",
     "SKMConfig", "KMeansConfig", "gptq", "rtn", "sparsegpt", "magnitude", "skm", "kmeans",
+    "gptq_group", "sparsegpt_group", "skm_group",
 ]

@@ -8,7 +8,7 @@ import torch
 
 from layerwise.budget.measure import solve_menus
 from layerwise.recipe import method_config
-from layerwise.solvers import METHODS
+from layerwise import methods
 from layerwise.solvers.base import prepare_for
 
 from solvers.test_gptq import correlated_hessian
@@ -39,8 +39,7 @@ def test_shared_factorization_gives_the_one_by_one_answers():
     for name, menu in menus.items():
         assert len(solved[name]) == len(menu)
         for config, cw in zip(menu, solved[name]):
-            h = H if config.needs_hessian else None
-            assert_same(cw, METHODS[config.method][1](weights[name], h, config).compressed)
+            assert_same(cw, methods.solve_group(config, [weights[name]], H)[0].compressed)
 
 
 def test_configs_that_share_a_preparation_share_its_factor():

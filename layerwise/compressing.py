@@ -1,0 +1,141 @@
+"""Compressing a group of layers that share one input: solve, report, put the dense view back.
+
+`Compressing` is the block walker's group solver for a compression run (`engine.GroupSolver`):
+each layer is solved with its planned config through the method registry, stacked where the
+method allows (`stacking.stack_runs`), its error reported (`LayerReport`), and its dequantized
+weight put into the model so that later stages and blocks see the compression error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from . import methods
+from .distributed import SINGLE, Ranks, portable, share_solved
+from .formats import CompressedWeight
+from .hessian import relative_error, relative_error_of_rows, report_denominator
+from .linears import put_dense, weight_out_in
+from .memory import trim_heap
+from .solvers import MethodConfig, Solution
+from .stacking import stack_runs
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    rel_error: float  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs this layer saw
+    seconds: float  # solver time (a stacked group's time shared out by rows)
+    bits_per_weight: float  # packed payload bits / weights (codes, scales, LUTs, mask)
+    damping: float | None
+    sparsity: float
+    notes: list[str] = field(default_factory=list)
+    # "output": rel_error as above; "weight": |ΔW|² / |W|² (data-free recipe, no inputs streamed)
+    error_space: str = "output"
+
+    def to_dict(self) -> dict:
+        """The manifest's form (the name is its key there)."""
+        return {
+            "method": self.method, "rel_error": self.rel_error, "error_space": self.error_space, "seconds": self.seconds,
+            "bits_per_weight": self.bits_per_weight, "damping": self.damping, "sparsity": self.sparsity,
+            "notes": self.notes,
+        }
+
+
+class Compressing:
+    """Solve each planned layer with its config and keep its report (`reports`, in solving order).
+
+    plan: {layer name: config} (`plan.plan_layers`). sensitivity: {layer name: [out, in]} for the
+    methods that want caller-given sensitivities. stack: solve equal configs of one input group as
+    one stacked matrix (same result). ranks: the runs of a group are dealt round-robin over the
+    ranks and every rank takes every solution, so weights and reports do not depend on the world size."""
+
+    def __init__(self, plan: dict[str, MethodConfig], sensitivity: dict[str, torch.Tensor] | None = None,
+                 stack: bool = True, ranks: Ranks = SINGLE):
+        self.plan = plan
+        self.sensitivity = sensitivity or {}
+        self.stack = stack
+        self.ranks = ranks
+        self.reports: list[LayerReport] = []
+
+    @property
+    def layers(self) -> dict[str, MethodConfig]:
+        return self.plan
+
+    @property
+    def needs_data(self) -> bool:
+        """Some layer's method needs its inputs (a Hessian); otherwise no calibration is streamed."""
+        return any(config.needs_hessian for config in self.plan.values())
+
+    def reports_of(self, names: Iterable[str]) -> dict[str, dict]:
+        """The manifest entries of the layers `names` (a block handed to the sink)."""
+        names = set(names)
+        return {r.name: r.to_dict() for r in self.reports if r.name in names}
+
+    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
+        """Layers sharing one input (nn.Linear or Conv1D; hessian [in, in] float32, or None: data-free,
+        the report's error is then in weight space), reported in their order.
+
+        When every run's method consumes the Hessian (`methods.Method.consumes_hessian`: its
+        solutions carry `row_errors`), the last run factors H in its own buffer — one [in, in] less
+        at the widest solve — and the reports' denominators tr(W H Wᵀ) are taken before."""
+        trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
+        runs = stack_runs(list(linears), self.plan, self.stack)
+        consume = hessian is not None and all(methods.method(self.plan[run[0]].method).consumes_hessian for run in runs)
+        scales = {n: report_denominator(weight_out_in(m), hessian) for n, m in linears.items()} if consume else {}
+        mine = {j: self._solve_run(run, linears, hessian, consume and j == len(runs) - 1)
+                for j, run in enumerate(runs) if self.ranks.solves(j)}
+        solved = self._gather(mine, len(runs))
+        return {name: self._record(name, linears[name], hessian, *solved[name], scales.get(name)) for name in linears}
+
+    def _gather(self, mine: dict[int, dict], n_runs: int) -> dict[str, tuple[Solution, float]]:
+        """Every run's {name: (Solution, seconds)}, this rank's and the others' (`distributed.share_solved`)."""
+        solved = {}
+        if self.ranks.world == 1:
+            for result in mine.values():
+                solved.update(result)
+            return solved
+        packed = {j: {n: (portable(s.compressed), s.damping, s.notes, s.row_errors, sec) for n, (s, sec) in r.items()}
+                  for j, r in mine.items()}
+        for result in share_solved(self.ranks, packed, n_runs):
+            solved.update({n: (Solution(CompressedWeight.from_tensors(*cw), damping, notes, row_errors), sec)
+                           for n, (cw, damping, notes, row_errors, sec) in result.items()})
+        return solved
+
+    def _solve_run(self, run: list[str], linears, hessian, consume: bool = False) -> dict:
+        """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows.
+        consume: the solver may factor `hessian` in place (it is not used after)."""
+        config = self.plan[run[0]]
+        weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
+        sensitivities = [self.sensitivity[n] for n in run] if methods.wants_sensitivities(config) else None
+        t0 = time.perf_counter()
+        solutions = methods.solve_group(config, weights, hessian, consume_hessian=consume, sensitivities=sensitivities)
+        seconds = time.perf_counter() - t0
+        rows = [w.shape[0] for w in weights]
+        return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
+
+    def _record(self, name, linear, hessian, solution, seconds, scale=None) -> CompressedWeight:
+        """Report the layer's solution and put its dense view into the model (later stages see it).
+        scale: the report's denominator tr(W H Wᵀ), taken before a solver consumed `hessian`."""
+        weight = weight_out_in(linear)  # [out, in]
+        cw = solution.compressed
+        if hessian is not None and solution.row_errors is not None:
+            scale = report_denominator(weight, hessian) if scale is None else scale
+            rel_error = relative_error_of_rows(solution.row_errors, scale)
+        else:
+            dense = cw.dequantize().to(device=weight.device, dtype=torch.float32)
+            rel_error = relative_error(weight, dense, hessian)
+            del dense
+        self.reports.append(LayerReport(
+            name=name, method=self.plan[name].method, rel_error=rel_error,
+            error_space="output" if hessian is not None else "weight", seconds=seconds,
+            bits_per_weight=cw.bits_per_weight(), damping=solution.damping, sparsity=1 - cw.kept / cw.numel,
+            notes=solution.notes,
+        ))
+        put_dense(linear, cw)
+        return cw
