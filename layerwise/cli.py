@@ -64,11 +64,19 @@ def _loading_flags(p: argparse.ArgumentParser, checkpoint: bool = True, long_con
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from layerwise.calib_data import BUNDLED_CALIBRATION
-
     p = _Parser(prog="layerwise", description=__doc__.splitlines()[0])
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_compress(sub)
+    _add_ppl_decompress_inspect(sub)
+    _add_export(sub)
+    _add_bench(sub)
+    _add_generate_and_families(sub)
+    return p
+
+
+def _add_compress(sub) -> None:
+    from layerwise.calib_data import BUNDLED_CALIBRATION
 
     c = sub.add_parser("compress", help="compress a model into a checkpoint directory")
     c.add_argument("model", help="HF model directory or Hub id")
@@ -104,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eager-load", action="store_true",
                    help="load the whole model with from_pretrained instead of reading each block from disk when reached")
 
+
+def _add_ppl_decompress_inspect(sub) -> None:
     q = sub.add_parser("ppl", help="perplexity of a model or checkpoint")
     q.add_argument("model")
     q.add_argument("--data", default="wikitext2", help="wikitext2 | c4 | PATH")
@@ -124,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
 
+
+def _add_export(sub) -> None:
     e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
     e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
     e.add_argument("--out", required=True, help="Model.mlpackage to create")
@@ -134,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--last-logits-only", action="store_true", help="return logits of the last position only")
     e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _loading_flags(e)
+
+
+def _add_bench(sub) -> None:
+    from layerwise.calib_data import BUNDLED_CALIBRATION
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
@@ -151,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "work on a shared machine disturbs least; the table then shows them next to wall seconds)")
     b.add_argument("--results", default="RESULTS.md", help="Markdown file whose grid section is replaced (default: ./RESULTS.md)")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
-    _add_generate_and_families(sub)
-    return p
 
 
 def _add_generate_and_families(sub) -> None:

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import CheckpointWriter, is_checkpoint
+from .devices import resolve_device
 from .distributed import SINGLE, Ranks
 from .errors import RecipeError
+from .loading import check_weights
+from .outputs import check_output
 from .recipe import Recipe
 
 if TYPE_CHECKING:
@@ -69,7 +73,6 @@ class CompressJob:
     @property
     def eager(self) -> bool:
         """Whether the whole model is loaded by transformers (a budget needs it whole)."""
-        from .checkpoint import is_checkpoint
 
         if self.target is not None or self.lazy is False:
             return True
@@ -89,13 +92,10 @@ class CompressJob:
         """
         if self._validated:
             return self
-        from .engine import resolve_device
-        from .outputs import check_output
 
         self.out = check_output(self.out, self.overwrite, self.read_paths)
         resolve_device(self.device)
         if self.ranks.world == 1:  # several ranks: rank 0 names it when opening the writer, to all of them
-            from .checkpoint import CheckpointWriter
 
             CheckpointWriter(self.out, overwrite=self.overwrite, resume=self.resume).check_start()
         self._check_model()
@@ -103,8 +103,6 @@ class CompressJob:
         return self
 
     def _check_model(self) -> None:
-        from .checkpoint import is_checkpoint
-        from .loading import check_weights
 
         if not is_checkpoint(self.model):  # a checkpoint's manifest names and checks its own tensors
             check_weights(self.model, trust_remote_code=self.trust_remote_code, lazy=not self.eager)

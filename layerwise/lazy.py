@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelError
-from .loading import check_causal, check_finite
+from .model_checks import check_causal, check_finite
 
 log = logging.getLogger(__name__)
 
