@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: columns by decreasing H_ii, with static groups (default on)")
     c.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="MSE-optimal range clipping of the grid (default on for gptq/rtn, off for sparse methods)")
+    c.add_argument("--grid", choices=("float16", "mlx", "gguf"),
+                   help="gptq/rtn: put the scales on the lattice whose MLX / GGUF export decodes to exactly these weights "
+                        "(default float16: any float16 scale)")
     c.add_argument("--damp", type=float, help="damping as a fraction of mean(diag H) (default 0.01)")
     c.add_argument("--refine-steps", type=non_negative,
                    help="sparsegpt: CG steps re-solving the kept weights for the final mask (default 32; 0: off)")
@@ -274,7 +277,7 @@ def method_config_from_flags(args) -> dict:
     palettize = args.method in ("skm", "kmeans")
     flags = {
         "bits": "n_bits" if palettize else "bits",
-        "block_size": "block_size", "sym": "sym", "act_order": "act_order", "mse_clip": "mse_clip",
+        "block_size": "block_size", "sym": "sym", "act_order": "act_order", "mse_clip": "mse_clip", "grid": "grid",
         "damp": "damp", "refine_steps": "refine_steps", "sparsity": "sparsity", "nm": "nm",
         "group_size": "group_size", "lut_dtype": "lut_dtype",
     }
