@@ -138,6 +138,11 @@ def _metadata(writer, config, options: ExportOptions) -> None:
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":  # llama.cpp takes these as extra tensors, not written here
+        raise ModelError(f"--format gguf does not write {rope['rope_type']!r} rope scaling yet")
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        log.warning("gguf: llama.cpp attends to the whole context; the model's sliding window of %d is not kept", window)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)

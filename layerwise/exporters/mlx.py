@@ -169,9 +169,34 @@ def _write_config(config, quantization: dict | None, path: Path) -> None:
     raw = json.loads(config.to_json_string(use_diff=False))
     raw.pop("quantization_config", None)
     raw["torch_dtype"] = raw["dtype"] = "float16"
+    raw.update(_legacy_rope_keys(raw))
     if quantization is not None:  # mlx-lm writes both keys; it reads "quantization"
         raw["quantization"] = raw["quantization_config"] = quantization
     path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def _legacy_rope_keys(raw: dict) -> dict:
+    """The rope and window settings under the names mlx-lm's model args read (rope_theta,
+    rope_scaling; Gemma 3's rope_local_base_freq and sliding_window_pattern), which newer
+    transformers keep in `rope_parameters` (per attention kind) and `layer_types` instead;
+    without them mlx-lm silently takes its own defaults."""
+    rope = raw.get("rope_parameters") or {}
+    keys: dict = {}
+    if "full_attention" in rope:  # per attention kind (Gemma 3)
+        keys["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta")
+        rope = rope["full_attention"]
+    if "rope_theta" in rope:
+        keys["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        keys["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+    kinds = raw.get("layer_types") or []
+    if raw.get("model_type") == "gemma3_text" and "full_attention" in kinds:
+        period = kinds.index("full_attention") + 1
+        if any((kind == "full_attention") != ((i + 1) % period == 0) for i, kind in enumerate(kinds)):
+            raise ModelError("--format mlx: mlx-lm's Gemma 3 needs full attention every n-th layer; "
+                             f"this model's layer_types {kinds} is not periodic")
+        keys["sliding_window_pattern"] = period
+    return {k: v for k, v in keys.items() if v is not None and raw.get(k) is None}
 
 
 def _copy_tokenizer(source: str, folder: Path) -> None:

@@ -124,9 +124,13 @@ def llama_cpp_model(path):
 
 
 @pytest.mark.slow
-def test_llama_cpp_logits_match(tiny_dirs, calib_text_file, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_llama_cpp_logits_match(kind, calib_text_file, tmp_path, capsys):
+    from conftest import save_tiny_model
+
     pytest.importorskip("llama_cpp")
-    ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--method", "gptq", "--bits", "4",
+    model = save_tiny_model(tmp_path / kind, kind)
+    ck = compress(model, tmp_path / "ck", calib_text_file, "--method", "gptq", "--bits", "4",
                   "--block-size", "32", "--grid", "gguf")
     export(ck, tmp_path / "m.gguf", capsys)
     llm = llama_cpp_model(tmp_path / "m.gguf")

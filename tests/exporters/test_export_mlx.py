@@ -153,3 +153,19 @@ def test_layout_and_price():
     assert mlx_layout(affine(4, 16)) is None  # blocks of 16: float16
     assert MLX().layer_bytes(affine(4, 8)) == 8 * 256 // 2 + 4 * 8 * 8
     assert MLX().layer_bytes(affine(4, 16)) == 2 * 8 * 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma3_text", "phi3"])
+def test_other_families_load_and_match(kind, tmp_path, capsys, calib_text_file):
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / kind, kind)
+    ck = compress(model, tmp_path / "ck", calib_text_file, "--method", "rtn", "--bits", "4", "--block-size", "32",
+                  "--grid", "mlx")
+    assert "bit for bit" in export(ck, tmp_path / "mlx", capsys)
+    mlx_model, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    ids = [1, 200, 37, 999, 4000, 12, 512, 7]
+    theirs = np.array(mlx_model(mx.array([ids])).astype(mx.float32))[0]
+    ours = our_logits(ck, ids)
+    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
