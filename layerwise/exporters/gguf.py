@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # model_type → (gguf-py architecture, whether q/k rows take Llama's rope permutation)
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
-HEADER_BYTES_PER_TOKEN = 24  # tokenizer metadata per vocabulary entry (string, type, merge), as priced
+HEADER_BYTES_PER_TOKEN = 32  # tokenizer metadata per vocabulary entry (string, type, merge), measured
 
 
 def rope_permutation(rows: int, heads: int) -> torch.Tensor:

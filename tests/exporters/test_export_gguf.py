@@ -55,6 +55,7 @@ def decoded(path, loaded) -> dict[str, tuple[str, np.ndarray]]:
     (["--bits", "4", "--asym"], "Q4_1"),
     (["--bits", "8", "--sym"], "Q8_0"),
     (["--bits", "5", "--asym"], "Q5_1"),
+    (["--bits", "5", "--sym"], "Q5_0"),
 ])
 def test_gguf_grid_decodes_bit_for_bit(flags, kind, tiny_dirs, calib_text_file, tmp_path, capsys):
     ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--method", "rtn", "--block-size", "32",
@@ -162,3 +163,15 @@ def test_llama_cpp_greedy_tokens_match_on_the_demo_model(calib_text_file, tmp_pa
         if len(tokens) == 20:
             break
     assert len(greedy) == 20 and tokens == greedy
+
+
+def test_price_is_within_one_percent_of_the_file(tiny_dirs, calib_text_file, tmp_path, capsys):
+    from layerwise.loading import load_checkpoint
+
+    ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--method", "rtn", "--bits", "4",
+                  "--block-size", "32")
+    export(ck, tmp_path / "m.gguf", capsys)
+    loaded = load_checkpoint(ck, dense=False)
+    price = GGUF().fixed_bytes(loaded.model, list(loaded.compressed))
+    price += sum(GGUF().layer_bytes(cw) for cw in loaded.compressed.values())
+    assert abs(price / (tmp_path / "m.gguf").stat().st_size - 1) < 0.01

@@ -169,3 +169,15 @@ def test_other_families_load_and_match(kind, tmp_path, capsys, calib_text_file):
     theirs = np.array(mlx_model(mx.array([ids])).astype(mx.float32))[0]
     ours = our_logits(ck, ids)
     assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
+
+
+def test_price_is_within_one_percent_of_the_weights(tiny_dirs, calib_text_file, tmp_path, capsys):
+    from layerwise.loading import load_checkpoint
+
+    ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--method", "rtn", "--bits", "3",
+                  "--block-size", "64")
+    export(ck, tmp_path / "mlx", capsys)
+    loaded = load_checkpoint(ck, dense=False)
+    price = MLX().fixed_bytes(loaded.model, list(loaded.compressed))
+    price += sum(MLX().layer_bytes(cw) for cw in loaded.compressed.values())
+    assert abs(price / (tmp_path / "mlx" / "model.safetensors").stat().st_size - 1) < 0.01
