@@ -267,6 +267,7 @@ def _quiet_third_party() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # "… thrown while requesting HEAD" retries
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer's plan names our temporary file
 
 
 def method_config_from_flags(args) -> dict:

@@ -68,6 +68,8 @@ class Tally:
 
     def summary(self, format_name: str, grid_hint: str) -> str:
         """One line: the types, the conversions, and the largest difference from the checkpoint."""
+        if not self.exact and not self.converted:
+            return f"{format_name}: no compressed layers; every tensor as stored, in float16 or float32"
         carried = ", ".join(f"{n} {k}" for k, n in sorted(self.exact.items())) or "none"
         line = f"{format_name}: layers carried as their codes: {carried}"
         if self.converted:
