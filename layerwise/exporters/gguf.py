@@ -48,6 +48,10 @@ class GGUF:
     def check(self, out: Path, options: ExportOptions) -> None:
         if Path(out).suffix != self.suffix:
             raise ModelError(f"--out {out} must end in {self.suffix}")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ModelError("--format gguf needs the gguf package: pip install gguf") from None
 
     def tokenizer_dir(self, out: Path) -> None:
         return None  # the vocabulary is in the file's metadata
