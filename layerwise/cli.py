@@ -136,9 +136,9 @@ def _add_ppl_decompress_inspect(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
+    e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (default), MLX directory or GGUF file")
     e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
-    e.add_argument("--out", required=True, help="Model.mlpackage to create")
+    e.add_argument("--out", required=True, help="Model.mlpackage, MLX directory or FILE.gguf to create")
     e.add_argument("--format", default=DEFAULT_FORMAT, choices=sorted(EXPORTERS), help="output format (default: coreml)")
     e.add_argument("--context", type=positive, default=512, help="maximum tokens (KV-cache length)")
     e.add_argument("--multifunction", action="store_true", help="prefill + decode functions sharing the weights")
@@ -262,6 +262,7 @@ def _quiet_third_party() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # "… thrown while requesting HEAD" retries
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer's plan names our temporary file
 
 
 def _method_flags(p: argparse.ArgumentParser) -> None:
@@ -373,8 +374,11 @@ def cmd_export(args) -> int:
                           prefill_length=args.prefill_length, last_logits_only=args.last_logits_only,
                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, verify=args.verify,
                           allow_long_context=args.allow_long_context, format=args.format)
-    print(f"wrote {report['path']}: {report['size_bytes'] / 1e6:.2f} MB in {report['seconds']:.1f} s; "
-          f"functions {', '.join(report['functions'])}; compressed ops {report['compressed']}")
+    done = f"wrote {report['path']}: {report['size_bytes'] / 1e6:.2f} MB in {report['seconds']:.1f} s"
+    if "summary" in report:  # MLX, GGUF: which layers went into which type, and how exactly
+        print(f"{done}\n{report['summary']}")
+    else:
+        print(f"{done}; functions {', '.join(report['functions'])}; compressed ops {report['compressed']}")
     return 0
 
 

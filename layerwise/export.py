@@ -34,7 +34,7 @@ def export_model(model_path: str, out_path: str | Path, context: int = 512, mult
         # dense=False: the compressed layers reach the exporter as codes only, never as dense copies
         loaded = load_checkpoint(model_path, trust_remote_code=trust_remote_code, verify=verify, dense=False,
                                  spill=spill)
-        options = dataclasses.replace(options, metadata=provenance(loaded.manifest, model_path))
+        options = dataclasses.replace(options, metadata=provenance(loaded.manifest, model_path), source=str(model_path))
         report = exporter.export(loaded, out_path, options)
     if tokenizer_dir is not None:
         _save_tokenizer(model_path, tokenizer_dir, report, overwrite, trust_remote_code)

@@ -93,6 +93,8 @@ ACT_ORDER = _quant_flag("act_order", ("--act-order",), "GPTQ: columns by decreas
 MSE_CLIP = _quant_flag("mse_clip", ("--mse-clip",),
                        "MSE-optimal range clipping of the grid (default on for gptq/rtn, off for sparse methods)",
                        action=argparse.BooleanOptionalAction, default=None)
+GRID = _quant_flag("grid", ("--grid",), "gptq/rtn: put the scales on the lattice whose MLX / GGUF export decodes to exactly "
+                   "these weights (default float16: any float16 scale)", choices=("float16", "mlx", "gguf"))
 DAMP = _quant_flag("damp", ("--damp",), "damping as a fraction of mean(diag H) (default 0.01)", type=float)
 REFINE_STEPS = Flag("refine_steps", (Option(("--refine-steps",), {
     "help": "sparsegpt: CG steps re-solving the kept weights for the final mask (default 32; 0: off)"}, 0),), "refine_steps")
@@ -103,7 +105,7 @@ GROUP_SIZE = Flag("group_size", (Option(("--group-size",), {
 NO_ERROR_FEEDBACK = Flag("no_error_feedback", (Option(("--no-error-feedback",), {
     "action": "store_true", "help": "skm: fit the palette without GPTQ-style feedback"}),), "error_feedback", when_set=False)
 LUT_DTYPE = _quant_flag("lut_dtype", ("--lut-dtype",), "palettization: LUT entry type", choices=("float16", "int8", "uint8"))
-FLAG_ORDER = (BITS, BLOCK_SIZE, SYM, ACT_ORDER, MSE_CLIP, DAMP, REFINE_STEPS, SPARSITY, NM, GROUP_SIZE, NO_ERROR_FEEDBACK,
+FLAG_ORDER = (BITS, BLOCK_SIZE, SYM, ACT_ORDER, MSE_CLIP, GRID, DAMP, REFINE_STEPS, SPARSITY, NM, GROUP_SIZE, NO_ERROR_FEEDBACK,
               LUT_DTYPE)
 
 QUANT_MENU = tuple({"bits": bits, "block_size": block} for bits in (2, 3, 4, 8) for block in (None, 128, 32))
@@ -135,7 +137,7 @@ def _palette_granularity(given: dict) -> dict:
     return {"granularity": "per_grouped_channel" if given.get("group_size") else "per_tensor"}
 
 
-_QUANT_FLAGS = (BITS, BLOCK_SIZE, SYM, MSE_CLIP)
+_QUANT_FLAGS = (BITS, BLOCK_SIZE, SYM, MSE_CLIP, GRID)
 _SPARSE_FLAGS = (SPARSITY, NM, BITS, BLOCK_SIZE, SYM, MSE_CLIP)
 _PALETTE_FLAGS = (BITS, GROUP_SIZE, LUT_DTYPE)
 _PALETTE = {"flag_keys": {"bits": "n_bits"}, "derived": _palette_granularity, "menu": PALETTE_MENU}

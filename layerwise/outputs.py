@@ -65,7 +65,10 @@ def check_output(out: str | Path, overwrite: bool, inputs: tuple = (), flag: str
 
 
 def written_by_layerwise(path: Path) -> bool:
-    """Whether `path` is a directory this tool made (a marker, a manifest, or our mlpackage metadata)."""
+    """Whether `path` is a directory this tool made (a marker, a manifest, or our mlpackage metadata)
+    or a GGUF file it wrote (its layerwise.* metadata)."""
+    if path.suffix == ".gguf" and path.is_file() and not path.is_symlink():
+        return _gguf_is_ours(path)
     if path.is_symlink() or not path.is_dir():
         return False
     marker = path / MARKER
@@ -77,6 +80,15 @@ def written_by_layerwise(path: Path) -> bool:
     if (path / "layerwise.json").is_file():  # a checkpoint written before the marker existed
         return True
     return path.suffix == ".mlpackage" and _mlpackage_is_ours(path)
+
+
+def _gguf_is_ours(path: Path) -> bool:
+    try:
+        from gguf import GGUFReader
+
+        return "layerwise.source_model" in GGUFReader(path).fields
+    except Exception:  # not a readable GGUF file (or no gguf package): not ours to replace
+        return False
 
 
 def _mlpackage_is_ours(path: Path) -> bool:

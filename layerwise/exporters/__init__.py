@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from ..errors import ModelError
 from .coreml import CoreML
+from .gguf import GGUF
+from .mlx import MLX
 from .protocol import ExportOptions, Exporter
 
-EXPORTERS: dict[str, Exporter] = {exporter.name: exporter for exporter in (CoreML(),)}
+EXPORTERS: dict[str, Exporter] = {exporter.name: exporter for exporter in (CoreML(), MLX(), GGUF())}
 DEFAULT_FORMAT = "coreml"
 
 

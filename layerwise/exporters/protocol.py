@@ -23,6 +23,7 @@ class ExportOptions:
     last_logits_only: bool = False
     allow_long_context: bool = False  # a context beyond the model's max positions
     metadata: dict = field(default_factory=dict)  # provenance to store in the output (source model, recipe)
+    source: str = ""  # the checkpoint or model exported: formats that carry the tokenizer read it there
 
 
 class Exporter(Protocol):

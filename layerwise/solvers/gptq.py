@@ -82,7 +82,8 @@ def _transposed_in_sweep_order(weights, rows, dead, perm, rule, rows_at_once=256
             at = slice(r.start + a, r.start + a + chunk.shape[0])
             if rule.static:  # per-channel always (one block), per-block under act-order
                 k, b = chunk.shape[0], rule.block
-                s, z = fit_grid(chunk.reshape(-1, b), rule.config.bits, rule.config.sym, rule.config.mse_clip)
+                s, z = fit_grid(chunk.reshape(-1, b), rule.config.bits, rule.config.sym, rule.config.mse_clip,
+                                grid=rule.config.grid)
                 rule.set_grids(slice(None), s.reshape(k, -1), z.reshape(k, -1), rows=at)
             WT[:, at] = chunk.t() if perm is None else chunk.t()[perm]
     return WT
@@ -133,7 +134,7 @@ class _GridRule:
     def start_column(self, col, upcoming):
         if not self.static and col % self.block == 0:
             c = self.config
-            self.set_grids(col // self.block, *fit_grid(upcoming(self.block), c.bits, c.sym, c.mse_clip))
+            self.set_grids(col // self.block, *fit_grid(upcoming(self.block), c.bits, c.sym, c.mse_clip, grid=c.grid))
 
     def round(self, col, w):
         # the same arithmetic as grid.quantize / grid.dequantize, on float32 copies of the grid

@@ -15,7 +15,7 @@ def rtn(weight: torch.Tensor, hessian: torch.Tensor | None, config: RTNConfig) -
     out_f, in_f = weight.shape
     block = config.block_size or in_f
     blocks = weight.to(torch.float32).reshape(out_f * (in_f // block), block)
-    scale, zero = fit_grid(blocks, config.bits, config.sym, config.mse_clip)
+    scale, zero = fit_grid(blocks, config.bits, config.sym, config.mse_clip, grid=config.grid)
     codes = quantize(blocks, scale[:, None], zero[:, None], 2**config.bits - 1)
     return Solution(
         CompressedWeight(

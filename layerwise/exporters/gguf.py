@@ -1,0 +1,191 @@
+"""GGUF: one file llama.cpp loads, each compressed layer in the block type holding its codes
+(`gguf_blocks`), the rest as convert_hf_to_gguf writes it: tensor names from gguf-py's map,
+Llama's q/k rows permuted to llama.cpp's rope layout (a row permutation: codes stay exact), 1-D
+tensors float32, other matrices float16, the hyperparameters and the tokenizer in the metadata."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from ..formats import CompressedWeight
+from ..outputs import publish, scratch_directory
+from .gguf_blocks import block_bytes, gguf_decoded, gguf_type, pack_rows
+from .protocol import ExportOptions
+from .tally import Tally, check_family, largest_difference
+
+log = logging.getLogger(__name__)
+
+# model_type → (gguf-py architecture, whether q/k rows take Llama's rope permutation)
+FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
+HEADER_BYTES_PER_TOKEN = 32  # tokenizer metadata per vocabulary entry (string, type, merge), measured
+
+
+def rope_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's rope wants of q_proj / k_proj (convert_hf_to_gguf's `permute`): in each
+    head, the first and second halves interleaved. new[h, 2i + j] = old[h, j·half + i]."""
+    half = rows // heads // 2
+    return torch.arange(rows).reshape(heads, 2, half).transpose(1, 2).reshape(-1)
+
+
+def permuted(cw: CompressedWeight, order: torch.Tensor) -> CompressedWeight:
+    """`cw` with its output rows in `order`: an affine layer's codes, scales, zero points and mask
+    follow; any other goes F16 anyway, so its dense values move."""
+    if cw.scheme != "affine":
+        return CompressedWeight(cw.shape, "dense", values=cw.dequantize()[order])
+    return CompressedWeight(cw.shape, "affine", cw.bits, codes=cw.codes[order], scale=cw.scale[order],
+                            zero_point=cw.zero_point[order], mask=None if cw.mask is None else cw.mask[order])
+
+
+class GGUF:
+    name = "gguf"
+    suffix = ".gguf"
+
+    def check(self, out: Path, options: ExportOptions) -> None:
+        if Path(out).suffix != self.suffix:
+            raise ModelError(f"--out {out} must end in {self.suffix}")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ModelError("--format gguf needs the gguf package: pip install gguf") from None
+
+    def tokenizer_dir(self, out: Path) -> None:
+        return None  # the vocabulary is in the file's metadata
+
+    def export(self, loaded, out: Path, options: ExportOptions) -> dict:
+        import gguf
+
+        start = time.time()
+        model_type = check_family(loaded.model, tuple(FAMILIES), self.name)
+        arch = getattr(gguf.MODEL_ARCH, FAMILIES[model_type][0])
+        out = Path(out)
+        with scratch_directory(out) as scratch:
+            path = scratch / out.name
+            writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+            _metadata(writer, loaded.model.config, options)
+            _vocabulary(writer, options.source, loaded.model.config.vocab_size)
+            tally = _tensors(writer, loaded, gguf.get_tensor_name_map(arch, loaded.model.config.num_hidden_layers),
+                             FAMILIES[model_type][1])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            size = path.stat().st_size
+            publish(path, out)
+        return {"path": str(out), "seconds": time.time() - start, "size_bytes": size,
+                "summary": tally.summary(self.name, "gguf"), "layers": tally.as_dict()}
+
+    def layer_bytes(self, cw: CompressedWeight) -> int:
+        return block_bytes(cw)
+
+    def fixed_bytes(self, model, budgeted: list[str]) -> int:
+        skip = {f"{n}.weight" for n in budgeted}
+        weights = sum(p.numel() * (4 if p.dim() == 1 else 2) for n, p in model.named_parameters() if n not in skip)
+        return weights + HEADER_BYTES_PER_TOKEN * model.config.vocab_size
+
+
+def _tensors(writer, loaded, names, permute: bool) -> Tally:
+    """Every tensor of the model into `writer` under llama.cpp's name; the tally of the compressed ones."""
+    config = loaded.model.config
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    tally = Tally()
+    for key, tensor in loaded.model.state_dict().items():
+        if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ModelError(f"--format gguf: no llama.cpp name for tensor {key}")
+        layer = key.rpartition(".")[0]
+        order = None
+        if permute and key.endswith(".weight") and layer.rpartition(".")[2] in heads:
+            order = rope_permutation(tensor.shape[0], heads[layer.rpartition(".")[2]])
+        cw = loaded.compressed.get(layer) if key.endswith(".weight") else None
+        if cw is None:
+            values = tensor if order is None else tensor[order]
+            writer.add_tensor(name, values.to(torch.float32 if values.dim() == 1 else torch.float16).numpy())
+        else:
+            _compressed(writer, name, layer, cw if order is None else permuted(cw, order), tally)
+            if loaded.spill is not None:
+                loaded.spill.release_all()
+    return tally
+
+
+def _compressed(writer, name: str, layer: str, cw: CompressedWeight, tally: Tally) -> None:
+    import gguf
+
+    kind = gguf_type(cw)
+    if kind is None:  # F16 holds our float16 weights exactly
+        writer.add_tensor(name, cw.dequantize().numpy())
+        source = f"{cw.bits}-bit blocks of {cw.block_size}" if cw.scheme == "affine" else cw.scheme
+        tally.convert(source + (" sparse" if cw.mask is not None else ""), "F16", layer, 0.0)
+        return
+    writer.add_tensor(name, pack_rows(cw, kind), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    tally.carried(kind, layer, largest_difference(cw, gguf_decoded(cw, kind)))
+
+
+def _metadata(writer, config, options: ExportOptions) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(Path(options.source).name or "layerwise")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":  # llama.cpp takes these as extra tensors, not written here
+        raise ModelError(f"--format gguf does not write {rope['rope_type']!r} rope scaling yet")
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        log.warning("gguf: llama.cpp attends to the whole context; the model's sliding window of %d is not kept", window)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    for key, value in options.metadata.items():
+        writer.add_string(key, value if isinstance(value, str) else str(value))
+
+
+def _vocabulary(writer, source: str, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" model: tokens by id, their types, merges
+    and special ids (gguf-py's SpecialVocab reads the latter two from the tokenizer files)."""
+    import gguf
+
+    from ..loading import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        raise ModelError("--format gguf writes byte-level BPE tokenizers only; this model's is not one")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.CONTROL if i in special else
+                     gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(backend))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(source, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+def _pre_tokenizer(backend) -> str:
+    """llama.cpp's name of the split before BPE: GPT-2's regex when the tokenizer uses it, else its
+    generic one (text may then split differently from Hugging Face's; token ids are unaffected)."""
+    import json
+
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    log.warning("gguf: the tokenizer's pre-tokenizer is not GPT-2's; llama.cpp will split text with its default rule")
+    return "default"
