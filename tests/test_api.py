@@ -12,6 +12,7 @@ from layerwise.recipe import Recipe, method_config
     ("gptq4-b32", {"method": "gptq", "bits": 4, "block_size": 32}, None),
     ("target-bits-3.5", None, 3.5),
 ])
+@pytest.mark.slow
 def test_api_job_writes_the_cli_checkpoint(case, recipe, target, tiny_dirs, calib_text_file, tmp_path):
     from layerwise.budget import menu_recipe
 

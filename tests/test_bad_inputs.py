@@ -408,6 +408,7 @@ def test_inspect_into_a_closed_pipe_is_quiet(work):
     assert proc.stdout.startswith("layer") and proc.stderr == ""
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_like_sigint(work, tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([EXE, "-q", "compress", str(work / "model"), "--out", str(out), "--method", "gptq",

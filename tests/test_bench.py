@@ -9,6 +9,7 @@ from layerwise.bench.plots import pareto_front
 from layerwise.cli import main
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_table_csv_json_and_png(tiny_dirs, calib_text_file, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\nkept text\n")

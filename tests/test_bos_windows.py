@@ -90,6 +90,7 @@ def test_sliced_head_gives_hf_loss(monkeypatch, kind):
     assert ours["tokens"] == 6 * 47 and math.isclose(ours["nll"], hf, rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_model_without_bos_scores_as_before(capsys):
     """SmolLM2 and the demo model add no BOS: their windows, and so their numbers, do not move."""
     from layerwise.cli import main

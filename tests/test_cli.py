@@ -139,6 +139,7 @@ def test_existing_output_is_refused(checkpoints, tiny_dirs, calib_text_file, cap
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).parent / "layerwise"
     proc = subprocess.run([str(exe), "inspect", str(tmp_path)], capture_output=True, text=True)

@@ -22,6 +22,8 @@ from layerwise.recipe import Recipe, recipe_from_dict
 
 from checkpoint_compare import file_hashes, manifest_without_timings, save_sharded
 
+pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
+
 # nsamples 10 / batch 2 = 5 batches: 2 ranks get an uneven split (2 + 3)
 CALIB = dict(nsamples=10, seqlen=32, seed=0, batch_size=2, device="cpu")
 RECIPES = {  # the gptq one also compresses lm_head (its own reduction); rtn is data-free (layers only)

@@ -82,6 +82,7 @@ def test_phi3_fused_projections_are_compressed_as_one_linear():
     assert all(0 < e < 0.05 for e in errors.values()), errors  # solved against the real inputs (output error)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_gptq_beats_rtn_on_its_own_inputs():
     """Conv1D weights are solved as [out, in] with the Hessian of their inputs: GPTQ's output error
     is below round-to-nearest's on every layer, including the square attention c_proj."""
@@ -146,6 +147,7 @@ def test_non_linear_block_matrices_are_reported():
                                                                   "kinds": ["model.layers.*.router.weight"]}}
 
 
+@pytest.mark.slow
 def test_gpt2_checkpoint_and_its_decompressed_copy_have_the_same_perplexity(tmp_path, calib_text_file, capsys):
     source = save_tiny_model(tmp_path / "gpt2", "gpt2", **GPT2)
     out, dense = tmp_path / "q4", tmp_path / "dense"

@@ -21,6 +21,7 @@ def tiny(tiny_dirs):
 
 
 @pytest.mark.parametrize("name, bits", [("ct-gptq-4bit-block32", 4.5), ("ct-ptp-4bit-g16", None)])
+@pytest.mark.slow
 def test_measure_peer_row(tiny, name, bits):
     path, base_ppl = tiny
     row = measure_peer(name, str(path), BUNDLED_CALIBRATION, BUNDLED_EVALUATION, NSAMPLES, SEQLEN, 0, "cpu")

@@ -46,6 +46,7 @@ def resume_case(tmp_path_factory, calib_text_file):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_bytes(resume_case, sig, code, capsys):
     root, args = resume_case
     out = root / f"killed-{sig.name}"
@@ -64,6 +65,7 @@ def test_killed_run_resumes_to_the_same_bytes(resume_case, sig, code, capsys):
     assert_same_checkpoint(out, root / "whole")
 
 
+@pytest.mark.slow
 def test_resume_with_other_arguments_names_the_difference(resume_case, capsys):
     root, args = resume_case
     out = root / "other-args"

@@ -83,6 +83,7 @@ def test_mb_budget_counts_the_export_layout(measured):
     assert 0.99 * mb <= chosen.export_mb <= mb
 
 
+@pytest.mark.slow
 def test_cli_budget_checkpoint_recipe_rerun_and_inspect(tiny_dirs, calib_text_file, tmp_path, capsys):
     out = tmp_path / "mixed"
     assert main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(out), "--calib", str(calib_text_file),
@@ -118,6 +119,7 @@ def test_cli_budget_checkpoint_recipe_rerun_and_inspect(tiny_dirs, calib_text_fi
     (["--method", "gptq", "--bits", "3", "--target-bits", "3"], "drop them"),
     (["--method", "gptq", "--target-bits", "-2"], "positive"),
 ])
+@pytest.mark.slow
 def test_budget_mistakes_exit_2_with_one_line(tiny_dirs, calib_text_file, tmp_path, capsys, args, message):
     out = tmp_path / "x"
     code = main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(out), "--calib", str(calib_text_file),

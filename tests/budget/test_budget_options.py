@@ -27,6 +27,7 @@ def budget_case(calib_text_file, tmp_path_factory):
     return root, args
 
 
+@pytest.mark.slow
 def test_offloaded_budget_run_gives_the_same_checkpoint(budget_case):
     root, args = budget_case
     assert main(args + ["--out", str(root / "offloaded"), "--offload-activations"]) == 0
@@ -34,6 +35,7 @@ def test_offloaded_budget_run_gives_the_same_checkpoint(budget_case):
     assert not list(root.glob(".offloaded.*"))  # both passes' activations removed
 
 
+@pytest.mark.slow
 def test_killed_budget_run_resumes_to_the_same_bytes(budget_case, capsys):
     root, args = budget_case
     out = root / "killed"

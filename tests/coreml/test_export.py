@@ -275,6 +275,7 @@ def sized(tmp_path_factory):
     return model, compressed, tmp_path_factory.mktemp("sized")
 
 
+@pytest.mark.slow
 def test_package_size_matches_compressed_payload(sized):
     model, compressed, root = sized
     report = export_mlpackage(model, root / "single.mlpackage", context=CONTEXT, compressed=compressed)
@@ -284,6 +285,7 @@ def test_package_size_matches_compressed_payload(sized):
     assert abs(report["size_bytes"] / expected - 1) < 0.05
 
 
+@pytest.mark.slow
 def test_multifunction_shares_one_weight_copy(sized):
     model, compressed, root = sized
     single = root / "single.mlpackage"

@@ -50,6 +50,7 @@ def test_weight_file_is_the_priced_layout(mixed_export):
 
 
 @pytest.mark.parametrize("target_mb", [1.2, 1.24])
+@pytest.mark.slow
 def test_target_mb_package_is_within_one_percent_below(tiny_dirs, calib_text_file, tmp_path, target_mb):
     """The whole exported package (weight file, program, manifest) lands in [0.99, 1] × the target."""
     checkpoint, pkg = tmp_path / "ck", tmp_path / "ck.mlpackage"

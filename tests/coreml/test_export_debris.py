@@ -15,6 +15,8 @@ import pytest
 
 from conftest import save_tiny_model
 
+pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
+
 pytest.importorskip("coremltools")
 
 # The real CLI (`python -m layerwise`) in a child process that stops right after coremltools writes

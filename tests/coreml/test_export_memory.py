@@ -25,6 +25,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from layerwise.coreml import export_mlpackage
 from layerwise.solvers import RTNConfig, rtn
 
+pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
+
 def kib(field):  # this process's resident set (VmRSS) or its high-water mark (VmHWM), bytes
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024

@@ -65,6 +65,7 @@ def test_every_scheme_exports_bit_exact_from_the_spill(tmp_path):
     assert np.array_equal(const.outputs[0].val.view(np.uint16), dense.values.numpy().view(np.uint16))
 
 
+@pytest.mark.slow
 def test_cli_export_of_a_sparse_symmetric_checkpoint_is_bit_exact(tiny_dirs, calib_text_file, tmp_path):
     checkpoint, pkg = tmp_path / "ck", tmp_path / "M.mlpackage"
     assert main(["-q", "compress", str(tiny_dirs["llama"]), "--out", str(checkpoint), "--calib", str(calib_text_file),

@@ -23,6 +23,8 @@ from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
 from layerwise.coreml.layout import exported_bytes, other_blob_bytes, program_bytes  # noqa: E402
 from layerwise.models.stateful import causal_mask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
+
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 EXPORTED = {**{kind: (kind, {}) for kind in FAMILY_KINDS}, "phi3_longrope": FAMILY_VARIANTS["phi3_longrope"]}

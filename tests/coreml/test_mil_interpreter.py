@@ -454,6 +454,7 @@ def _lut_pruned(w, bits, group_out):
                             lut=lut, mask=mask)
 
 
+@pytest.mark.slow
 def test_compressed_multifunction_export_matches_hf(export_mlpackage, tiny_llama, tmp_path):
     model = copy.deepcopy(tiny_llama)
     weight = {n: model.get_submodule(n).weight for n in
@@ -502,6 +503,7 @@ def _tiny_family(kind: str, kv_heads: int):
 
 
 @pytest.mark.parametrize("kind,kv_heads", [("llama", 1), ("mistral", 2), ("mistral", 1), ("qwen2", 2), ("qwen2", 1)])
+@pytest.mark.slow
 def test_exported_families_match_hf_and_need_the_state(export_mlpackage, kind, kv_heads, tmp_path):
     """Each family (GQA and MQA; Qwen2 with q/k/v biases and tied embeddings) runs prefill + 4 decode
     steps through the interpreter like HF; a decode step on a fresh state gives different logits."""
