@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
+
 pytest.importorskip("coremltools")
 
 # weights (57 M parameters, 114 MB in float16) dominate the program (2 blocks): a dense copy shows
@@ -24,8 +26,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from layerwise.coreml import export_mlpackage
 from layerwise.solvers import RTNConfig, rtn
-
-pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
 
 def kib(field):  # this process's resident set (VmRSS) or its high-water mark (VmHWM), bytes
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))

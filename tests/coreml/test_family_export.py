@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
+
 ct = pytest.importorskip("coremltools")
 
 from conftest import FAMILY_KINDS, FAMILY_VARIANTS, build_tiny_model  # noqa: E402
@@ -22,8 +24,6 @@ from test_mil_interpreter import assert_logits_close  # noqa: E402
 from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
 from layerwise.coreml.layout import exported_bytes, other_blob_bytes, program_bytes  # noqa: E402
 from layerwise.models.stateful import causal_mask  # noqa: E402
-
-pytestmark = pytest.mark.slow  # multi-process runs and long conversions: make test, not test-fast
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
