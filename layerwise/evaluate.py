@@ -89,11 +89,12 @@ def _window_nll(model, family: Family | None, ids: torch.Tensor) -> float:
         model(input_ids=ids, use_cache=False)
     hidden = kept[0][:, :-1].reshape(-1, kept[0].shape[-1])  # [B·(L-1), hidden], the final norm applied
     scale, cap = family.logit_scale, family.softcap(model.config)[1]
-    divisor = None if scale is None else getattr(model.config, scale.field)
+    raw = None if scale is None else getattr(model.config, scale.field, None)
 
-    def logits_of(rows):  # as the HF forward does it: head, ÷ logits_scaling, final soft-cap
+    def logits_of(rows):  # as the HF forward does it: head, × or ÷ the config's scale, final soft-cap
         logits = head(rows)
-        logits = logits / divisor if divisor is not None else logits
+        if raw is not None:  # Granite divides by logits_scaling (power −1): the same float op as HF
+            logits = logits / raw if scale.power == -1.0 else logits * scale.value(model.config)
         return torch.tanh(logits / cap) * cap if cap is not None else logits
 
     return _nll_sum(hidden, ids[:, 1:].reshape(-1), logits_of)
