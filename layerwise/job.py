@@ -84,14 +84,18 @@ class CompressJob:
     def validate(self) -> CompressJob:
         """Check the whole input once, before anything is loaded or written; later calls do nothing.
 
-        Raises the LayerwiseError that names the first problem: the output path (`check_output`),
+        Raises the LayerwiseError that names the first problem: another live run writing the same
+        output (`run_lock`), the output path (`check_output`),
         the device, an unfinished run (or none to --resume), the model's weight files (`check_weights`).
         """
         if self._validated:
             return self
         from .engine import resolve_device
         from .outputs import check_output
+        from .run_lock import check_unlocked
 
+        if self.ranks.world == 1:  # first: no flag may touch a live run's output (several ranks: rank 0's writer)
+            check_unlocked(Path(self.out))
         self.out = check_output(self.out, self.overwrite, self.read_paths)
         resolve_device(self.device)
         if self.ranks.world == 1:  # several ranks: rank 0 names it when opening the writer, to all of them
