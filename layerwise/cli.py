@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer report of a checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of the checkpoint's shards (their presence and tensors are still checked)")
 
     e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
     e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
@@ -369,8 +371,10 @@ def cmd_decompress(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import report_json, report_table
+    from .checkpoint import read_manifest
+    from .inspect import check_files, report_json, report_table
 
+    check_files(args.checkpoint, read_manifest(args.checkpoint), args.verify)
     print(json.dumps(report_json(args.checkpoint), indent=2) if args.json else report_table(args.checkpoint))
     return 0
 
