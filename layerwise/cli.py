@@ -139,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer report of a checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
-    i.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 check of the checkpoint's shards (their presence and tensors are still checked)")
+    i.add_argument("--no-verify", dest="verify", action="store_false", help="skip the shards' sha256 check")
 
     e = sub.add_parser("export", help="stateful iOS18 Core ML mlpackage (KV-cache states, fused SDPA)")
     e.add_argument("model", help="layerwise checkpoint or HF model directory / Hub id")
