@@ -37,7 +37,7 @@ from .formats import CompressedWeight
 from .linears import to_module_layout
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
 from .memory import placeholder
-from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale
+from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove, remove_stale
 from .run_lock import OWNER, RunLock, check_unlocked
 from .run_record import REST, kept_blocks, shard_entry
 from .spill import Spill
@@ -112,7 +112,7 @@ class CheckpointWriter:
         else:
             for path in self.tmp_dir.iterdir():  # an earlier run's leftovers (--overwrite), not the owner file
                 if path.name != OWNER:
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                    remove(path)
             self._save_progress()
 
     def _end(self) -> None:

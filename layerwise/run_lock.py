@@ -54,7 +54,8 @@ def check_unlocked(out: Path) -> None:
     where = "on this host" if owner.get("host") == socket.gethostname() else f"on host {owner.get('host')}"
     raise OutputBusy(
         f"--out {out} is being written by another run (PID {owner.get('pid')} {where}, started {owner.get('started')}; "
-        f"owner file {tmp_dir / OWNER}); wait for it to end or stop it, then run again"
+        f"owner file {tmp_dir / OWNER}); wait for it to end or stop it, then run again (if no such run is alive, "
+        "delete that owner file)"
     )
 
 

@@ -62,7 +62,9 @@ def kept_blocks(tmp_dir: Path, progress: dict) -> tuple[list[int], dict[str, dic
             break
         problem = shard_problem(tmp_dir / shard_name(index), recorded.get(shard_name(index)))
         if problem is not None:
-            log.warning("--resume: kept shard %s is %s; recomputing from block %d", shard_name(index), problem, index)
+            later = sum(1 for i in listed if i > index)
+            log.warning("--resume: kept shard %s is %s; recomputing from block %d%s", shard_name(index), problem, index,
+                        f" ({later} later shards discarded)" if later else "")
             break
         blocks.append(index)
     trusted = {shard_name(i) for i in blocks}
