@@ -56,7 +56,7 @@ class Inputs:
         self.calibration = windows_sha256(windows) if windows is not None else None
         self.tokenizer = {name: sha256_of_file(model_dir / name) for name in TOKENIZER_FILES
                           if model_dir is not None and (model_dir / name).is_file()}
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0  # the hashing's wall and CPU time (benchmarks/fingerprint_cost.py)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._hash_weights, name="layerwise-fingerprint", daemon=True)
         self._thread.start()
@@ -71,7 +71,7 @@ class Inputs:
             if digest is None:
                 return
             self.digests[f.name] = digest
-        self.seconds = time.perf_counter() - start
+            self.seconds, self.cpu_seconds = time.perf_counter() - start, time.thread_time()
         log.debug("fingerprint: %d weight files hashed in %.2f s", len(self.files), self.seconds)
 
     def record(self, wait: bool = False) -> dict:
