@@ -32,11 +32,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, Interrupted, LayerwiseError, ModelError, RecipeError
+from .fingerprint import check_same_inputs
 from .formats import CompressedWeight
 from .linears import to_module_layout
 from .manifest import FORMAT, PARTS, check_parts, sha256_file, validate_manifest
 from .memory import placeholder
-from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove_stale
+from .outputs import atomic_directory, check_output, environment_failure, os_errors, publish, remove, remove_stale
+from .run_lock import OWNER, RunLock, check_unlocked
+from .run_record import REST, kept_blocks, shard_entry
 from .spill import Spill
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "layerwise.json"
 
 
-RUN = ".layerwise-run.json"  # inside the temporary output only: the arguments and every finished block
+RUN = ".layerwise-run.json"  # inside the temporary output only: arguments, inputs, every finished block and shard
 
 
 class CheckpointWriter:
@@ -52,13 +55,17 @@ class CheckpointWriter:
 
     The temporary output `.NAME.partial` next to `out_dir` is the unit of progress: a block shard
     appears there only once complete (written under a temporary name, then renamed), and `RUN`
-    records the run's arguments and each finished block's layers. A crash, kill or Ctrl-C leaves it
-    in place; `resume=True` continues after its last complete block when the arguments are the same.
+    records the run's arguments, its inputs' fingerprint (`fingerprint.Inputs`), each finished
+    block's layers and each shard's sha256. A crash, kill or Ctrl-C leaves it in place;
+    `resume=True` continues after its last block shard that is still as recorded when the arguments
+    and inputs are the same (`run_record.kept_blocks`). While the writer is open, its owner file
+    (`run_lock`) keeps every other run off the same output.
     """
 
     def __init__(self, out_dir: str | Path, overwrite: bool = False, plain_dtype: torch.dtype = torch.float16,
-                 resume: bool = False, run_args: dict | None = None):
-        """out_dir: a path `outputs.check_output` accepted (`CompressJob.validate` checks it once)."""
+                 resume: bool = False, run_args: dict | None = None, inputs=None):
+        """out_dir: a path `outputs.check_output` accepted (`CompressJob.validate` checks it once).
+        inputs: the run's `fingerprint.Inputs` (None: not recorded, not compared)."""
         self.out_dir = Path(out_dir)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.plain_dtype = plain_dtype
@@ -68,16 +75,27 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.resume = resume
         self.run_args = json.loads(json.dumps(run_args or {}))  # as it reads back from JSON
+        self.inputs = inputs
+        self.shards: dict[str, dict] = {}  # shard file → {"sha256", "size"} as renamed into place
+        self.lock = RunLock(self.out_dir)
 
     def __enter__(self):
         with os_errors(self.out_dir):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             remove_stale(self.out_dir)
-            self._start()
+            try:
+                self._start()
+            except BaseException:
+                fresh = self.lock.held and not self.resume  # this run cleared the directory: nothing to keep
+                self._end()
+                if fresh:
+                    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+                raise
         return self
 
     def check_start(self) -> None:
         """Raise now what `__enter__` would about an unfinished run (callers with long work before it)."""
+        check_unlocked(self.out_dir)
         if self.resume and not self.tmp_dir.exists():
             raise ModelError(f"--resume: there is no unfinished run for {self.out_dir} (no {self.tmp_dir.name}); "
                              "run without --resume")
@@ -88,14 +106,22 @@ class CheckpointWriter:
 
     def _start(self) -> None:
         self.check_start()
+        self.lock.acquire()
         if self.resume:
             self._load_progress()
         else:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            self.tmp_dir.mkdir()
+            for path in self.tmp_dir.iterdir():  # an earlier run's leftovers (--overwrite), not the owner file
+                if path.name != OWNER:
+                    remove(path)
             self._save_progress()
 
+    def _end(self) -> None:
+        self.lock.release()
+        if self.inputs is not None:
+            self.inputs.stop()
+
     def __exit__(self, exc_type, exc, tb):
+        self._end()
         if exc_type is None:
             return False
         left = None
@@ -136,6 +162,7 @@ class CheckpointWriter:
             for part, t in cw.to_tensors().items():
                 tensors[f"{name}.weight.{part}"] = t
         _save_atomic(tensors, self.tmp_dir / shard)
+        self.shards[shard] = shard_entry(self.tmp_dir / shard)
         self.layers.update(layers)
         self.reports.update(reports or {})
         self.blocks.append(index)
@@ -155,7 +182,9 @@ class CheckpointWriter:
 
     def write_rest(self, plain: dict[str, torch.Tensor]) -> None:
         tensors = {name: self._plain(t) for name, t in plain.items()}
-        _save_atomic(tensors, self.tmp_dir / "rest.safetensors")
+        _save_atomic(tensors, self.tmp_dir / REST)
+        self.shards[REST] = shard_entry(self.tmp_dir / REST)
+        self._save_progress()
 
     def commit(self, config, tokenizer, manifest: dict) -> Path:
         """Write config, tokenizer and manifest (with each shard's sha256), then move the directory into place."""
@@ -171,16 +200,19 @@ class CheckpointWriter:
         manifest["shards"] = {p.name: sha256_file(p) for p in sorted(self.tmp_dir.glob("*.safetensors"))}
         (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
         (self.tmp_dir / RUN).unlink(missing_ok=True)
+        self._end()  # the owner file is not part of the checkpoint
         return publish(self.tmp_dir, self.out_dir, "checkpoint")
 
     def _save_progress(self) -> None:
-        progress = {"arguments": self.run_args, "blocks": self.blocks, "layers": self.layers, "reports": self.reports}
+        progress = {"arguments": self.run_args, "inputs": self.inputs.record() if self.inputs is not None else None,
+                    "blocks": self.blocks, "shards": self.shards, "layers": self.layers, "reports": self.reports}
         tmp = self.tmp_dir / f"{RUN}.tmp"
         tmp.write_text(json.dumps(progress))
         os.replace(tmp, self.tmp_dir / RUN)
 
     def _load_progress(self) -> None:
-        """Trust only what `RUN` lists and what exists on disk; refuse other arguments by name."""
+        """Trust only the shards `RUN` lists that are on disk as recorded; refuse other arguments or
+        inputs by name."""
         try:
             progress = json.loads((self.tmp_dir / RUN).read_text())
         except (OSError, ValueError):
@@ -192,9 +224,10 @@ class CheckpointWriter:
                     f"--resume: {key} was {before.get(key)!r} in the unfinished run and is {now.get(key)!r} now; "
                     "rerun with the same arguments, or pass --overwrite to start over"
                 )
-        self.blocks = [i for i in progress["blocks"] if (self.tmp_dir / f"block-{i:05d}.safetensors").is_file()]
-        shards = {f"block-{i:05d}.safetensors" for i in self.blocks}
-        self.layers = {n: m for n, m in progress["layers"].items() if m["shard"] in shards}
+        if self.inputs is not None:
+            check_same_inputs(progress.get("inputs"), self.inputs.record(wait=True))
+        self.blocks, self.shards = kept_blocks(self.tmp_dir, progress)
+        self.layers = {n: m for n, m in progress["layers"].items() if m["shard"] in self.shards}
         self.reports = {n: r for n, r in progress["reports"].items() if n in self.layers}
         for stray in self.tmp_dir.glob(".*.tmp-*"):  # a shard that was being written when the run died
             stray.unlink()
@@ -254,7 +287,7 @@ def read_tensors(path: str | Path, verify: bool = True,
     layers = manifest["layers"]
     plain: dict[str, torch.Tensor] = {}
     compressed: dict[str, CompressedWeight] = {}
-    for shard in _shards(path, manifest, verify):
+    for shard in checked_shards(path, manifest, verify):
         parts: dict[str, dict[str, torch.Tensor]] = {}
         shard_plain: dict[str, torch.Tensor] = {}
         for key, tensor in _read_shard(shard).items():
@@ -302,7 +335,7 @@ def _decode_layer(name: str, meta: dict, tensors: dict[str, torch.Tensor], path:
     return cw
 
 
-def _shards(path: Path, manifest: dict, verify: bool) -> list[Path]:
+def checked_shards(path: Path, manifest: dict, verify: bool) -> list[Path]:
     """The shard files, sha256-checked against the manifest unless `verify` is False."""
     recorded = manifest.get("shards")
     if recorded is None:  # written before shards were hashed

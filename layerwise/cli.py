@@ -133,6 +133,7 @@ def _add_ppl_decompress_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="per-layer report of a checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", dest="verify", action="store_false", help="skip the shards' sha256 check")
 
 
 def _add_export(sub) -> None:
@@ -361,8 +362,10 @@ def cmd_decompress(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import report_json, report_table
+    from .checkpoint import read_manifest
+    from .inspect import check_files, report_json, report_table
 
+    check_files(args.checkpoint, read_manifest(args.checkpoint), args.verify)
     print(json.dumps(report_json(args.checkpoint), indent=2) if args.json else report_table(args.checkpoint))
     return 0
 

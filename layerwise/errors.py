@@ -39,3 +39,11 @@ class Interrupted(KeyboardInterrupt):
 
 class PeerError(LayerwiseError, RuntimeError):
     """Another torch.distributed rank died or stopped answering (a collective failed or timed out)."""
+
+
+class OutputBusy(OutputError):
+    """Another live run owns the output being written (its owner file in the unfinished output)."""
+
+
+class InputsChanged(ModelError):
+    """--resume over an unfinished run whose source weights, calibration or tokenizer have changed since."""

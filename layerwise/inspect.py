@@ -1,11 +1,57 @@
-"""Human and JSON views of a checkpoint's per-layer report."""
+"""Human and JSON views of a checkpoint's per-layer report, and the checks `decompress` makes on its
+files, which `layerwise inspect` runs first (`check_files`): every shard the manifest names present and no other, each one's sha256
+as recorded (unless verify is False), and every compressed layer's tensors in the shard its entry
+names with the dtype and shape the entry implies (from the safetensors headers: no tensor is read).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import read_manifest
+from safetensors import SafetensorError, safe_open
+
+from .checkpoint import MANIFEST, checked_shards, read_manifest
+from .errors import CheckpointError
 from .linears import describe_left_out
+from .manifest import PARTS, expected_parts
+
+
+def check_files(path: str | Path, manifest: dict, verify: bool = True) -> None:
+    """Raise CheckpointError naming the first shard or tensor that disagrees with the manifest."""
+    path = Path(path)
+    layers, seen = manifest["layers"], set()
+    for shard in checked_shards(path, manifest, verify):
+        try:
+            with safe_open(shard, framework="pt") as f:
+                headers = {key: f.get_slice(key) for key in f.keys()}
+                headers = {key: (t.get_dtype(), tuple(t.get_shape())) for key, t in headers.items()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{shard} is not a readable safetensors file ({str(e).strip().splitlines()[0]}); "
+                                  "the checkpoint is damaged") from None
+        for key, (dtype, shape) in headers.items():
+            layer, sep, part = key.rpartition(".weight.")
+            if not (sep and part in PARTS):
+                continue
+            if layer not in layers or layers[layer]["shard"] != shard.name:
+                where = f"should be in {layers[layer]['shard']}" if layer in layers else "belongs to no layer"
+                raise CheckpointError(f"{shard}: tensor {key} {where} per {MANIFEST}; the checkpoint is damaged or its "
+                                      "shards were renamed, compress again")
+            _check_header(path, key, dtype, shape, expected_parts(layers[layer]).get(part))
+            seen.add(layer)
+    missing = set(layers) - seen
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is incomplete, no tensors for {sorted(missing)[:3]}")
+
+
+def _check_header(path: Path, key: str, dtype: str, shape: tuple, expected) -> None:
+    if expected is None:
+        raise CheckpointError(f"{path}: tensor {key} is not a part its layer's manifest entry stores; the checkpoint is damaged")
+    dtypes, want = expected
+    names = {str(d).replace("torch.", "") for d in dtypes}
+    stored = {"U8": "uint8", "I8": "int8", "F16": "float16"}.get(dtype, dtype)
+    if stored not in names or shape != want:
+        raise CheckpointError(f"{path}: tensor {key} is {stored} {list(shape)}, the manifest implies "
+                              f"{sorted(names)[0]} {list(want)}; the checkpoint is damaged, compress again")
 
 
 def report_json(path: str | Path) -> dict:

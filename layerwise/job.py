@@ -21,6 +21,7 @@ from .errors import RecipeError
 from .loading import check_weights
 from .outputs import check_output
 from .recipe import Recipe
+from .run_lock import check_unlocked
 
 if TYPE_CHECKING:
     from .budget import Target
@@ -87,16 +88,17 @@ class CompressJob:
     def validate(self) -> CompressJob:
         """Check the whole input once, before anything is loaded or written; later calls do nothing.
 
-        Raises the LayerwiseError that names the first problem: the output path (`check_output`),
-        the device, an unfinished run (or none to --resume), the model's weight files (`check_weights`).
+        Raises the LayerwiseError that names the first problem: another live run writing the same
+        output (`run_lock`), the output path (`check_output`), the device, an unfinished run (or
+        none to --resume), the model's weight files (`check_weights`).
         """
         if self._validated:
             return self
-
+        if self.ranks.world == 1:  # first: no flag may touch a live run's output (several ranks: rank 0's writer)
+            check_unlocked(Path(self.out))
         self.out = check_output(self.out, self.overwrite, self.read_paths)
         resolve_device(self.device)
         if self.ranks.world == 1:  # several ranks: rank 0 names it when opening the writer, to all of them
-
             CheckpointWriter(self.out, overwrite=self.overwrite, resume=self.resume).check_start()
         self._check_model()
         self._validated = True

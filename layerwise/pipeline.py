@@ -17,6 +17,7 @@ from .distributed import opened_on_main
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .dtypes import checkpoint_plain_dtype
+from .fingerprint import Inputs
 from .loading import check_finite, check_length, load_model, load_tokenizer, open_for_compress
 from .memory import check_fits, trim_heap
 from .job import CompressJob
@@ -66,14 +67,22 @@ def compress_to_checkpoint(job: CompressJob, model=None, tokenizer=None, windows
                                      fast_matmul=job.fast_matmul)
     _check_loaded(job, model, blocks, compressor, windows)
     windows, calib_info = _calibration(job, compressor, tokenizer, windows)
+    # the source weights' hashing starts now, in the background, and is recorded as it finishes
+    inputs = Inputs(_local_dir(model_path_local), windows) if job.ranks.main else None
     try:
-        path, result, writer = _write(job, model, tokenizer, compressor, windows, calib_info, manifest_extra)
+        path, result, writer = _write(job, model, tokenizer, compressor, windows, calib_info, manifest_extra, inputs)
     finally:
         if offload_dir is not None:
             shutil.rmtree(offload_dir, ignore_errors=True)
     if writer is not None:
         log.info("wrote %s (%d layers compressed in %.1f s)", path, len(writer.reports), result.seconds)
     return path, result
+
+
+def _local_dir(model_path) -> Path | None:
+    """The directory holding the model's weight and tokenizer files (None: only a Hub id, never opened here)."""
+    path = Path(str(model_path)).expanduser()
+    return path if path.is_dir() else None
 
 
 def _check_loaded(job: CompressJob, model, blocks, compressor: LayerwiseCompressor, windows) -> None:
@@ -104,7 +113,7 @@ def _calibration(job: CompressJob, compressor: LayerwiseCompressor, tokenizer, w
 
 
 def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, windows, calib_info: dict,
-           manifest_extra: dict | None) -> tuple:
+           manifest_extra: dict | None, inputs: Inputs | None = None) -> tuple:
     """Compress into the writer and commit (rank 0); returns (path, result, writer or None elsewhere)."""
     plain_dtype = checkpoint_plain_dtype(next(model.parameters()).dtype)
     # what decides the bytes of the checkpoint: a resumed run must repeat them exactly
@@ -112,7 +121,8 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
                 "seed": job.seed, "staged": job.staged, "batch_size": job.batch_size,
                 "device": str(compressor.device), "matmul": "bfloat16-units" if compressor.fast_matmul else "float32"}
     with opened_on_main(job.ranks, lambda: CheckpointWriter(job.out, overwrite=job.overwrite, plain_dtype=plain_dtype,
-                                                            resume=job.resume, run_args=run_args)) as writer:
+                                                            resume=job.resume, run_args=run_args,
+                                                            inputs=inputs)) as writer:
         result = compressor.compress(windows, writer=writer)
         if not job.ranks.main:
             return job.out, result, None
