@@ -134,3 +134,19 @@ def test_catch_all_leaves_the_embedding_alone(models, calib_text_file, tmp_path)
     recipe.write_text(yaml.safe_dump({"rules": [{"match": ".*", "config": {"method": "rtn", "bits": 4}}]}))
     assert compress(models["qwen2"], tmp_path / "ck", calib_text_file, "--recipe", str(recipe)) == 0
     assert EMBED not in json.loads((tmp_path / "ck" / "layerwise.json").read_text())["layers"]
+
+
+@pytest.mark.parametrize("how", ["flag", "recipe"])
+def test_size_budget_refuses_an_embedding_rule(models, calib_text_file, tmp_path, capsys, how):
+    """The budget chooses among block linears only; an embedding rule would be dropped from its choice."""
+    if how == "flag":
+        extra = ["--method", "rtn", "--embeddings", "8"]
+    else:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"rules": [
+            {"match": "embed_tokens", "config": {"method": "rtn", "bits": 8}},
+            {"match": ".*", "menu": [{"method": "rtn", "bits": 4}, {"method": "rtn", "bits": 8}]}]}))
+        extra = ["--recipe", str(recipe)]
+    assert compress(models["llama"], tmp_path / "ck", calib_text_file, "--target-bits", "5", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("--embeddings" in err or "embed_tokens" in err)

@@ -47,6 +47,10 @@ def layer_menus(model: nn.Module, recipe: Recipe) -> dict[str, tuple[MethodConfi
     family = resolve_family(model)
     if recipe.names_lm_head():
         raise RecipeError("a size budget covers the block linears only; remove the lm_head rule")
+    rule = recipe.spelled_rule(family.embeddings, family.embeddings.rsplit(".", 1)[-1])
+    if rule is not None and (rule.config is not None or rule.menu):
+        raise RecipeError(f"a size budget covers the block linears only; remove the rule {rule.pattern!r} for "
+                          f"{family.embeddings} (or compress with that recipe and no --target-bits/--target-mb)")
     menus = {}
     for i, block in enumerate(get_module(model, family.blocks)):
         for rel, module in block.named_modules():
