@@ -150,3 +150,20 @@ def test_size_budget_refuses_an_embedding_rule(models, calib_text_file, tmp_path
     assert compress(models["llama"], tmp_path / "ck", calib_text_file, "--target-bits", "5", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("--embeddings" in err or "embed_tokens" in err)
+
+
+def test_in_memory_compress_returns_the_embedding_first():
+    """Without a writer the result holds the embedding with the block layers, reported first in weight
+    space, and the model (and its tied head) computes with the dequantized table."""
+    from conftest import build_tiny_model
+    from layerwise.engine import LayerwiseCompressor
+    from layerwise.recipe import recipe_from_dict
+
+    model = build_tiny_model("qwen2")
+    recipe = recipe_from_dict({"rules": [{"match": "embed_tokens", "config": RULES["rtn4b32"]},
+                                         {"match": ".*", "config": {"method": "rtn", "bits": 4}}]})
+    result = LayerwiseCompressor(model, recipe, device="cpu").compress(None)
+    assert result.layers[0].name == EMBED and result.layers[0].error_space == "weight"
+    assert set(result.outside) == {EMBED} and EMBED in result.compressed
+    expected = result.compressed[EMBED].dequantize()
+    assert torch.equal(model.lm_head.weight.view(torch.int16), expected.view(torch.int16))
