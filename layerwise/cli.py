@@ -321,14 +321,13 @@ def _compress_recipe(args):
     if args.target_bits is None and args.target_mb is None:
         return _with_embeddings(Recipe.single(method_config(method_config_from_flags(args), "command line")),
                                 args.embeddings)
-    if args.embeddings is not None:
-        raise RecipeError("--embeddings is not chosen by a size budget; drop it with --target-bits/--target-mb")
-    return menu_recipe(method_config_from_flags(argparse.Namespace(**{**vars(args),
-                                                                      "method": args.method or DEFAULT_BUDGET_METHOD})))
+    return _with_embeddings(menu_recipe(method_config_from_flags(argparse.Namespace(
+        **{**vars(args), "method": args.method or DEFAULT_BUDGET_METHOD}))), args.embeddings)
 
 
 def _with_embeddings(recipe, bits: int | None):
-    """`recipe` with `--embeddings BITS` in front: rtn per token row (asymmetric, the rtn default)."""
+    """`recipe` with `--embeddings BITS` in front: rtn per token row (asymmetric, the rtn default);
+    under a size budget its bytes count against the target like any layer's."""
     from .recipe import method_config
 
     if bits is None:

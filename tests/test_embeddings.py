@@ -136,20 +136,36 @@ def test_catch_all_leaves_the_embedding_alone(models, calib_text_file, tmp_path)
     assert EMBED not in json.loads((tmp_path / "ck" / "layerwise.json").read_text())["layers"]
 
 
-@pytest.mark.parametrize("how", ["flag", "recipe"])
-def test_size_budget_refuses_an_embedding_rule(models, calib_text_file, tmp_path, capsys, how):
-    """The budget chooses among block linears only; an embedding rule would be dropped from its choice."""
-    if how == "flag":
-        extra = ["--method", "rtn", "--embeddings", "8"]
-    else:
-        recipe = tmp_path / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump({"rules": [
-            {"match": "embed_tokens", "config": {"method": "rtn", "bits": 8}},
-            {"match": ".*", "menu": [{"method": "rtn", "bits": 4}, {"method": "rtn", "bits": 8}]}]}))
-        extra = ["--recipe", str(recipe)]
-    assert compress(models["llama"], tmp_path / "ck", calib_text_file, "--target-bits", "5", *extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and ("--embeddings" in err or "embed_tokens" in err)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_size_budget_chooses_the_embedding_too(models, calib_text_file, tmp_path, kind):
+    """A menu for the embedding is one more layer of the budget: measured in weight space, weighed by
+    the loss scales of the tokens that read each row (and of the tied head's logits), chosen, written."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"rules": [
+        {"match": "embed_tokens", "menu": [{"method": "rtn", "bits": 8}, {"method": "rtn", "bits": 4}]},
+        {"match": ".*", "menu": [{"method": "rtn", "bits": 4}, {"method": "rtn", "bits": 8}]}]}))
+    out = tmp_path / "ck"
+    assert compress(models[kind], out, calib_text_file, "--target-bits", "6", "--recipe", str(recipe)) == 0
+    manifest = json.loads((out / "layerwise.json").read_text())
+    assert EMBED in manifest["budget"]["layers"] and manifest["budget"]["bits_per_weight"] <= 6
+    assert manifest["recipe"]["rules"][0]["match"] == "^model\\.embed_tokens$"
+    check_checkpoint(out, tied=kind != "llama")
+
+
+def test_embedding_loss_scales_follow_the_tokens(models):
+    """Untied: a row no calibration token reads has scale 0; tied: every row is read by the head."""
+    from transformers import AutoModelForCausalLM
+
+    from layerwise.budget.loss_scale import output_fisher_scales
+
+    windows = torch.randint(10, 200, (2, 32))
+    for kind, tied in (("llama", False), ("qwen2", True)):
+        model = AutoModelForCausalLM.from_pretrained(models[kind], dtype=torch.float32)
+        scales = output_fisher_scales(model, [EMBED, "model.layers.0.mlp.down_proj"], windows, device="cpu")
+        s = scales[EMBED]
+        assert s.shape == (4096,) and bool((s[windows[:, :-1].unique()] > 0).all())  # the last token predicts nothing
+        assert bool((s[1000:] > 0).all()) == tied and bool((s[1000:] == 0).all()) != tied
 
 
 def test_in_memory_compress_returns_the_embedding_first():
