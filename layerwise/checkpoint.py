@@ -180,8 +180,15 @@ class CheckpointWriter:
                     parts[layer][part] = f.get_tensor(key)
         return {name: CompressedWeight.from_tensors(self.layers[name], parts[name]) for name in names}
 
-    def write_rest(self, plain: dict[str, torch.Tensor]) -> None:
+    def write_rest(self, plain: dict[str, torch.Tensor], compressed: dict[str, CompressedWeight] | None = None,
+                   reports: dict[str, dict] | None = None) -> None:
+        """rest.safetensors: the plain tensors outside the blocks, and the compressed layers outside
+        them (the token embedding) with their manifest entries."""
         tensors = {name: self._plain(t) for name, t in plain.items()}
+        for name, cw in (compressed or {}).items():
+            self.layers[name] = {"shard": REST, **cw.meta()}
+            tensors.update({f"{name}.weight.{part}": t for part, t in cw.to_tensors().items()})
+        self.reports.update(reports or {})
         _save_atomic(tensors, self.tmp_dir / REST)
         self.shards[REST] = shard_entry(self.tmp_dir / REST)
         self._save_progress()

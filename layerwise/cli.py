@@ -84,6 +84,9 @@ def _add_compress(sub) -> None:
     c.add_argument("--method", choices=methods.names(), help="method for every block linear (or use --recipe)")
     _method_flags(c)
     c.add_argument("--recipe", help="YAML/JSON recipe (ours or coremltools' dialect) or a checkpoint; overrides --method")
+    c.add_argument("--embeddings", type=int, choices=(8, 4),
+                   help="also quantize the token embedding (and the output head tied to it): round to nearest, "
+                        "that many bits, one scale and offset per token row; a rule in front of the recipe")
     target = c.add_mutually_exclusive_group()
     target.add_argument("--target-bits", type=float,
                         help="size budget: bits per weight over the compressed layers; bits per layer chosen by sensitivity")
@@ -314,11 +317,22 @@ def _compress_recipe(args):
     from .recipe import Recipe, load_recipe, method_config
 
     if args.recipe:
-        return load_recipe(args.recipe)
+        return _with_embeddings(load_recipe(args.recipe), args.embeddings)
     if args.target_bits is None and args.target_mb is None:
-        return Recipe.single(method_config(method_config_from_flags(args), "command line"))
-    return menu_recipe(method_config_from_flags(argparse.Namespace(**{**vars(args),
-                                                                      "method": args.method or DEFAULT_BUDGET_METHOD})))
+        return _with_embeddings(Recipe.single(method_config(method_config_from_flags(args), "command line")),
+                                args.embeddings)
+    return _with_embeddings(menu_recipe(method_config_from_flags(argparse.Namespace(
+        **{**vars(args), "method": args.method or DEFAULT_BUDGET_METHOD}))), args.embeddings)
+
+
+def _with_embeddings(recipe, bits: int | None):
+    """`recipe` with `--embeddings BITS` in front: rtn per token row (asymmetric, the rtn default);
+    under a size budget its bytes count against the target like any layer's."""
+    from .recipe import method_config
+
+    if bits is None:
+        return recipe
+    return recipe.with_embeddings(method_config({"method": "rtn", "bits": bits}, "--embeddings"))
 
 
 def _compress_job(args, recipe=None, ranks=None, device: str | None = None):

@@ -39,7 +39,7 @@ from .linears import is_compressible, linear_shape, put_dense
 from .lockstep import lockstep_block
 from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .memory import available_memory, give_back_large_frees, trim_heap
-from .plan import left_out, plan_layers
+from .plan import embedding_config, left_out, plan_layers
 from .recipe import Recipe
 from .solvers import MethodConfig
 from .upcast import restore_linears, upcast_per_call
@@ -94,6 +94,8 @@ class CompressionResult:
     compressed: dict[str, CompressedWeight]  # empty when the writer took ownership
     seconds: float  # capture + all blocks (no model load, no evaluation)
     left_out: dict = field(default_factory=dict)  # block weights kept in float16 and why (linears.left_out_summary)
+    # compressed layers outside the blocks (the token embedding), which the caller writes with the rest
+    outside: dict[str, CompressedWeight] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,7 +147,8 @@ class BlockWalker:
         With calibration batches each block is solved on its inputs and then forwarded to make the
         next block's; a solver that needs no data skips both (unless `on_block_output` wants the
         outputs). A sink that has `blocks_done` > 0 (a resumed run) gets only the blocks after those;
-        the batches are streamed through the already-written blocks to rebuild the next block's inputs."""
+        the batches are streamed through the already-written blocks to rebuild the next block's inputs.
+        A compressed token embedding is solved first and returned in any case (no sink takes it)."""
         with matmul_precision("medium") if self.fast_matmul else contextlib.nullcontext():
             return self._walk(_Walk(solver, sink, on_block_output), windows)
 
@@ -158,6 +161,8 @@ class BlockWalker:
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
         done = walk.sink.blocks_done if walk.sink is not None else 0
+        if self.family.embeddings in walk.solver.layers:
+            self._process_embedding(walk)
         try:
             if streamed:
                 with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
@@ -173,6 +178,8 @@ class BlockWalker:
                 self._process_block(index, walk, replay=index < done)
             if self.lazy is not None:
                 self.lazy.load_outside()
+                for name in set(walk.kept) & {self.family.embeddings}:  # read again as stored
+                    _put_outside(get_module(self.model, name), walk.kept[name])
             if self.family.lm_head in walk.solver.layers and done <= len(self.blocks):
                 self._process_head(walk)
         finally:
@@ -306,6 +313,15 @@ class BlockWalker:
         linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in walk.solver.layers}
         return walk.solver.solve_group(linears, hessian)
 
+    def _process_embedding(self, walk: _Walk) -> None:
+        """The token embedding [vocab, hidden] as a layer of a data-free method, before the capture,
+        so that the blocks calibrate on what the compressed model computes; a tied lm_head is the
+        same tensor and so sees the same values."""
+        name = self.family.embeddings
+        module = get_module(self.model, name)
+        module.weight.data = module.weight.data.to(kept_dtype(module.weight.dtype))  # bfloat16 cannot hold them
+        walk.kept.update(walk.solver.solve_group({name: module}, None))
+
     def _process_head(self, walk: _Walk) -> None:
         """The lm_head, solved on norm(last block's outputs) with the tensors outside the blocks on the device."""
         name = self.family.lm_head
@@ -356,7 +372,7 @@ class LayerwiseCompressor:
         self.stack = stack
         self.ranks = ranks
         self.plan: dict[str, MethodConfig] = plan_layers(model, self.family, recipe.config_for, recipe.names_lm_head(),
-                                                         self.sensitivity)
+                                                         self.sensitivity, embedding_config(recipe, self.family))
         self.left_out = left_out(model, self.family, self.plan)
 
     @property
@@ -388,7 +404,15 @@ class LayerwiseCompressor:
         start = time.perf_counter()
         solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks)
         kept = self.walker.walk(solver, windows, writer, on_block_output)
-        return CompressionResult(solver.reports, kept, time.perf_counter() - start, self.left_out)
+        outside = {name: cw for name, cw in kept.items() if name == self.family.embeddings}
+        if writer is not None:
+            kept = {}
+        return CompressionResult(solver.reports, kept, time.perf_counter() - start, self.left_out, outside)
+
+
+def _put_outside(module: nn.Module, cw: CompressedWeight) -> None:
+    """A compressed weight outside the blocks back into its module after the lazy reader read it again."""
+    module.weight.data = cw.dequantize().to(kept_dtype(module.weight.dtype))
 
 
 def _onload(block: nn.Module, device: torch.device) -> tuple[torch.dtype, list[nn.Linear]]:

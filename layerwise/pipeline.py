@@ -126,7 +126,8 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
         result = compressor.compress(windows, writer=writer)
         if not job.ranks.main:
             return job.out, result, None
-        writer.write_rest(_outside_tensors(model, compressor))
+        writer.write_rest(_outside_tensors(model, compressor), result.outside,
+                          {r.name: r.to_dict() for r in result.layers if r.name in result.outside})
         manifest = {
             "source_model": str(job.model),
             "family": compressor.family.name,
@@ -147,15 +148,16 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
 
 
 def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:
-    """State outside the blocks, each storage once (tied embeddings), minus a compressed lm_head."""
+    """State outside the blocks, each storage once (tied embeddings), minus a compressed lm_head or
+    embedding (and the output head tied to it: the same storage)."""
     prefix = compressor.family.blocks + "."
-    skip = {f"{compressor.family.lm_head}.weight"} if compressor.family.lm_head in compressor.plan else set()
+    family = compressor.family
+    skip = {f"{name}.weight" for name in (family.lm_head, family.embeddings) if name in compressor.plan}
     out, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        if name.startswith(prefix) or name in skip:
-            continue
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
+        if name.startswith(prefix) or name in skip or key in seen:
+            seen.add(key)
             continue
         seen.add(key)
         out[name] = tensor

@@ -10,7 +10,9 @@ Our dialect is an ordered list of rules; the first whose regex is found in a lay
         config: {method: gptq, bits: 4, block_size: 32}
 
 Layers inside the decoder blocks are candidates; `lm_head` only when a rule's pattern spells out
-`lm_head` (a catch-all never compresses it). A rule may give a `menu` of candidate configs instead
+`lm_head`, and the token embedding only when a rule's pattern spells out the family's embedding
+name (`embed_tokens`): a catch-all never compresses either, since both are usually a large share
+of a small model and the embedding needs a data-free method. A rule may give a `menu` of candidate configs instead
 of one `config`: `layerwise compress --target-bits/--target-mb` then chooses one per layer
 (`layerwise.budget`) and writes the choice as a plain recipe. coremltools' dialect (`global_config`,
 `module_type_configs`, `module_name_configs`) is translated by `coremltools_dialect.py`.
@@ -60,6 +62,15 @@ class Recipe:
 
     def names_lm_head(self) -> bool:
         return any("lm_head" in rule.pattern and (rule.config is not None or rule.menu) for rule in self.rules)
+
+    def spelled_rule(self, name: str, word: str) -> Rule | None:
+        """The first rule that matches `name` and whose pattern spells out `word` (the embedding's
+        last path component): a catch-all before it does not count."""
+        return next((r for r in self.rules if word in r.pattern and r.matches(name)), None)
+
+    def with_embeddings(self, config: MethodConfig, word: str = "embed_tokens") -> "Recipe":
+        """This recipe with a rule for the token embedding in front (`compress --embeddings`)."""
+        return Recipe((Rule(re.escape(word), config), *self.rules))
 
     def to_dict(self) -> dict:
         return {"rules": [_rule_dict(r) for r in self.rules]}

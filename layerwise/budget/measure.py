@@ -50,7 +50,9 @@ def measure_candidates(
     # not staged: the model stays uncompressed, so one Hessian pass per block gives the same Hessians
     walker = BlockWalker(model, device=device, batch_size=batch_size, staged=False, offload_dir=offload_dir)
     # the layers' checks (shapes, sensitivities, what stays float16) as a compression run makes them
-    plan = plan_layers(model, walker.family, lambda name: menus[name][0] if name in menus else None)
+    table = walker.family.embeddings
+    plan = plan_layers(model, walker.family, lambda name: menus[name][0] if name in menus else None,
+                       embedding=menus[table][0] if table in menus else None)
     left_out(model, walker.family, plan)
     measurer = CandidateMeasurer(menus)
     walker.walk(measurer, windows)
@@ -71,8 +73,9 @@ class CandidateMeasurer:
     def layers(self) -> dict[str, tuple[MethodConfig, ...]]:
         return self.menus
 
-    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor) -> dict[str, CompressedWeight]:
-        """Measure the menus of layers sharing `hessian` ([in, in]); nothing to hand to a sink."""
+    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
+        """Measure the menus of layers sharing `hessian` ([in, in]; None: the token embedding, data-free
+        candidates in weight space); nothing to hand to a sink."""
         weights = {name: weight_out_in(linear) for name, linear in linears.items()}
         solved = solve_menus(weights, hessian, {name: self.menus[name] for name in linears})
         for name in linears:
@@ -129,6 +132,9 @@ def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor
     )
 
 
-def _row_errors(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """[out] float64 (Δ H Δᵀ)_jj of delta: [out, in] float32."""
+def _row_errors(delta: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """[out] float64 (Δ H Δᵀ)_jj of delta: [out, in] float32; |Δ_j|² without a Hessian (the token
+    embedding, whose loss scales weigh each row by the tokens that read it: `loss_scale`)."""
+    if hessian is None:
+        return delta.pow(2).sum(dim=1).double().cpu()
     return ((delta @ hessian) * delta).sum(dim=1).double().cpu()

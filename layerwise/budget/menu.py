@@ -15,6 +15,7 @@ from layerwise.models.families import get_module, resolve_family
 from .. import methods
 from ..errors import RecipeError
 from ..linears import is_compressible, linear_shape
+from ..plan import check_embedding_config
 from ..recipe import Recipe, Rule, method_config
 from ..solvers import MethodConfig
 
@@ -42,12 +43,13 @@ def menu_recipe(base: dict) -> Recipe:
 
 
 def layer_menus(model: nn.Module, recipe: Recipe) -> dict[str, tuple[MethodConfig, ...]]:
-    """{block linear name: its candidates that fit its shape}, in execution order. A rule with one
+    """{block linear name: its candidates that fit its shape}, in execution order, after the token
+    embedding's when a rule spells it out (data-free candidates; `plan.check_embedding_config`). A rule with one
     `config` gives a menu of one (its bytes count against the budget); `config: null` skips the layer."""
     family = resolve_family(model)
     if recipe.names_lm_head():
         raise RecipeError("a size budget covers the block linears only; remove the lm_head rule")
-    menus = {}
+    menus = _embedding_menu(model, family, recipe)
     for i, block in enumerate(get_module(model, family.blocks)):
         for rel, module in block.named_modules():
             if not is_compressible(module):
@@ -60,6 +62,15 @@ def layer_menus(model: nn.Module, recipe: Recipe) -> dict[str, tuple[MethodConfi
     if not menus:
         raise RecipeError("the recipe selects no layer for the budget; give a rule with a menu that matches some layers")
     return menus
+
+
+def _embedding_menu(model: nn.Module, family, recipe: Recipe) -> dict[str, tuple[MethodConfig, ...]]:
+    """{embedding name: its data-free candidates} when a rule spells out the embedding ({}: kept float16)."""
+    name = family.embeddings
+    rule = recipe.spelled_rule(name, name.rsplit(".", 1)[-1])
+    if rule is None or (rule.config is None and not rule.menu):
+        return {}
+    return {name: tuple(check_embedding_config(model, family, c) for c in rule.menu or (rule.config,))}
 
 
 def _fitting(menu: tuple[MethodConfig, ...], module: nn.Module, name: str) -> tuple[MethodConfig, ...]:

@@ -119,7 +119,9 @@ def other_blob_bytes(model: nn.Module, budgeted: list[str], context: int = EXPOR
     seen, total = set(), 0
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if name in skip or key in seen or not tensor.is_floating_point() or _elided(name, tensor, one_plus):
+        if name in skip:  # a budgeted embedding prices its tied output head too: one tensor
+            seen.add(key)
+        if key in seen or not tensor.is_floating_point() or _elided(name, tensor, one_plus):
             continue
         seen.add(key)
         total += blob_bytes(tensor.numel(), 16)
