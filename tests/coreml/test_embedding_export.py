@@ -27,6 +27,7 @@ from layerwise.models.stateful import causal_mask  # noqa: E402
 from layerwise.recipe import method_config  # noqa: E402
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
+pytestmark = pytest.mark.slow  # a conversion per case: make test, not test-fast
 
 EMBED = "model.embed_tokens"
 CONTEXT, PREFILL, DECODE = 48, 40, 4
@@ -84,7 +85,6 @@ def test_mil_interpreter_matches_hf(exported):
         assert_logits_close(step(t, t + 1), ref[:, t : t + 1])
 
 
-@pytest.mark.slow
 def test_checkpoint_export_decodes_bit_exact(tmp_path, calib_text_file):
     """From `compress --embeddings 8` to `export`: every constexpr weight, the embedding included,
     is the checkpoint's dequantized codes."""
