@@ -236,20 +236,20 @@ def safetensors_bytes(path: Path) -> int:
 
 def row_specs(model: str, paths: dict) -> list[tuple[str, str, str, Path, int]]:
     """(key, what, runtime, path, bytes on disk) of every row, float16 first."""
-    g = lambda key: paths[key].stat().st_size  # noqa: E731
-    return [
-        ("f16", "float16 (Hugging Face)", "torch", Path(model), safetensors_bytes(Path(model))),
-        ("f16-gguf", "float16 → GGUF F16 (`layerwise export --format gguf`)", "llama.cpp", paths["f16-gguf"], g("f16-gguf")),
-        ("ours", "ours: GPTQ 4-bit blocks of 32, `--grid mlx` (checkpoint)", "torch", paths["ours"],
-         safetensors_bytes(paths["ours"])),
-        ("ours-mlx", "ours → `--format mlx`", "mlx", paths["ours-mlx"], safetensors_bytes(paths["ours-mlx"])),
-        ("mlxlm-emb16", "mlx_lm convert 4-bit group 32, embeddings float16", "mlx", paths["mlxlm-emb16"],
-         safetensors_bytes(paths["mlxlm-emb16"])),
-        ("mlxlm", "mlx_lm convert -q --q-bits 4 --q-group-size 32", "mlx", paths["mlxlm"], safetensors_bytes(paths["mlxlm"])),
-        ("ours-gguf", "ours → `--format gguf`", "llama.cpp", paths["ours-gguf"], g("ours-gguf")),
-        ("q4_1-emb16", "llama.cpp Q4_1 of F16, token_embd F16", "llama.cpp", paths["q4_1-emb16"], g("q4_1-emb16")),
-        ("q4_1", "llama.cpp Q4_1 of F16 (token_embd Q8_0, its default)", "llama.cpp", paths["q4_1"], g("q4_1")),
+    specs = [
+        ("f16", "float16 (Hugging Face)", "torch"),
+        ("f16-gguf", "float16 → GGUF F16 (`layerwise export --format gguf`)", "llama.cpp"),
+        ("ours", "ours: GPTQ 4-bit blocks of 32, `--grid mlx` (checkpoint)", "torch"),
+        ("ours-mlx", "ours → `--format mlx`", "mlx"),
+        ("mlxlm-emb16", "mlx_lm convert 4-bit group 32, embeddings float16", "mlx"),
+        ("mlxlm", "mlx_lm convert -q --q-bits 4 --q-group-size 32", "mlx"),
+        ("ours-gguf", "ours → `--format gguf`", "llama.cpp"),
+        ("q4_1-emb16", "llama.cpp Q4_1 of F16, token_embd F16", "llama.cpp"),
+        ("q4_1", "llama.cpp Q4_1 of F16 (token_embd Q8_0, its default)", "llama.cpp"),
     ]
+    paths = {**paths, "f16": Path(model)}
+    size = lambda p: safetensors_bytes(p) if p.is_dir() else p.stat().st_size  # noqa: E731
+    return [(key, what, runtime, paths[key], size(paths[key])) for key, what, runtime in specs]
 
 
 def ppl(nll: list[float], n: int) -> float | None:
@@ -299,7 +299,8 @@ def section(command: str, args, body: str, checks: list[str], total: int, common
     from layerwise.bench.results import display_path
     from importlib.metadata import version
 
-    v = {name: version(name) for name in ("layerwise", "torch", "transformers", "mlx", "mlx-lm", "llama_cpp_python", "gguf")}
+    names = ("layerwise", "torch", "transformers", "mlx", "mlx-lm", "llama_cpp_python", "gguf")
+    v = {name: version(name) for name in names}
     return "\n".join([
         TITLE, "", f"Reproduce: `{command}`", "",
         f"Model `{display_path(args.model)}` (SmolLM2-135M-Instruct in float16, built by "
@@ -310,7 +311,10 @@ def section(command: str, args, body: str, checks: list[str], total: int, common
         "own quantizers at the same bits: `mlx_lm convert -q --q-bits 4 --q-group-size 32`, and llama.cpp's Q4_1 "
         "(`llama_model_quantize`, llama-quantize's code) of the F16 GGUF our exporter writes of the float16 model. "
         "Both quantize the tied embedding table by default, which our checkpoint keeps float16, so each also "
-        "appears with the embeddings float16: the equal-size comparison.",
+        "appears with the embeddings float16: the equal-size comparison. Caveat (make.py's docstring): this "
+        "float16 model is a dequantized llama.cpp Q4_1 file, so its linear weights already lie on a 4-bit affine "
+        "grid per 32 inputs, and llama.cpp's Q4_1 (min/max per block of 32) finds that grid again almost exactly; "
+        "mlx_lm's affine quantizer does not (it places the grid differently), nor does GPTQ on the `mlx` lattice.",
         "",
         f"Perplexity on `{display_path(args.eval_text)}` under the model's tokenizer (no BOS): the first windows of "
         f"its {total} non-overlapping {SEQLEN}-token windows, the same token ids for every row, exp of the mean NLL "
