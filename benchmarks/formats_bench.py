@@ -328,6 +328,8 @@ def section(command: str, args, body: str, checks: list[str], total: int, common
         "" if common >= (args.windows or total) else
         f"\nEach row is scored over the windows it reached in the time given (column \"windows scored\"); the "
         f"first ppl column compares every row on the same {common} windows.",
+        "" if not args.table_only else "\nRendered with `--table-only` from the per-window NLLs that earlier runs "
+        "of this script cached in WORK (`nll-KEY.json`, keyed by the windows' token ids).",
     ]).rstrip() + "\n"
 
 
