@@ -83,10 +83,11 @@ class CheckpointWriter:
         with os_errors(self.out_dir):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             remove_stale(self.out_dir)
+            created = not self.tmp_dir.exists()
             try:
                 self._start()
-            except BaseException:
-                fresh = self.lock.held and not self.resume  # this run cleared the directory: nothing to keep
+            except BaseException:  # a refusal, or a signal before the first block: nothing to keep
+                fresh = not self.resume and (self.lock.held or created)
                 self._end()
                 if fresh:
                     shutil.rmtree(self.tmp_dir, ignore_errors=True)

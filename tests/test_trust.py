@@ -196,3 +196,23 @@ def test_inspect_checks_the_shards(case, tmp_path, capsys, verify):
     assert main(["inspect", str(swapped), "--json", *flags]) == 2
     err = one_line_error(capsys)
     assert ("sha256 differs" in err) if verify else ("should be in block-0000" in err), err
+
+
+@pytest.mark.parametrize("when", ["after mkdir", "after the owner file"])
+def test_a_signal_while_the_run_starts_leaves_nothing(when, monkeypatch, tmp_path):
+    """SIGTERM lands inside `__enter__` (the `with` never opens, so `__exit__` never runs)."""
+    from layerwise import run_lock
+    acquire = run_lock.RunLock.acquire
+
+    def interrupted(self):
+        if when == "after mkdir":
+            self.tmp_dir.mkdir(parents=True)
+        else:
+            acquire(self)
+        raise KeyboardInterrupt(15)
+
+    monkeypatch.setattr(run_lock.RunLock, "acquire", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.CheckpointWriter(tmp_path / "o"):
+            pass
+    assert list(tmp_path.iterdir()) == []
