@@ -91,7 +91,9 @@ def _add_compress(sub) -> None:
     target.add_argument("--target-bits", type=float,
                         help="size budget: bits per weight over the compressed layers; bits per layer chosen by sensitivity")
     target.add_argument("--target-mb", type=float,
-                        help="size budget: MB of the exported mlpackage; bits per layer chosen by sensitivity")
+                        help="size budget: MB of the export in --target-format; bits per layer chosen by sensitivity")
+    c.add_argument("--target-format", choices=sorted(EXPORTERS),
+                   help=f"the output --target-mb prices (default: {DEFAULT_FORMAT})")
     c.add_argument("--calib", default=BUNDLED_CALIBRATION, help="wikitext2 | c4 | PATH (default: bundled excerpt)")
     c.add_argument("--nsamples", type=positive, default=128)
     c.add_argument("--seqlen", type=positive, default=256)
@@ -341,8 +343,11 @@ def _compress_job(args, recipe=None, ranks=None, device: str | None = None):
     from .distributed import SINGLE
     from .job import CompressJob
 
+    if args.target_format and args.target_mb is None:
+        raise RecipeError(f"--target-format {args.target_format} says which output --target-mb prices; add --target-mb, "
+                          "or leave --target-format out")
     budget = args.target_bits is not None or args.target_mb is not None
-    target = Target(bits=args.target_bits, mb=args.target_mb) if budget else None
+    target = Target(bits=args.target_bits, mb=args.target_mb, format=args.target_format or DEFAULT_FORMAT) if budget else None
     return CompressJob(
         model=args.model, out=args.out, recipe=recipe if recipe is not None else _compress_recipe(args),
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, target=target,

@@ -106,7 +106,8 @@ def report_table(path: str | Path) -> str:
 def budget_line(path: str | Path, budget: dict) -> str:
     """How a `--target-bits/--target-mb` checkpoint's per-layer configs were chosen."""
     target = budget["target"]
-    goal = f"{target['bits']:g} bits/weight" if target.get("bits") is not None else f"{target['mb']:g} MB mlpackage"
+    goal = (f"{target['bits']:g} bits/weight" if target.get("bits") is not None
+            else f"{target['mb']:g} MB {target.get('format', 'coreml')} export")
     return (
         f"budget {goal}: configs chosen per layer by measured sensitivity; {budget['bits_per_weight']:.4f} bits/weight, "
         f"{budget['predicted_export_mb']:.2f} MB exported (predicted), predicted Δloss {budget['predicted_dloss']:.4g}; "

@@ -63,7 +63,8 @@ class Allocation:
     def summary(self) -> dict:
         """JSON-able record for the checkpoint manifest."""
         return {
-            "target": {"bits": self.target.bits, "mb": self.target.mb},
+            "target": {"bits": self.target.bits, "mb": self.target.mb,
+                       **({"format": self.target.format} if self.target.mb is not None else {})},
             "budget_bytes": self.budget_bytes,
             "used_bytes": self.used_bytes,
             "bits_per_weight": self.bits_per_weight,
@@ -102,7 +103,7 @@ def allocate_from_table(model: nn.Module, table: dict[str, list[Candidate]], sca
         costs = [[c.checkpoint_bytes for c in table[n]] for n in names]
     else:
         budget = int(target.mb * 1e6) - fixed
-        costs = [[c.export_bytes for c in table[n]] for n in names]
+        costs = [[c.export_bytes[target.format] for c in table[n]] for n in names]
     losses = [[float(scales[n] @ c.row_errors) for c in table[n]] for n in names]
     top = sum(max(c) for c in costs)
     if top < 0.99 * budget:
@@ -123,7 +124,7 @@ def allocate_from_table(model: nn.Module, table: dict[str, list[Candidate]], sca
     allocation = Allocation(
         recipe=Recipe(rules), target=target, budget_bytes=budget, used_bytes=used,
         bits_per_weight=8 * sum(table[n][k].checkpoint_bytes for n, k in chosen.items()) / numel,
-        export_mb=(fixed + sum(table[n][k].export_bytes for n, k in chosen.items())) / 1e6,
+        export_mb=(fixed + sum(table[n][k].export_bytes[target.format] for n, k in chosen.items())) / 1e6,
         predicted_dloss=sum(losses[i][k] for i, k in enumerate(picks)),
         table=table, scales=scales, chosen=chosen,
     )

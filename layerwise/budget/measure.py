@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from .. import methods
-from ..coreml.layout import exported_bytes
 from ..engine import BlockWalker
+from ..exporters import EXPORTERS
 from ..formats import CompressedWeight
 from ..linears import weight_out_in
 from ..plan import left_out, plan_layers
@@ -38,7 +38,7 @@ class Candidate:
     row_errors: torch.Tensor  # [out] float64: (ΔW H ΔWᵀ)_jj, each output channel's share of `error`
     rel_error: float  # error / tr(W H Wᵀ), over every row (the engine's report samples 512)
     checkpoint_bytes: int  # every stored byte in the layerwise checkpoint
-    export_bytes: int  # weight-file bytes in the exported mlpackage
+    export_bytes: dict[str, int]  # output format → the layer's bytes in it (`Exporter.layer_bytes`)
 
 
 def measure_candidates(
@@ -128,7 +128,7 @@ def _candidate(weight: torch.Tensor, cw: CompressedWeight, hessian: torch.Tensor
         row_errors=rows,
         rel_error=error / reference if reference > 0 else error,
         checkpoint_bytes=cw.payload_bytes(),
-        export_bytes=exported_bytes(cw),
+        export_bytes={name: exporter.layer_bytes(cw) for name, exporter in EXPORTERS.items()},
     )
 
 

@@ -15,6 +15,7 @@ from ..errors import ModelError
 from ..formats import CompressedWeight
 from ..outputs import publish, scratch_directory
 from .gguf_blocks import block_bytes, gguf_decoded, gguf_type, pack_rows
+from .headers import gguf_tensor_info_bytes, provenance_bytes
 from .protocol import ExportOptions
 from .tally import Tally, check_family, largest_difference
 
@@ -85,7 +86,9 @@ class GGUF:
     def fixed_bytes(self, model, budgeted: list[str]) -> int:
         skip = {f"{n}.weight" for n in budgeted}
         weights = sum(p.numel() * (4 if p.dim() == 1 else 2) for n, p in model.named_parameters() if n not in skip)
-        return weights + HEADER_BYTES_PER_TOKEN * model.config.vocab_size
+        # the Hugging Face names are longer than llama.cpp's: an upper bound on the tensor directory
+        directory = sum(gguf_tensor_info_bytes(n, p.dim()) for n, p in model.named_parameters())
+        return weights + HEADER_BYTES_PER_TOKEN * model.config.vocab_size + directory + provenance_bytes(budgeted)
 
 
 def _tensors(writer, loaded, names, permute: bool) -> Tally:

@@ -23,6 +23,7 @@ from ..errors import ModelError
 from ..formats import CompressedWeight, pack_bits
 from ..outputs import publish, scratch_directory
 from .protocol import ExportOptions
+from .headers import provenance_bytes, safetensors_entry_bytes
 from .tally import Tally, affine_codes, check_family, largest_difference
 
 MLX_BITS = (2, 3, 4, 5, 6, 8)
@@ -102,9 +103,13 @@ class MLX:
         return cw.numel * bits // 8 + 2 * 2 * cw.numel // group
 
     def fixed_bytes(self, model, budgeted: list[str]) -> int:
+        """model.safetensors without the budgeted layers' data (the tokenizer files beside it are not counted)."""
         skip = {f"{n}.weight" for n in budgeted}
         # named_parameters lists a tied tensor once; every float tensor is written float16
-        return sum(2 * p.numel() for n, p in model.named_parameters() if n not in skip)
+        params = [(n, p) for n, p in model.named_parameters() if n not in skip]
+        header = sum(safetensors_entry_bytes(n, p.dim()) for n, p in params)
+        header += sum(safetensors_entry_bytes(f"{n}.weight", 2) * 3 for n in budgeted)  # weight, scales, biases
+        return sum(2 * p.numel() for _, p in params) + header + provenance_bytes(budgeted)
 
 
 def _weights(loaded) -> tuple[dict[str, np.ndarray], dict, Tally]:

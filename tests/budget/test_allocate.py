@@ -77,8 +77,8 @@ def test_mb_budget_counts_the_export_layout(measured):
     fixed = get_exporter("coreml").fixed_bytes(model, list(allocation.table))
     three_b32 = {n: next(c for c in cands if c.config.bits == 3 and c.config.block_size == 32)
                  for n, cands in allocation.table.items()}
-    assert all(c.export_bytes > c.checkpoint_bytes for c in three_b32.values())
-    mb = (fixed + sum(c.export_bytes for c in three_b32.values())) / 1e6
+    assert all(c.export_bytes["coreml"] > c.checkpoint_bytes for c in three_b32.values())
+    mb = (fixed + sum(c.export_bytes["coreml"] for c in three_b32.values())) / 1e6
     chosen = allocate_from_table(model, allocation.table, allocation.scales, Target(mb=mb))
     assert 0.99 * mb <= chosen.export_mb <= mb
 

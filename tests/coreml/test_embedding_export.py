@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 ct = pytest.importorskip("coremltools")
 
 from conftest import build_tiny_model, save_tiny_model  # noqa: E402
-from mil_interpreter import MILInterpreter  # noqa: E402
 from test_export import assert_bit_exact, load_in, load_program, rtn_all  # noqa: E402
-from test_family_export import separated_ids  # noqa: E402
-from test_mil_interpreter import assert_logits_close  # noqa: E402
+from test_family_export import assert_prefill_then_decode_match_hf  # noqa: E402
 
 from layerwise import methods  # noqa: E402
 from layerwise.checkpoint import read_tensors  # noqa: E402
 from layerwise.cli import main  # noqa: E402
 from layerwise.coreml import export_mlpackage, package_bytes  # noqa: E402
 from layerwise.coreml.layout import exported_bytes, other_blob_bytes  # noqa: E402
-from layerwise.models.stateful import causal_mask  # noqa: E402
 from layerwise.recipe import method_config  # noqa: E402
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -72,17 +68,7 @@ def test_weight_file_is_priced(exported):
 
 def test_mil_interpreter_matches_hf(exported):
     _, model, _, _, prog = exported
-    interp = MILInterpreter(prog)
-    state = interp.new_state()
-    ids, ref = separated_ids(model)
-
-    def step(start, stop):
-        mask = causal_mask(stop - start, past=start).numpy().astype(np.float16)
-        return np.asarray(interp.run({"input_ids": ids[:, start:stop], "causal_mask": mask}, state)["logits"], np.float32)
-
-    assert_logits_close(step(0, PREFILL), ref[:, :PREFILL])
-    for t in range(PREFILL, PREFILL + DECODE):
-        assert_logits_close(step(t, t + 1), ref[:, t : t + 1])
+    assert_prefill_then_decode_match_hf(prog, model, PREFILL, DECODE)
 
 
 def test_checkpoint_export_decodes_bit_exact(tmp_path, calib_text_file):

@@ -98,12 +98,12 @@ def test_metadata_records_windows_and_attention_kinds(exported):
         assert 16 in windows
 
 
-def separated_ids(model, min_gap: float = 3e-3, tries: int = 200):
+def separated_ids(model, length: int = PREFILL + DECODE, min_gap: float = 3e-3, tries: int = 200):
     """Token ids (and HF's logits for them) where HF's top two logits differ by more than
     min_gap × the logit scale at every position: a random tiny model has near-ties that float16
     noise flips, and "same argmax everywhere" is only defined away from them."""
     for seed in range(tries):
-        ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=(1, PREFILL + DECODE))
+        ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, size=(1, length))
         with torch.no_grad():
             ref = model(torch.from_numpy(ids).long()).logits.float().numpy()
         top2 = np.sort(ref[0], axis=-1)[:, -2:]
@@ -115,14 +115,19 @@ def separated_ids(model, min_gap: float = 3e-3, tries: int = 200):
 def test_mil_interpreter_matches_hf_past_the_window(exported):
     """Prefill of 40 tokens then 4 decode steps through the float16 program, plain causal masks."""
     name, model, _, _, _, prog = exported
+    assert_prefill_then_decode_match_hf(prog, model)
+
+
+def assert_prefill_then_decode_match_hf(prog, model, prefill: int = PREFILL, decode: int = DECODE):
+    """The program's logits for a prefill then single-token decode steps equal HF's whole-sequence forward."""
     interp = MILInterpreter(prog)
     state = interp.new_state()
-    ids, ref = separated_ids(model)
+    ids, ref = separated_ids(model, prefill + decode)
 
     def step(start, stop):
         mask = causal_mask(stop - start, past=start).numpy().astype(np.float16)
         return np.asarray(interp.run({"input_ids": ids[:, start:stop], "causal_mask": mask}, state)["logits"], np.float32)
 
-    assert_logits_close(step(0, PREFILL), ref[:, :PREFILL])
-    for t in range(PREFILL, PREFILL + DECODE):
+    assert_logits_close(step(0, prefill), ref[:, :prefill])
+    for t in range(prefill, prefill + decode):
         assert_logits_close(step(t, t + 1), ref[:, t : t + 1])

@@ -5,10 +5,13 @@ llama-cpp-python is installed) gives our model's logits and greedy tokens."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+
+from cli_steps import compress, export_as
 
 from layerwise.checkpoint import load_compressed
 from layerwise.cli import main
@@ -18,17 +21,7 @@ from layerwise.formats import CompressedWeight
 
 gguf = pytest.importorskip("gguf")
 
-FAST = ["--nsamples", "8", "--seqlen", "64"]
-
-
-def compress(model, out, calib, *flags) -> str:
-    assert main(["-q", "compress", str(model), "--out", str(out), "--calib", str(calib), *FAST, *flags]) == 0
-    return str(out)
-
-
-def export(checkpoint, out, capsys) -> str:
-    assert main(["-q", "export", str(checkpoint), "--format", "gguf", "--out", str(out)]) == 0
-    return capsys.readouterr().out.strip().splitlines()[-1]
+export = partial(export_as, "gguf")
 
 
 def decoded(path, loaded) -> dict[str, tuple[str, np.ndarray]]:

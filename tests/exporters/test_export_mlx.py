@@ -4,13 +4,15 @@ the checkpoint's (with --grid mlx), and mlx-lm's logits and greedy text match ou
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from cli_steps import compress, export_as
+
 from layerwise.checkpoint import load_compressed
-from layerwise.cli import main
 from layerwise.exporters.mlx import MLX, mlx_layout
 from layerwise.formats import CompressedWeight
 from layerwise.models import DEMO_MODEL_DIR
@@ -19,17 +21,7 @@ mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
 nn = pytest.importorskip("mlx.nn")
 
-FAST = ["--nsamples", "8", "--seqlen", "64"]
-
-
-def compress(model, out, calib, *flags) -> str:
-    assert main(["-q", "compress", str(model), "--out", str(out), "--calib", str(calib), *FAST, *flags]) == 0
-    return str(out)
-
-
-def export(checkpoint, out, capsys) -> str:
-    assert main(["-q", "export", str(checkpoint), "--format", "mlx", "--out", str(out)]) == 0
-    return capsys.readouterr().out.strip().splitlines()[-1]
+export = partial(export_as, "mlx")
 
 
 def module(model, name: str):
