@@ -16,6 +16,7 @@ import argparse
 import copy
 import fcntl
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -223,8 +224,11 @@ def render(data: dict, png: str) -> str:
         f"windows (float16 {data['fp16_ppl']:.3f}). Mixed = `--target-bits` at each uniform GPTQ point's bits per weight, "
         f"default menu (GPTQ 2/3/4/8 bits × per-channel / 128 / 32); measuring every candidate and the loss scales "
         + (f"once took {data['measure_s']:.0f} s (shared 2-core machine)." if data.get("measure_s") else "not timed yet."), "",
-        "| curve | settings | bits/weight | ppl | Δppl | mixed / uniform Δppl | compress s | mix (layers per config) |",
-        "|---|---|---|---|---|---|---|---|",
+        "Predicted Δppl = float16 ppl × (exp(predicted Δloss) − 1), the knapsack's own estimate of the mean "
+        "next-token loss it adds; real / predicted within [0.67, 1.5] is the predictor's acceptance (issue 25).", "",
+        "| curve | settings | bits/weight | ppl | Δppl | predicted Δppl (real / predicted) | mixed / uniform Δppl "
+        "| compress s | mix (layers per config) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     uniform = {round(r["bits_per_weight"], 3): r for r in data["rows"] if r["curve"] == "gptq-uniform"}
     for r in sorted(data["rows"], key=lambda r: (r["bits_per_weight"], r["curve"])):
@@ -234,9 +238,17 @@ def render(data: dict, png: str) -> str:
             ratio = f"{r['dppl'] / ref['dppl']:.2f}" if ref["dppl"] > 0 else "–"
         mix = ", ".join(f"{k}×{v}" for k, v in sorted(r.get("mix", {}).items()))
         lines.append(f"| {r['curve']} | {r['settings']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['dppl']:+.3f} | "
-                     f"{ratio} | {r['compress_s']:.1f} | {mix} |")
+                     f"{predicted(r, data['fp16_ppl'])} | {ratio} | {r['compress_s']:.1f} | {mix} |")
     lines += ["", f"![Δppl vs bits per weight]({png})"]
     return "\n".join(lines)
+
+
+def predicted(row: dict, fp16_ppl: float) -> str:
+    """The knapsack's predicted Δppl of a mixed row and how the real one compares ("" for the others)."""
+    if row.get("predicted_dloss") is None:
+        return ""
+    guess = fp16_ppl * math.expm1(row["predicted_dloss"])
+    return f"{guess:+.3f} ({row['dppl'] / guess:.2f})" if guess > 0 else f"{guess:+.3f}"
 
 
 def plot(data: dict, path: Path) -> None:
