@@ -118,3 +118,31 @@ def test_divided_wrapper_is_the_hf_model_in_float32():
         ours = wrapper(ids, causal_mask(24))
         ref = model(ids).logits
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_divisor_changes_no_float16_bit(tmp_path, monkeypatch):
+    """A power of two moves only exponents: on a Gemma 3 whose residual fits float16 either way, the
+    program carrying it ÷16 gives the logits of the program carrying it as is, bit for bit."""
+    import dataclasses
+
+    from layerwise.models import families
+
+    model = build_tiny_model("gemma3_text", dtype=torch.float32)
+    with torch.no_grad():  # norm weights off their all-zero init, so every (1 + w) is a real constant
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(-0.9, 3.0, generator=torch.Generator().manual_seed(len(name)))
+    compressed = rtn_all(model)
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(1, PREFILL)).astype(np.int32)
+    mask = causal_mask(PREFILL).numpy().astype(np.float16)
+    logits = {}
+    for divisor in (16, 1):
+        family = families.resolve_family(model)
+        monkeypatch.setattr(families, "FAMILIES", tuple(
+            dataclasses.replace(f, residual_divisor=divisor) if f.name == family.name else f for f in families.FAMILIES))
+        pkg = tmp_path / f"d{divisor}.mlpackage"
+        export_mlpackage(model, pkg, context=CONTEXT, compressed=compressed)
+        interp = MILInterpreter(load_program(pkg)[1])
+        logits[divisor] = np.asarray(interp.run({"input_ids": ids, "causal_mask": mask}, interp.new_state())["logits"])
+    assert logits[16].dtype == np.float16 and np.isfinite(logits[16]).all()
+    np.testing.assert_array_equal(logits[16].view(np.uint16), logits[1].view(np.uint16))
