@@ -20,7 +20,7 @@ State (float16 by default; iOS18 states are float16):
     k_cache, v_cache: [layers, 1, kv_heads, context, head_dim]
 
 The residual stream is carried ÷ the family's `residual_divisor` (a power of two; 16 for Gemma 2/3,
-whose residual passes float16's 65504): folded into the embedding multiplier, the post-norm weights
+whose residual outgrows float16's 65504: Gemma 3 270M reaches 1.04e5): folded into the embedding multiplier, the post-norm weights
 and the eps of the norms that read the stream, so it adds no op and changes no float16 significand.
 """
 
@@ -178,9 +178,9 @@ class StatefulCausalLM(nn.Module):
         if s == 1:  # nothing traced: the program of every other family is as before
             return
         self.embed_scale /= s
-        if self.family.block_norms.attn_out:
+        if divided_norms(self.family):
             self.post_norm_divisor = s
-        else:
+        else:  # no post-norm on both branches: the family has a residual multiplier (Family checks)
             self.residual_scale /= s
         if math.sqrt(self.residual_eps) < 2.0**-14:  # _rms_norm's √eps / max|h|: a float16 subnormal
             log.warning("residual ÷%d: √eps %.3g is below float16's normal range; the norms' eps is "
@@ -276,9 +276,9 @@ class StatefulCausalLM(nn.Module):
 def divided_norms(family: Family) -> tuple[str, ...]:
     """Norms (relative to a block) whose weights the export divides by the family's residual divisor."""
     norms = family.block_norms
-    if family.residual_divisor == 1 or not norms.attn_out:
+    if family.residual_divisor == 1 or not (norms.attn_out and norms.mlp_out):
         return ()
-    return tuple(n for n in (norms.attn_out, norms.mlp_out) if n)
+    return norms.attn_out, norms.mlp_out
 
 
 def causal_mask(q_len: int, past: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
