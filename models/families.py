@@ -141,10 +141,25 @@ class Family:
     logit_scale: ConfigScalar | None = None  # logits × value (Granite: 1 / logits_scaling)
     attn_softcap: str | None = None  # config field: scores = c·tanh(scores / c) (Gemma 2)
     final_softcap: str | None = None  # config field: logits = c·tanh(logits / c) (Gemma 2/3)
+    # the float16 export carries the residual stream divided by this power of two (see stateful.py):
+    # 1 = as is; above 1 only where the embedding multiplier and the branch post-norms (or the
+    # residual multiplier) can absorb it, so it costs no op
+    residual_divisor: int = 1
     window: WindowRule = WindowRule.NONE
     rope_per_layer_type: bool = False  # rotary(x, pos, layer_type): local/global rope (Gemma 3)
     exportable: bool = True  # the stateful wrapper reproduces it (generic fallbacks: compress only)
     aliases: tuple[str, ...] = field(default=())  # checkpoints this entry covers, for `layerwise families`
+
+    def __post_init__(self):
+        s = self.residual_divisor
+        if s < 1 or s & (s - 1):
+            raise ValueError(f"{self.name}: residual_divisor={s} must be a power of two (exact in float16)")
+        norms = self.block_norms
+        foldable = (self.embed_scale is not None and norms.attn_in and norms.mlp_in
+                    and ((norms.attn_out and norms.mlp_out) or self.residual_scale is not None))
+        if s > 1 and not foldable:
+            raise ValueError(f"{self.name}: residual_divisor needs an embedding multiplier, pre-norms and "
+                             "post-norms or a residual multiplier to fold into")
 
     # --- per-layer traits, from the config ---
 
@@ -195,6 +210,8 @@ class Family:
         for label, cap in (("attn_softcap", self.attn_softcap), ("final_softcap", self.final_softcap)):
             if cap:
                 out.append(f"{label}={cap}")
+        if self.residual_divisor > 1:
+            out.append(f"residual÷{self.residual_divisor}")
         if self.window is not WindowRule.NONE:
             out.append(f"window={self.window.value}")
         if self.rope_per_layer_type:
@@ -203,8 +220,11 @@ class Family:
 
 
 _GEMMA = dict(norm=NormKind.RMS_ONE_PLUS, embed_scale=ConfigScalar("hidden_size", 0.5))
+# Gemma 2/3's residual outgrows float16 (Gemma 3 270M: 1.04e5 > 65504): the export carries it ÷16,
+# the most that keeps √eps/16 (eps = 1e-6) a normal float16, so the program's numbers are the
+# unscaled ones ÷16 exactly; the ceiling becomes 1.05e6
 _GEMMA_2_3 = dict(_GEMMA, activation="hidden_activation", block_norms=SANDWICH, attention_scale=ConfigScalar("query_pre_attn_scalar", -0.5),
-                  final_softcap="final_logit_softcapping", window=WindowRule.LAYER_TYPES)
+                  final_softcap="final_logit_softcapping", window=WindowRule.LAYER_TYPES, residual_divisor=16)
 _PHI3_ATTENTION = AttentionLinears(None, None, None, qkv="self_attn.qkv_proj")
 _PHI3_MLP = MlpLinears(None, None, gate_up="mlp.gate_up_proj")
 

@@ -18,6 +18,10 @@ A caller that already passes a window mask gets the same result (masking twice i
 
 State (float16 by default; iOS18 states are float16):
     k_cache, v_cache: [layers, 1, kv_heads, context, head_dim]
+
+The residual stream is carried ÷ the family's `residual_divisor` (a power of two; 16 for Gemma 2/3,
+whose residual outgrows float16's 65504: Gemma 3 270M reaches 1.04e5): folded into the embedding multiplier, the post-norm weights
+and the eps of the norms that read the stream, so it adds no op and changes no float16 significand.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class StatefulCausalLM(nn.Module):
         if self.embed_scale is not None:  # HF rounds it to the embedding dtype (Gemma's normalizer)
             self.embed_scale = torch.tensor(self.embed_scale, dtype=self.embed_tokens.weight.dtype).item()
         self.residual_scale = scalar(family.residual_scale)
+        self._divide_residual(family.residual_divisor)
         self.logit_scale = scalar(family.logit_scale)
         attention_scale = scalar(family.attention_scale)
         # SDPA applies 1/sqrt(hd); any other scale is folded into q so SDPA's `scale` stays unset
@@ -132,7 +137,7 @@ class StatefulCausalLM(nn.Module):
         q_len = input_ids.shape[-1]
         end = causal_mask.shape[-1]
         past = end - q_len
-        hidden = F.embedding(input_ids, self.embed_tokens.weight)  # (1, q, hidden)
+        hidden = F.embedding(input_ids, self.embed_tokens.weight)  # (1, q, hidden), ÷ residual_divisor below
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
         mask = causal_mask.to(hidden.dtype)
@@ -143,12 +148,12 @@ class StatefulCausalLM(nn.Module):
                  for key in set(self.rope_keys)}
         norms = self.family.block_norms
         for i, layer in enumerate(self.layers):
-            x = self._norm(layer, norms.attn_in, hidden)
+            x = self._norm(layer, norms.attn_in, hidden, self.residual_eps)
             a = self._attention(i, layer, x, masks[self.window_bands[i]], *ropes[self.rope_keys[i]], past, end)
             hidden = hidden + self._branch_out(layer, norms.attn_out, a)
-            x = self._norm(layer, norms.mlp_in, hidden)
+            x = self._norm(layer, norms.mlp_in, hidden, self.residual_eps)
             hidden = hidden + self._branch_out(layer, norms.mlp_out, self._mlp(layer, x))
-        hidden = _norm(self.family.norm, self.final_norm, hidden, self.eps)
+        hidden = _norm(self.family.norm, self.final_norm, hidden, self.residual_eps)
         if self.last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(hidden)
@@ -158,8 +163,28 @@ class StatefulCausalLM(nn.Module):
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
-    def _norm(self, layer, name, x):
-        return x if name is None else _norm(self.family.norm, get_module(layer, name), x, self.eps)
+    def _norm(self, layer, name, x, eps, divisor=1):
+        return x if name is None else _norm(self.family.norm, get_module(layer, name), x, eps, divisor)
+
+    def _divide_residual(self, s: int) -> None:
+        """Carry the residual stream ÷ s (a power of two): the embedding multiplier and what each
+        branch adds (post-norm weights, else the residual multiplier) are ÷ s, and the norms reading
+        the stream take eps ÷ s², so norm(h / s) == norm(h). Every float16 value keeps its
+        significand, so the program computes the unscaled numbers ÷ s exactly while they stay
+        normal (Family.residual_divisor: 16 for Gemma 2/3), and h may reach 65504·s."""
+        self.residual_divisor = s
+        self.residual_eps = self.eps / s**2  # exact: a power of four
+        self.post_norm_divisor = 1  # what _branch_out's post-norms divide their weights by
+        if s == 1:  # nothing traced: the program of every other family is as before
+            return
+        self.embed_scale /= s
+        if divided_norms(self.family):
+            self.post_norm_divisor = s
+        else:  # no post-norm on both branches: the family has a residual multiplier (Family checks)
+            self.residual_scale /= s
+        if math.sqrt(self.residual_eps) < 2.0**-14:  # _rms_norm's √eps / max|h|: a float16 subnormal
+            log.warning("residual ÷%d: √eps %.3g is below float16's normal range; the norms' eps is "
+                        "rounded (harmless next to mean(h²))", s, math.sqrt(self.residual_eps))
 
     def required_ops(self) -> tuple[str, ...]:
         """MIL ops the converted program must hold for this model to run as designed."""
@@ -184,7 +209,7 @@ class StatefulCausalLM(nn.Module):
 
     def _branch_out(self, layer, norm_name, out):
         """A branch's output as added to the residual stream: post-norm (sandwich / OLMo 2), multiplier."""
-        out = self._norm(layer, norm_name, out)
+        out = self._norm(layer, norm_name, out, self.eps, self.post_norm_divisor)
         return out if self.residual_scale is None else out * self.residual_scale
 
     def _window_band(self, window: int, past, end) -> torch.Tensor:
@@ -248,19 +273,31 @@ class StatefulCausalLM(nn.Module):
         return get_module(layer, spec.down)(self.act(gate) * up)
 
 
+def divided_norms(family: Family) -> tuple[str, ...]:
+    """Norms (relative to a block) whose weights the export divides by the family's residual divisor."""
+    norms = family.block_norms
+    if family.residual_divisor == 1 or not (norms.attn_out and norms.mlp_out):
+        return ()
+    return norms.attn_out, norms.mlp_out
+
+
 def causal_mask(q_len: int, past: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive mask [1, 1, q_len, past + q_len]: query i sees cache positions <= past + i."""
     mask = torch.full((q_len, past + q_len), float("-inf"), dtype=dtype)
     return torch.triu(mask, diagonal=past + 1)[None, None]
 
 
-def _norm(kind: NormKind, norm: nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The family's norm over the last dim of x."""
+def _norm(kind: NormKind, norm: nn.Module, x: torch.Tensor, eps: float, divisor: int = 1) -> torch.Tensor:
+    """The family's norm over the last dim of x, its output ÷ divisor (folded into the weight: a
+    constant the converter computes once)."""
+    def fold(t):
+        return t if t is None or divisor == 1 else t * (1.0 / divisor)
+
     if kind is NormKind.RMS:
-        return _rms_norm(x, norm.weight, eps)
+        return _rms_norm(x, fold(norm.weight), eps)
     if kind is NormKind.RMS_ONE_PLUS:  # Gemma stores w − 1
-        return _rms_norm(x, 1.0 + norm.weight, eps)
-    return F.layer_norm(x, (x.shape[-1],), norm.weight, getattr(norm, "bias", None), eps)
+        return _rms_norm(x, fold(1.0 + norm.weight), eps)
+    return F.layer_norm(x, (x.shape[-1],), fold(norm.weight), fold(getattr(norm, "bias", None)), eps)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

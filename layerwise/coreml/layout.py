@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..formats import CompressedWeight
 from ..models.families import NormKind, resolve_family
-from ..models.stateful import has_partial_rotary, stored_table_sizes
+from ..models.stateful import divided_norms, has_partial_rotary, stored_table_sizes
 
 INDEX_BITS = (1, 2, 3, 4, 6, 8)  # iOS18 LUT index types uint1..uint8
 BLOB_HEADER_BYTES = 64
@@ -116,12 +116,14 @@ def other_blob_bytes(model: nn.Module, budgeted: list[str], context: int = EXPOR
     family = resolve_family(model)
     skip = {f"{n}.weight" for n in budgeted}
     one_plus = family.norm is NormKind.RMS_ONE_PLUS
+    divided = tuple(f".{n}.weight" for n in divided_norms(family))  # ÷ the residual divisor: never ones
     seen, total = set(), 0
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if name in skip:  # a budgeted embedding prices its tied output head too: one tensor
             seen.add(key)
-        if key in seen or not tensor.is_floating_point() or _elided(name, tensor, one_plus):
+        elided = _elided(name, tensor, one_plus) and not name.endswith(divided)
+        if key in seen or not tensor.is_floating_point() or elided:
             continue
         seen.add(key)
         total += blob_bytes(tensor.numel(), 16)
