@@ -34,8 +34,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-SECTION = "formats"
-TITLE = "## MLX and GGUF exports on SmolLM2-135M"
+SMOLLM2_ABOUT = (
+    "SmolLM2-135M-Instruct in float16, built by `../shared/models/smollm2-135m/make.py`. Caveat (make.py's "
+    "docstring): this float16 model is a dequantized llama.cpp Q4_1 file, so its linear weights already lie on a "
+    "4-bit affine grid per 32 inputs, and llama.cpp's Q4_1 (min/max per block of 32) finds that grid again almost "
+    "exactly; mlx_lm's affine quantizer does not (it places the grid differently), nor does GPTQ on the `mlx` "
+    "lattice, whose offsets are whole steps")
 SEQLEN = 256
 
 
@@ -49,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-text", default=str(SHARED / "data" / "wikitext-2" / "test.txt"))
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     p.add_argument("--reuse", action="store_true", help="keep files already in WORK (checkpoint, exports)")
+    p.add_argument("--name", default="SmolLM2-135M", help="the model's name in the section title")
+    p.add_argument("--about", default=SMOLLM2_ABOUT, help="what the model is (a sentence of the section)")
     p.add_argument("--table-only", action="store_true",
                    help="score nothing: the table from the windows already scored in WORK (implies --reuse)")
     return p.parse_args(argv)
@@ -302,19 +308,15 @@ def section(command: str, args, body: str, checks: list[str], total: int, common
     names = ("layerwise", "torch", "transformers", "mlx", "mlx-lm", "llama_cpp_python", "gguf")
     v = {name: version(name) for name in names}
     return "\n".join([
-        TITLE, "", f"Reproduce: `{command}`", "",
-        f"Model `{display_path(args.model)}` (SmolLM2-135M-Instruct in float16, built by "
-        "`../shared/models/smollm2-135m/make.py`). Ours: `layerwise compress --method gptq --bits 4 --block-size 32 "
+        f"## MLX and GGUF exports on {args.name}", "", f"Reproduce: `{command}`", "",
+        f"Model `{display_path(args.model)}` ({args.about}). Ours: `layerwise compress --method gptq --bits 4 --block-size 32 "
         f"--grid mlx`, calibration {args.nsamples} × {SEQLEN}-token windows of `{display_path(args.calib)}` (seed 0)"
         + (f", {compress_s:.0f} s" if compress_s else "") + ", exported with `layerwise export --format mlx` and "
         "`--format gguf` (every weight equal to the checkpoint's bit for bit, as the exporters report). The formats' "
         "own quantizers at the same bits: `mlx_lm convert -q --q-bits 4 --q-group-size 32`, and llama.cpp's Q4_1 "
         "(`llama_model_quantize`, llama-quantize's code) of the F16 GGUF our exporter writes of the float16 model. "
         "Both quantize the tied embedding table by default, which our checkpoint keeps float16, so each also "
-        "appears with the embeddings float16: the equal-size comparison. Caveat (make.py's docstring): this "
-        "float16 model is a dequantized llama.cpp Q4_1 file, so its linear weights already lie on a 4-bit affine "
-        "grid per 32 inputs, and llama.cpp's Q4_1 (min/max per block of 32) finds that grid again almost exactly; "
-        "mlx_lm's affine quantizer does not (it places the grid differently), nor does GPTQ on the `mlx` lattice.",
+        "appears with the embeddings float16: the equal-size comparison.",
         "",
         f"Perplexity on `{display_path(args.eval_text)}` under the model's tokenizer (no BOS): the first windows of "
         f"its {total} non-overlapping {SEQLEN}-token windows, the same token ids for every row, exp of the mean NLL "
@@ -331,6 +333,11 @@ def section(command: str, args, body: str, checks: list[str], total: int, common
         "" if not args.table_only else "\nRendered with `--table-only` from the per-window NLLs that earlier runs "
         "of this script cached in WORK (`nll-KEY.json`, keyed by the windows' token ids).",
     ]).rstrip() + "\n"
+
+
+def section_name(name: str) -> str:
+    """The RESULTS.md marker of this model's section (SmolLM2 keeps the first one's name)."""
+    return "formats" if name == "SmolLM2-135M" else "formats-" + "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 def main(argv=None) -> int:
@@ -351,7 +358,7 @@ def main(argv=None) -> int:
     command = " ".join(words)
     text = section(command, args, body, checks, total, common, paths.get("compress_s"))
     print(text)
-    update_results(Path(args.results), SECTION, text)
+    update_results(Path(args.results), section_name(args.name), text)
     return 0
 
 

@@ -142,10 +142,10 @@ class StatefulCausalLM(nn.Module):
             hidden = hidden * self.embed_scale
         mask = causal_mask.to(hidden.dtype)
         masks = {None: mask}
-        for window in set(self.window_bands) - {None}:
+        for window in dict.fromkeys(w for w in self.window_bands if w is not None):  # not a set: same bytes each run
             masks[window] = mask + self._window_band(window, past, end).to(hidden.dtype)
         ropes = {key: (getattr(self, _rope_name("cos", key))[past:end], getattr(self, _rope_name("sin", key))[past:end])
-                 for key in set(self.rope_keys)}
+                 for key in dict.fromkeys(self.rope_keys)}
         norms = self.family.block_norms
         for i, layer in enumerate(self.layers):
             x = self._norm(layer, norms.attn_in, hidden, self.residual_eps)
@@ -354,7 +354,7 @@ def rope_widths(model: nn.Module, family: Family) -> dict[str | None, int]:
     """Rope key → the width of its tables: head_dim, or less under partial rotary (Phi-4-mini)."""
     rotary = get_module(model, family.rotary)
     head_dim = _head_dim(model, family)
-    return {key: _rope_tables(rotary, 2, head_dim, key)[0].shape[-1] for key in set(family.rope_keys(model.config))}
+    return {key: _rope_tables(rotary, 2, head_dim, key)[0].shape[-1] for key in dict.fromkeys(family.rope_keys(model.config))}
 
 
 def has_partial_rotary(model: nn.Module, family: Family) -> bool:

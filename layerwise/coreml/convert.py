@@ -214,6 +214,7 @@ def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
         mlmodel = finish(programs["main"])
         mlmodel.user_defined_metadata.update(info)
         mlmodel.save(str(path))
+        _serialize_deterministically(path)
         return
     parts = path.parent / "functions"  # beside `path`: in the caller's scratch folder
     parts.mkdir()
@@ -228,6 +229,18 @@ def _save(ct, programs: dict, info: dict[str, str], path: Path) -> None:
     mlmodel = ct.models.MLModel(merged, skip_model_load=True)
     mlmodel.user_defined_metadata.update(info)
     mlmodel.save(str(path))
+    _serialize_deterministically(path)
+
+
+def _serialize_deterministically(package: Path) -> None:
+    """Rewrite the package's program with protobuf's deterministic map order: coremltools' own save
+    orders the metadata map by Python's string hashing, so the same export differed between processes."""
+    from coremltools.proto import Model_pb2
+
+    program = Path(package) / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(program.read_bytes())
+    program.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def _exported_values(model, held: dict[str, torch.Tensor], compressed: dict[str, CompressedWeight]) -> dict:
