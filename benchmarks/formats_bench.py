@@ -109,21 +109,21 @@ def build(model: str, work: Path, nsamples: int, calib: str, reuse: bool) -> dic
 
 def mlx_convert(model: str, out: Path, keep_embeddings: bool) -> None:
     """mlx_lm convert -q --q-bits 4 --q-group-size 32 (the CLI's defaults otherwise); with
-    keep_embeddings the embedding table (tied: also the output head) stays float16."""
+    keep_embeddings the embedding table and the output head (tied or not) stay float16, as ours do."""
     import shutil
 
     from mlx_lm import convert
 
     if out.exists():
         shutil.rmtree(out)
-    predicate = (lambda path, module, *_: "embed_tokens" not in path) if keep_embeddings else None
+    predicate = (lambda path, module, *_: "embed_tokens" not in path and "lm_head" not in path) if keep_embeddings else None
     convert(str(model), str(out), quantize=True, q_group_size=32, q_bits=4, quant_predicate=predicate)
 
 
 def llama_quantize(f16: Path, out: Path, keep_embeddings: bool) -> None:
     """llama.cpp's Q4_1 of an F16 GGUF through the C API (llama-quantize's own code path); with
-    keep_embeddings token_embd stays F16, else llama.cpp picks its type (Q8_0 here: 576 columns are
-    not a multiple of Q6_K's 256)."""
+    keep_embeddings token_embd and an untied output head stay F16 (as ours do), else llama.cpp picks
+    their types (Q8_0 on SmolLM2: 576 columns are not a multiple of Q6_K's 256)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -131,6 +131,7 @@ def llama_quantize(f16: Path, out: Path, keep_embeddings: bool) -> None:
     params.nthread = os.cpu_count() or 1
     if keep_embeddings:
         params.token_embedding_type = llama_cpp.GGML_TYPE_F16
+        params.output_tensor_type = llama_cpp.GGML_TYPE_F16
     with quiet_fd():
         rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
