@@ -173,3 +173,20 @@ def test_price_is_within_one_percent_of_the_weights(tiny_dirs, calib_text_file, 
     price = MLX().fixed_bytes(loaded.model, list(loaded.compressed))
     price += sum(MLX().layer_bytes(cw) for cw in loaded.compressed.values())
     assert abs(price / (tmp_path / "mlx" / "model.safetensors").stat().st_size - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_a_target_bits_checkpoint_loads_and_runs(tiny_dirs, tmp_path, capsys, calib_text_file):
+    """`--target-bits 3.5` mixes bits and group sizes per layer; mlx-lm reads each layer's override."""
+    ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--target-bits", "3.5", "--grid", "mlx")
+    summary = export(ck, tmp_path / "mlx", capsys)
+    quantization = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
+    assert any(isinstance(v, dict) for v in quantization.values())  # at least one layer differs from the default
+    model, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    loaded = load_compressed(ck, dtype=None)
+    decoded = mlx_weights(model, loaded)
+    exact = [n for n, cw in loaded.compressed.items() if bits_equal(decoded[n], cw.dequantize())]
+    assert "bit for bit" in summary and len(exact) == len(loaded.compressed)
+    ids = [1, 300, 301, 302, 9]
+    theirs = np.array(model(mx.array([ids])).astype(mx.float32))[0]
+    assert np.abs(theirs - our_logits(ck, ids)).max() < 5e-2
