@@ -5,7 +5,7 @@ LW := $(VENV)/bin/layerwise
 EVAL_TEXT := calib_data/wikitext2-test-excerpt.txt
 DEMO_OUT := out/demo-gptq4-b32
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-real bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/pytest -q -n 2 -m "not slow"
+
+# the whole suite plus the real-weights tests, on models built by ../shared/models/*/make.py
+test-real: install
+	LAYERWISE_GEMMA3_270M=$${LAYERWISE_GEMMA3_270M:-$$HOME/.cache/gemma3-270m} \
+	LAYERWISE_SMOLLM2_135M=$${LAYERWISE_SMOLLM2_135M:-$$HOME/.cache/smollm2-135m} \
+	$(VENV)/bin/pytest -q -n 2
 
 bench: install
 	$(PY) benchmarks/run_bench.py --grid spine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,18 @@ SHARED = REPO.parent / "shared"
 REFERENCE_MODEL = SHARED / "models" / "wt2-llama-4l"
 WIKITEXT = SHARED / "data" / "wikitext-2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def real_model(variable: str) -> tuple[Path | None, str]:
+    """(the pretrained model directory the environment `variable` names, or None; the skip reason).
+    Opt-in, so `make test` takes the same time on every machine: `make test-real` sets them."""
+    value = os.environ.get(variable)
+    path = Path(value).expanduser() if value else None
+    if path is None:
+        return None, f"real-weights test: set {variable} to the built model (make test-real)"
+    if not (path / "config.json").exists():
+        return None, f"{variable}={value} holds no config.json (build it with ../shared/models/*/make.py)"
+    return path, ""
 
 
 # What makes each family's tiny config exercise its differences (HF `model_type` → config overrides).

@@ -2,14 +2,13 @@
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, real_model
 from layerwise import evaluate
 from layerwise.calib_data import BUNDLED_EVALUATION, bos_token_id, calibration_windows, load_text, tokenize_text
 from layerwise.evaluate import perplexity
@@ -101,11 +100,11 @@ def test_a_model_without_bos_scores_as_before(capsys):
     assert math.isclose(result["ppl"], DEMO_PPL, rel_tol=1e-6)
 
 
-GEMMA3 = Path(os.environ.get("LAYERWISE_GEMMA3_270M", "~/.cache/gemma3-270m")).expanduser()
+GEMMA3, NO_GEMMA3 = real_model("LAYERWISE_GEMMA3_270M")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (GEMMA3 / "config.json").exists(), reason="Gemma 3 270M not built (../shared/models/gemma3-270m/make.py)")
+@pytest.mark.skipif(GEMMA3 is None, reason=NO_GEMMA3)
 def test_gemma3_270m_perplexity_matches_hf_with_its_bos():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -2,23 +2,22 @@
 sliding windows in the program → the MIL interpreter past the 512-token window against the
 decompressed model → `layerwise generate` token for token against HF `generate`.
 
-Needs the model built by ../shared/models/gemma3-270m/make.py (LAYERWISE_GEMMA3_270M, default
-~/.cache/gemma3-270m); about ten minutes on two cores, so it is in the slow lane."""
+Needs the model built by ../shared/models/gemma3-270m/make.py, named by LAYERWISE_GEMMA3_270M (`make
+test-real` sets ~/.cache/gemma3-270m); about ten minutes on two cores."""
 
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import real_model
+
 from layerwise.cli import main
 
-GEMMA3 = Path(os.environ.get("LAYERWISE_GEMMA3_270M", "~/.cache/gemma3-270m")).expanduser()
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (GEMMA3 / "config.json").exists(), reason="Gemma 3 270M not built")]
+GEMMA3, NO_GEMMA3 = real_model("LAYERWISE_GEMMA3_270M")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(GEMMA3 is None, reason=NO_GEMMA3)]
 PROMPT_TOKENS = 600  # past the 512-token window of 5 of every 6 layers
 
 

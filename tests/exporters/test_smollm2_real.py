@@ -4,27 +4,25 @@ bit, mlx-lm's logits match ours, and mlx-lm's greedy 20 tokens equal our model's
 round the activations to 8 bits (Q8_1) for Q4_1 dot products, so its greedy path may take the other
 side of a near-tie: each of its 20 tokens is our top token or within NEAR_TIE logits of it, teacher-forced.
 
-Needs the model built by ../shared/models/smollm2-135m/make.py (LAYERWISE_SMOLLM2_135M, default
-~/.cache/smollm2-135m); llama.cpp's part needs llama-cpp-python. About two minutes on two cores."""
+Needs the model built by ../shared/models/smollm2-135m/make.py, named by LAYERWISE_SMOLLM2_135M (`make
+test-real` sets ~/.cache/smollm2-135m); llama.cpp's part needs llama-cpp-python. About five minutes on two cores."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cli_steps import export_as
+from conftest import real_model
 from test_export_mlx import bits_equal, mlx_weights
 
 from layerwise.checkpoint import load_compressed
 from layerwise.cli import main
 
-SMOLLM2 = Path(os.environ.get("LAYERWISE_SMOLLM2_135M", "~/.cache/smollm2-135m")).expanduser()
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="SmolLM2-135M not built")]
+SMOLLM2, NO_SMOLLM2 = real_model("LAYERWISE_SMOLLM2_135M")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(SMOLLM2 is None, reason=NO_SMOLLM2)]
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
 PROMPT = "The history of the city of York"
