@@ -33,6 +33,8 @@ from .devices import resolve_device
 from .distributed import SINGLE, Ranks, check_batches
 from .dtypes import COMPUTE_DTYPE, kept_dtype
 from .errors import RecipeError
+from .float_stream import FloatStream
+from .float_targets import check_targets
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
 from .linears import is_compressible, linear_shape, put_dense
@@ -107,6 +109,7 @@ class _Walk:
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None
     batches: Activations | None = None
     kept: dict[str, CompressedWeight] = field(default_factory=dict)
+    floats: FloatStream | None = None  # the float model's block inputs (`--targets float`)
 
 
 class BlockWalker:
@@ -120,12 +123,15 @@ class BlockWalker:
     not with offload_dir); False: one forward per stage; "auto": lockstep when its extra activations
     fit (`_choose_lockstep`). ranks: this process's share of the batches under torch.distributed.
     fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
-    device (`matmul_precision`)."""
+    device (`matmul_precision`). float_targets: fit each layer to the float model's outputs
+    (`--targets float`, float_targets.py): the float model's block inputs are carried beside the
+    compressed ones (float_stream.py) and each group is handed its cross term too."""
 
     def __init__(self, model: nn.Module, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  lazy: LazyBlocks | None = None, offload_dir: str | Path | None = None, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE, fast_matmul: bool = True):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True, float_targets: bool = False):
         self.ranks = ranks
+        self.float_targets = float_targets
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.lockstep = lockstep if offload_dir is None else False
         self.model = model
@@ -167,6 +173,8 @@ class BlockWalker:
             if streamed:
                 with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
                     walk.batches = self._capture(windows)
+                if self.float_targets:
+                    walk.floats = FloatStream(walk.batches, self.offload_dir, self.device)
             if self.lazy is not None:
                 self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, walk.batches)
@@ -185,6 +193,8 @@ class BlockWalker:
         finally:
             if walk.batches is not None:
                 walk.batches.close()
+            if walk.floats is not None:
+                walk.floats.close()
         return walk.kept
 
     @contextlib.contextmanager
@@ -209,6 +219,8 @@ class BlockWalker:
         keep_dtype, upcast = _onload(block, self.device)
         outputs = None
         if replay:
+            if walk.floats is not None:  # the block still holds its float weights (read again by the lazy reader)
+                walk.floats.advance(block, index)
             compressed = walk.sink.read_block(index)
             for name, cw in compressed.items():
                 put_dense(get_module(self.model, name), cw)
@@ -286,32 +298,47 @@ class BlockWalker:
             return self._solve_block_lockstep(walk, index, block)
         groups = self.family.groups or discover_groups(block, index, walk.batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
+        if walk.floats is not None:  # before any stage changes the block: its float weights' view
+            walk.floats.record(block, index, [g[0] for g in self._groups_to_solve(walk, index, groups)])
         compressed = {}
         for stage in stages:
-            todo = [g for g in stage if any(self._name(index, n) in walk.solver.layers for n in g)]
+            todo = self._groups_to_solve(walk, index, stage)
             if not todo:
                 continue
+            crosses = {}
             hessians = collect_hessians(block, index, [g[0] for g in todo], walk.batches,
                                         stop_early=self.family.groups is not None, ranks=self.ranks,
-                                        total=self.total_batches, park_dir=self.offload_dir)
+                                        total=self.total_batches, park_dir=self.offload_dir, floats=walk.floats,
+                                        crosses=crosses)
             for group in todo:
-                compressed.update(self._solve_group(walk, index, block, group, hessians[group[0]]))
+                compressed.update(self._solve_group(walk, index, block, group, hessians.pop(group[0]),
+                                                    crosses.pop(group[0], None)))
+                if walk.floats is not None:
+                    walk.floats.drop(group[0])
         return compressed, None
 
+    def _groups_to_solve(self, walk: _Walk, index: int, groups) -> list:
+        return [g for g in groups if any(self._name(index, n) in walk.solver.layers for n in g)]
+
     def _solve_block_lockstep(self, walk: _Walk, index: int, block: nn.Module):
-        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in walk.solver.layers for n in g)}
+        groups = {g[0]: g for g in self._groups_to_solve(walk, index, self.family.groups)}
         compressed = {}
+        if walk.floats is not None:
+            walk.floats.record(block, index, list(groups))
 
-        def solve(leader, hessian):
-            compressed.update(self._solve_group(walk, index, block, groups[leader], hessian))
+        def solve(leader, hessian, cross=None):
+            compressed.update(self._solve_group(walk, index, block, groups[leader], hessian, cross))
 
-        outputs = lockstep_block(block, index, walk.batches, list(groups), solve, self.ranks, self.total_batches)
+        outputs = lockstep_block(block, index, walk.batches, list(groups), solve, self.ranks, self.total_batches,
+                                 walk.floats)
         return compressed, outputs
 
-    def _solve_group(self, walk: _Walk, index, block, group, hessian) -> dict[str, CompressedWeight]:
-        """Hand the solver the layers of one input group that it solves."""
+    def _solve_group(self, walk: _Walk, index, block, group, hessian, cross=None) -> dict[str, CompressedWeight]:
+        """Hand the solver the layers of one input group that it solves (and their cross term, with float targets)."""
         linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in walk.solver.layers}
-        return walk.solver.solve_group(linears, hessian)
+        if cross is None:
+            return walk.solver.solve_group(linears, hessian)
+        return walk.solver.solve_group(linears, hessian, cross=cross)
 
     def _process_embedding(self, walk: _Walk) -> None:
         """The token embedding [vocab, hidden] as a layer of a data-free method, before the capture,
@@ -327,11 +354,12 @@ class BlockWalker:
         name = self.family.lm_head
         with self._outside_on_device():
             head = get_module(self.model, name)
-            hessian = None
+            hessian = cross = None
             if walk.batches is not None:
-                hessian = lm_head_hessian(get_module(self.model, self.family.final_norm), head, walk.batches,
-                                          self.device, self.ranks, self.total_batches)
-            compressed = walk.solver.solve_group({name: head}, hessian)
+                hessian, cross = lm_head_hessian(get_module(self.model, self.family.final_norm), head, walk.batches,
+                                                 self.device, self.ranks, self.total_batches,
+                                                 walk.floats.hidden if walk.floats is not None else None)
+            compressed = walk.solver.solve_group({name: head}, hessian, **({} if cross is None else {"cross": cross}))
         if walk.sink is not None:
             walk.sink.write_block(len(self.blocks), compressed, {}, walk.solver.reports_of([name]))
         else:
@@ -359,13 +387,17 @@ class LayerwiseCompressor:
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
                  offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE, fast_matmul: bool = True):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True, targets: str = "compressed"):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         stack: solve the layers of one input group with one config as one stacked matrix
         (stacking.py; same result). ranks: this process's share of the batches and layers under
-        torch.distributed (`distributed`). The other arguments: `BlockWalker`'s."""
-        self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul)
+        torch.distributed (`distributed`). targets: "compressed" (each layer fits its own weights'
+        outputs on the compressed model's inputs) or "float" (the float model's outputs, float_targets.py).
+        The other arguments: `BlockWalker`'s."""
+        check_targets(targets)
+        self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul,
+                                  float_targets=targets == "float")
         self.model = model
         self.recipe = recipe
         self.sensitivity = sensitivity or {}
@@ -374,6 +406,9 @@ class LayerwiseCompressor:
         self.plan: dict[str, MethodConfig] = plan_layers(model, self.family, recipe.config_for, recipe.names_lm_head(),
                                                          self.sensitivity, embedding_config(recipe, self.family))
         self.left_out = left_out(model, self.family, self.plan)
+        if targets == "float" and not self.needs_data:
+            raise RecipeError("--targets float fits the float model's outputs on calibration data, but every method in "
+                              "the recipe is data-free; drop --targets float or use gptq, sparsegpt or skm")
 
     @property
     def family(self) -> Family:

@@ -18,6 +18,7 @@ from .checkpoint import CheckpointWriter, is_checkpoint
 from .devices import resolve_device
 from .distributed import SINGLE, Ranks
 from .errors import RecipeError
+from .float_targets import check_targets
 from .loading import check_weights
 from .outputs import check_output
 from .recipe import Recipe
@@ -53,6 +54,7 @@ class CompressJob:
     allow_non_finite: bool = False
     allow_long_context: bool = False
     fast_matmul: bool = True  # False: --exact-matmul
+    targets: str = "compressed"  # --targets: fit the compressed model's own outputs, or the float model's (GPTAQ)
     ranks: Ranks = SINGLE  # this process's place under torchrun / accelerate launch
     inputs: tuple = ()  # further paths the run reads (the recipe file): --out may not touch them
     _validated: bool = field(default=False, init=False, repr=False, compare=False)
@@ -65,6 +67,11 @@ class CompressJob:
                 raise RecipeError(f"{flag} {value!r} must be a positive integer")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise RecipeError(f"--seed {self.seed!r} must be a non-negative integer")
+        check_targets(self.targets)
+        if self.targets == "float" and self.target is not None:
+            raise RecipeError("--targets float cannot be combined with --target-bits/--target-mb (the budget weighs its "
+                              "candidates on the compressed model's own outputs); compress the budget's recipe with "
+                              "--recipe CHECKPOINT --targets float instead")
 
     @property
     def read_paths(self) -> tuple:
