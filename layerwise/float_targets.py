@@ -84,7 +84,7 @@ def _damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
         factor, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             return factor, notes
-        retry = fraction * 10
+        retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
         if retry > 10:
             raise NumericalError(f"Cholesky of the Hessian failed even at damping {fraction:g} while fitting the "
                                  "float targets; the layer's inputs are degenerate (use more calibration text)")

@@ -122,7 +122,7 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
     run_args = {"source_model": str(job.model), "recipe": job.recipe.to_dict(), "calibration": calib_info,
                 "seed": job.seed, "staged": job.staged, "batch_size": job.batch_size,
                 "device": str(compressor.device), "matmul": "bfloat16-units" if compressor.fast_matmul else "float32",
-                **_targets_entry(job)}
+                "targets": job.targets}
     with opened_on_main(job.ranks, lambda: CheckpointWriter(job.out, overwrite=job.overwrite, plain_dtype=plain_dtype,
                                                             resume=job.resume, run_args=run_args,
                                                             inputs=inputs)) as writer:
@@ -152,8 +152,8 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
 
 
 def _targets_entry(job: CompressJob) -> dict:
-    """The manifest's and the run record's `targets` (only when not the default: earlier checkpoints
-    and unfinished runs say nothing, and mean "compressed")."""
+    """The manifest's `targets`, only when not the default (earlier checkpoints say nothing and mean
+    "compressed"; the golden bytes of default runs stay). The run record always names it."""
     return {"targets": job.targets} if job.targets != "compressed" else {}
 
 
