@@ -84,7 +84,8 @@ class GroupSolver(Protocol):
     def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
         """linears: {full name: nn.Linear or Conv1D} sharing one input; hessian: [in, in] float32 of
         that input (None: no data streamed). Returns what to hand to the sink for them ({}: nothing);
-        the weights the solver leaves in the modules are what the next stages and blocks see."""
+        the weights the solver leaves in the modules are what the next stages and blocks see. With
+        float targets it is called with `cross=` too ([in, in] float32, `float_targets`)."""
 
     def reports_of(self, names: Iterable[str]) -> dict[str, dict]:
         """The manifest entries of the layers `names`, handed to the sink with their block."""
