@@ -168,14 +168,8 @@ class BlockWalker:
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
         done = walk.sink.blocks_done if walk.sink is not None else 0
-        if self.family.embeddings in walk.solver.layers:
-            self._process_embedding(walk)
         try:
-            if streamed:
-                with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
-                    walk.batches = self._capture(windows)
-                if self.float_targets:
-                    walk.floats = FloatStream(walk.batches, self.offload_dir, self.device)
+            self._start_streams(walk, windows, streamed)
             if self.lazy is not None:
                 self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, walk.batches)
@@ -197,6 +191,26 @@ class BlockWalker:
             if walk.floats is not None:
                 walk.floats.close()
         return walk.kept
+
+    def _start_streams(self, walk: _Walk, windows, streamed: bool) -> None:
+        """Compress a token embedding first (the blocks calibrate on what the compressed model
+        computes), then catch the block-0 inputs; with float targets the float model's too, caught
+        before the embedding is compressed when it is."""
+        embedding = self.family.embeddings in walk.solver.layers
+        if self.float_targets and streamed and embedding:
+            caught = self._capture_on_device(windows)
+            walk.floats = FloatStream(caught, self.offload_dir, self.device)
+            caught.close()
+        if embedding:
+            self._process_embedding(walk)
+        if streamed:
+            walk.batches = self._capture_on_device(windows)
+            if self.float_targets and walk.floats is None:
+                walk.floats = FloatStream(walk.batches, self.offload_dir, self.device)
+
+    def _capture_on_device(self, windows) -> Activations:
+        with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
+            return self._capture(windows)
 
     @contextlib.contextmanager
     def _outside_on_device(self, head: bool = True):

@@ -13,6 +13,7 @@ memory-mapped files under the offload directory with `--offload-activations`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .activations import Activations
 from .capture import BlockInput, run_block
 from .errors import ModelError
 from .linears import is_compressible, linear_shape
+
+log = logging.getLogger(__name__)
 
 
 class FloatStream:
@@ -35,6 +38,8 @@ class FloatStream:
         for batch in batches:  # a copy: the two streams part after block 0
             self.hidden.append(replace(batch, hidden=batch.hidden.clone()))
         self.inputs: dict[str, Activations] = {}
+        log.info("float targets: the float model's block inputs %.0f MB %s, and each block's group inputs until "
+                 "their group is solved", self.hidden.nbytes() / 1e6, "on disk" if directory is not None else "in memory")
 
     def _folder(self, name: str) -> Path | None:
         return self.directory / "float" / name if self.directory is not None else None

@@ -288,3 +288,12 @@ def test_two_gloo_ranks_write_the_one_process_bytes(tmp_path, calib_text_file):
                                                    targets="float", **RANK_CALIB))
     assert len(file_hashes(single)) >= 4 and file_hashes(tmp_path / "two") == file_hashes(single)
     assert manifest_without_timings(tmp_path / "two") == manifest_without_timings(single)
+
+
+def test_a_compressed_embedding_leaves_the_float_stream_on_the_float_embedding():
+    """The float model reads the float embedding: with `--embeddings 8` block 0's inputs differ between
+    the streams, so even block 0's q/k/v get a target W* ≠ W."""
+    recipe = Recipe.single(GPTQConfig(bits=3, block_size=32)).with_embeddings(RTNConfig(bits=8))
+    _, ours = compressed_model(recipe, "float")
+    note = next(r for r in ours.layers if r.name == "model.layers.0.self_attn.q_proj").notes[0]
+    assert note.startswith("float target: |W* - W| / |W| = ") and float(note.rsplit("= ", 1)[1]) > 0
