@@ -56,16 +56,18 @@ def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: tor
                   damp: float = DEFAULT_DAMP) -> tuple[list[torch.Tensor], list[float], list[str]]:
     """The targets W* = W + W D H_d⁻¹ of layers sharing one input (weights: [out_k, in] each,
     hessian H̃ and cross D: [in, in] float32, neither modified) as float32 [out_k, in]; how far each
-    moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one Cholesky."""
-    factor, notes = _damped_cholesky(hessian, damp)
-    cross64 = cross.to(torch.float64)
+    moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one Cholesky (on the CPU
+    for an MPS device, which has no float64); the targets come back on H̃'s device."""
+    work = torch.device("cpu") if hessian.device.type == "mps" else hessian.device
+    factor, notes = _damped_cholesky(hessian.to(work), damp)
+    cross64 = cross.to(device=work, dtype=torch.float64)
     out, moved = [], []
     for w in weights:
-        w64 = w.detach().to(device=hessian.device, dtype=torch.float64)
+        w64 = w.detach().to(device=work, dtype=torch.float64)
         correction = torch.cholesky_solve((w64 @ cross64).t(), factor).t()  # (W D) H_d⁻¹: [out, in]
         norm = float(w64.norm())
         moved.append(float(correction.norm()) / norm if norm > 0 else 0.0)
-        out.append((w64 + correction).to(torch.float32))
+        out.append((w64 + correction).to(device=hessian.device, dtype=torch.float32))
     return out, moved, notes
 
 
