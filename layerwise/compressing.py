@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from . import methods
 from .distributed import SINGLE, Ranks, portable, share_solved
-from .float_targets import damp_of, float_targets
+from .float_targets import DEFAULT_ALPHA, damp_of, float_targets
 from .formats import CompressedWeight
 from .hessian import relative_error, relative_error_of_rows, report_denominator
 from .linears import put_dense, weight_out_in
@@ -54,10 +54,12 @@ class Compressing:
     plan: {layer name: config} (`plan.plan_layers`). sensitivity: {layer name: [out, in]} for the
     methods that want caller-given sensitivities. stack: solve equal configs of one input group as
     one stacked matrix (same result). ranks: the runs of a group are dealt round-robin over the
-    ranks and every rank takes every solution, so weights and reports do not depend on the world size."""
+    ranks and every rank takes every solution, so weights and reports do not depend on the world size.
+    float_alpha: the fraction of the step towards the float fit taken for a group with a cross term."""
 
     def __init__(self, plan: dict[str, MethodConfig], sensitivity: dict[str, torch.Tensor] | None = None,
-                 stack: bool = True, ranks: Ranks = SINGLE):
+                 stack: bool = True, ranks: Ranks = SINGLE, float_alpha: float = DEFAULT_ALPHA):
+        self.float_alpha = float_alpha
         self.plan = plan
         self.sensitivity = sensitivity or {}
         self.stack = stack
@@ -111,10 +113,11 @@ class Compressing:
             config = self.plan[run[0]]
             if not config.needs_hessian:
                 continue
-            fitted, moved, retries = float_targets([targets[n] for n in run], hessian, cross, damp_of(config))
+            fitted, moved, retries = float_targets([targets[n] for n in run], hessian, cross, damp_of(config),
+                                                    self.float_alpha)
             for name, target, distance in zip(run, fitted, moved):
                 targets[name] = target
-                notes[name] = retries + [f"float target: |W* - W| / |W| = {distance:.3g}"]
+                notes[name] = retries + [f"float target (alpha {self.float_alpha:g}): |T - W| / |W| = {distance:.3g}"]
         return targets, notes
 
     def _gather(self, mine: dict[int, dict], n_runs: int) -> dict[str, tuple[Solution, float]]:

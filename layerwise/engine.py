@@ -31,20 +31,21 @@ from .capture import capture_block_inputs, run_block
 from .compressing import Compressing, LayerReport
 from .devices import resolve_device
 from .distributed import SINGLE, Ranks, check_batches
-from .dtypes import COMPUTE_DTYPE, kept_dtype
+from .dtypes import kept_dtype
 from .errors import RecipeError
 from .float_stream import FloatStream
-from .float_targets import check_targets
+from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
 from .linears import is_compressible, linear_shape, put_dense
 from .lockstep import lockstep_block
 from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .memory import available_memory, give_back_large_frees, trim_heap
+from .placement import move_outside, onload, put_outside
 from .plan import embedding_config, left_out, plan_layers
 from .recipe import Recipe
 from .solvers import MethodConfig
-from .upcast import restore_linears, upcast_per_call
+from .upcast import restore_linears
 
 __all__ = [
     "BlockSink", "BlockWalker", "CompressionResult", "GroupSolver", "LayerReport", "LayerwiseCompressor",
@@ -182,7 +183,7 @@ class BlockWalker:
             if self.lazy is not None:
                 self.lazy.load_outside()
                 for name in set(walk.kept) & {self.family.embeddings}:  # read again as stored
-                    _put_outside(get_module(self.model, name), walk.kept[name])
+                    put_outside(get_module(self.model, name), walk.kept[name])
             if self.family.lm_head in walk.solver.layers and done <= len(self.blocks):
                 self._process_head(walk)
         finally:
@@ -219,11 +220,11 @@ class BlockWalker:
         (an untied lm_head in float32 is as big as the embeddings)."""
         after = () if head else tuple(p + "." for p in (self.family.final_norm, self.family.lm_head) if p)
         skip = (self.family.blocks + ".",) + after
-        stored = _move_outside(self.model, skip, self.device)
+        stored = move_outside(self.model, skip, self.device)
         try:
             yield
         finally:
-            _move_outside(self.model, skip, torch.device("cpu"), stored)
+            move_outside(self.model, skip, torch.device("cpu"), stored)
 
     def _process_block(self, index: int, walk: _Walk, replay: bool) -> None:
         """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
@@ -231,7 +232,7 @@ class BlockWalker:
         block = self.blocks[index]
         if self.lazy is not None:
             self.lazy.load(index, block)
-        keep_dtype, upcast = _onload(block, self.device)
+        keep_dtype, upcast = onload(block, self.device)
         outputs = None
         if replay:
             if walk.floats is not None:  # the block still holds its float weights (read again by the lazy reader)
@@ -402,15 +403,19 @@ class LayerwiseCompressor:
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
                  offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE, fast_matmul: bool = True, targets: str = "compressed"):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True, targets: str = "compressed",
+                 float_alpha: float | None = None):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         stack: solve the layers of one input group with one config as one stacked matrix
         (stacking.py; same result). ranks: this process's share of the batches and layers under
         torch.distributed (`distributed`). targets: "compressed" (each layer fits its own weights'
-        outputs on the compressed model's inputs) or "float" (the float model's outputs, float_targets.py).
-        The other arguments: `BlockWalker`'s."""
+        outputs on the compressed model's inputs) or "float" (the float model's outputs, float_targets.py);
+        float_alpha: with "float", the fraction of the step from W to the float fit W* (None:
+        float_targets.DEFAULT_ALPHA). The other arguments: `BlockWalker`'s."""
         check_targets(targets)
+        check_alpha(float_alpha, targets)
+        self.float_alpha = DEFAULT_ALPHA if float_alpha is None else float_alpha
         self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul,
                                   float_targets=targets == "float")
         self.model = model
@@ -452,47 +457,9 @@ class LayerwiseCompressor:
         """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
         per-layer report (and the weights, without a writer); see `BlockWalker.walk`."""
         start = time.perf_counter()
-        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks)
+        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks, self.float_alpha)
         kept = self.walker.walk(solver, windows, writer, on_block_output)
         outside = {name: cw for name, cw in kept.items() if name == self.family.embeddings}
         if writer is not None:
             kept = {}
         return CompressionResult(solver.reports, kept, time.perf_counter() - start, self.left_out, outside)
-
-
-def _put_outside(module: nn.Module, cw: CompressedWeight) -> None:
-    """A compressed weight outside the blocks back into its module after the lazy reader read it again."""
-    module.weight.data = cw.dequantize().to(kept_dtype(module.weight.dtype))
-
-
-def _onload(block: nn.Module, device: torch.device) -> tuple[torch.dtype, list[nn.Linear]]:
-    """Move `block` to `device` for float32 compute; returns the dtype to keep it in afterwards
-    (`dtypes.kept_dtype`) and its linears that compute in float32 from float16 storage (`upcast`),
-    to hand to `restore_linears` once the block is done."""
-    dtype = next(block.parameters()).dtype
-    kept = kept_dtype(dtype)
-    upcast = upcast_per_call(block) if kept == torch.float16 else []
-    narrow = {id(m.weight) for m in upcast}
-    block.to(device=device)
-    for tensor in list(block.parameters()) + list(block.buffers()):
-        if tensor.is_floating_point() and id(tensor) not in narrow:
-            tensor.data = tensor.data.to(COMPUTE_DTYPE)
-    return kept, upcast
-
-
-def _move_outside(
-    model: nn.Module, skip: tuple[str, ...], device: torch.device, dtypes: dict[str, torch.dtype] | None = None
-) -> dict[str, torch.dtype]:
-    """Move every parameter and buffer whose name starts with none of `skip` (the blocks' prefix, …)
-    to `device` (tied ones once), as float32, or back to the `dtypes` returned by the first call;
-    returns the dtypes found."""
-    found = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(skip):
-            continue
-        found[name] = tensor.dtype
-        dtype = COMPUTE_DTYPE if tensor.is_floating_point() else tensor.dtype
-        if dtypes is not None:
-            dtype = kept_dtype(dtypes.get(name, dtype))
-        tensor.data = tensor.data.to(device=device, dtype=dtype)
-    return found

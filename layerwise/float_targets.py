@@ -11,6 +11,11 @@ accumulated directly, so D is exactly zero where both streams agree (block 0's f
 bit for bit) and carries no cancellation of two large sums. H̃ is damped as the solvers damp it
 (dead columns' H_ii = 1, then `damp` · mean(diag H) on the diagonal); the damping then acts as the
 ridge term λ|W − Ŵ|², which keeps W* = W wherever X = X̃.
+
+The exact W* can overfit the calibration windows: it moves SmolLM2-135M's weights by 10–30 %
+(|W* − W| / |W|), more than 3-bit rounding does. GPTAQ weights its correction by α = 0.25, and so
+does the default here (`--float-alpha`): the target is W + α (W* − W). At 3-bit blocks of 32 on
+SmolLM2-135M α = 0.25 left 0.81 × the perplexity damage of α = 1 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("compressed", "float")  # --targets: what a layer's compressed outputs are fitted to
 DEFAULT_DAMP = 0.01  # for a method whose config has no `damp`
+DEFAULT_ALPHA = 0.25  # the fraction of the step from W to W* taken (GPTAQ's α; 1: the exact fit)
 
 
 class CrossAccumulator(HessianAccumulator):
@@ -53,9 +59,9 @@ class CrossAccumulator(HessianAccumulator):
 
 
 def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: torch.Tensor,
-                  damp: float = DEFAULT_DAMP) -> tuple[list[torch.Tensor], list[float], list[str]]:
-    """The targets W* = W + W D H_d⁻¹ of layers sharing one input (weights: [out_k, in] each,
-    hessian H̃ and cross D: [in, in] float32, neither modified) as float32 [out_k, in]; how far each
+                  damp: float = DEFAULT_DAMP, alpha: float = 1.0) -> tuple[list[torch.Tensor], list[float], list[str]]:
+    """The targets W + α (W* − W) = W + α W D H_d⁻¹ of layers sharing one input (weights: [out_k, in]
+    each, hessian H̃ and cross D: [in, in] float32, neither modified) as float32 [out_k, in]; how far each
     moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one Cholesky (on the CPU
     for an MPS device, which has no float64); the targets come back on H̃'s device."""
     work = torch.device("cpu") if hessian.device.type == "mps" else hessian.device
@@ -64,7 +70,7 @@ def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: tor
     out, moved = [], []
     for w in weights:
         w64 = w.detach().to(device=work, dtype=torch.float64)
-        correction = torch.cholesky_solve((w64 @ cross64).t(), factor).t()  # (W D) H_d⁻¹: [out, in]
+        correction = torch.cholesky_solve((w64 @ cross64).t(), factor).t().mul_(alpha)  # α (W D) H_d⁻¹: [out, in]
         norm = float(w64.norm())
         moved.append(float(correction.norm()) / norm if norm > 0 else 0.0)
         out.append((w64 + correction).to(device=hessian.device, dtype=torch.float32))
@@ -99,6 +105,16 @@ def _damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
 def check_targets(targets) -> None:
     if targets not in TARGETS:
         raise RecipeError(f"--targets {targets!r} is unknown; use one of {', '.join(TARGETS)}")
+
+
+def check_alpha(alpha, targets: str) -> None:
+    """--float-alpha: None (the default), or a fraction in (0, 1] with --targets float."""
+    if alpha is None:
+        return
+    if targets != "float":
+        raise RecipeError(f"--float-alpha {alpha!r} weighs the float targets' correction; it needs --targets float")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise RecipeError(f"--float-alpha {alpha!r} must be a fraction in (0, 1], e.g. {DEFAULT_ALPHA} (1: the exact fit)")
 
 
 def damp_of(config) -> float:

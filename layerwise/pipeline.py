@@ -65,7 +65,7 @@ def compress_to_checkpoint(job: CompressJob, model=None, tokenizer=None, windows
     offload_dir = job.out.parent / f".{job.out.name}.activations{suffix}" if job.offload_activations else None
     compressor = LayerwiseCompressor(model, job.recipe, device=job.device, batch_size=job.batch_size,
                                      staged=job.staged, lazy=blocks, offload_dir=offload_dir, ranks=job.ranks,
-                                     fast_matmul=job.fast_matmul, targets=job.targets)
+                                     fast_matmul=job.fast_matmul, targets=job.targets, float_alpha=job.float_alpha)
     _check_loaded(job, model, blocks, compressor, windows)
     windows, calib_info = _calibration(job, compressor, tokenizer, windows)
     # the source weights' hashing starts now, in the background, and is recorded as it finishes
@@ -122,7 +122,7 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
     run_args = {"source_model": str(job.model), "recipe": job.recipe.to_dict(), "calibration": calib_info,
                 "seed": job.seed, "staged": job.staged, "batch_size": job.batch_size,
                 "device": str(compressor.device), "matmul": "bfloat16-units" if compressor.fast_matmul else "float32",
-                "targets": job.targets}
+                "targets": job.targets, **job.targets_entry}
     with opened_on_main(job.ranks, lambda: CheckpointWriter(job.out, overwrite=job.overwrite, plain_dtype=plain_dtype,
                                                             resume=job.resume, run_args=run_args,
                                                             inputs=inputs)) as writer:
@@ -140,7 +140,7 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
             "staged": job.staged,
             "device": str(compressor.device),
             "matmul": run_args["matmul"],
-            **_targets_entry(job),
+            **job.targets_entry,
             "compression_seconds": result.seconds,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
@@ -149,12 +149,6 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
             **(manifest_extra or {}),
         }
         return writer.commit(model.config, tokenizer, manifest), result, writer
-
-
-def _targets_entry(job: CompressJob) -> dict:
-    """The manifest's `targets`, only when not the default (earlier checkpoints say nothing and mean
-    "compressed"; the golden bytes of default runs stay). The run record always names it."""
-    return {"targets": job.targets} if job.targets != "compressed" else {}
 
 
 def _float_stream_bytes(job: CompressJob, compressor: LayerwiseCompressor) -> int:
