@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from .capture import BlockInput, StopForward, run_block
 from .distributed import SINGLE, Ranks, reduce_hessians
+from .float_stream import FloatStream
+from .float_targets import CrossAccumulator
 from .hessian import HessianAccumulator
 from .linears import is_compressible, linear_shape
 
@@ -22,6 +24,7 @@ from .linears import is_compressible, linear_shape
 def collect_hessians(
     block: nn.Module, index: int, names: list[str], batches: list[BlockInput], stop_early: bool = True,
     ranks: Ranks = SINGLE, total: int | None = None, park_dir: Path | None = None,
+    floats: FloatStream | None = None, crosses: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run every batch through `block` (block number `index`, whose captured arguments it is
     called with), accumulating H of each named linear's input. One partial H per batch, summed
@@ -31,31 +34,40 @@ def collect_hessians(
     rest of the block cannot change these Hessians, and skipping it makes staged solving cheap
     (the q/k/v stage costs one norm, the o stage stops before o_proj, …). Only safe when each
     linear runs once per forward, which the declared families guarantee.
+
+    floats (`--targets float`): the float model's inputs of the named linears per batch; each
+    linear's cross term D (`float_targets.CrossAccumulator`) is then summed along the same tree
+    and put into `crosses` by name.
     """
     linears = {name: block.get_submodule(name) for name in names}
     pending: set[str] = set()
-    current: dict[str, HessianAccumulator] = {}
+    current: dict = {}  # name → HessianAccumulator, (name, CROSS) → CrossAccumulator
+    at = [0]  # the batch being run
 
     def blank():
-        return {name: _blank_for(m) for name, m in linears.items()}
+        return {key: _blank_for(linears[_name_of(key)], key) for key in _keys(names, floats)}
 
     def grab(name, x):
         if name not in current:  # made here, not before the forward: an 8192-wide H is 268 MB, not
             current[name] = _blank_for(linears[name])  # to be resident beside the forward's temporaries
         current[name].add(x)
+        if floats is not None:
+            if (name, CROSS) not in current:
+                current[(name, CROSS)] = _blank_for(linears[name], (name, CROSS))
+            current[(name, CROSS)].add_pair(x, floats.input_of(at[0], name))
         pending.discard(name)
         if stop_early and not pending:
             raise StopForward
 
     def leaves():
-        for batch in batches:
+        for at[0], batch in enumerate(batches):
             current.clear()
             pending.update(names)
             try:
                 run_block(block, batch, index)
             except StopForward:
                 pass
-            yield {name: current.get(name) or _blank_for(m) for name, m in linears.items()}
+            yield {key: current.get(key) or _blank_for(linears[_name_of(key)], key) for key in _keys(names, floats)}
 
     handles = [m.register_forward_pre_hook(lambda m, inp, name=name: grab(name, inp[0])) for name, m in linears.items()]
     try:
@@ -63,11 +75,25 @@ def collect_hessians(
     finally:
         for h in handles:
             h.remove()
-    return {name: acc.take_hessian() for name, acc in summed.items()}
+    if crosses is not None:
+        crosses.update({key[0]: acc.take_hessian() for key, acc in summed.items() if isinstance(key, tuple)})
+    return {key: acc.take_hessian() for key, acc in summed.items() if not isinstance(key, tuple)}
 
 
-def _blank_for(linear: nn.Module) -> HessianAccumulator:
-    return HessianAccumulator(linear_shape(linear)[1], linear.weight.device)
+CROSS = "cross"  # the second half of a cross term's key: (linear name, CROSS)
+
+
+def _keys(names: list[str], floats) -> list:
+    return list(names) + ([(name, CROSS) for name in names] if floats is not None else [])
+
+
+def _name_of(key) -> str:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _blank_for(linear: nn.Module, key=None) -> HessianAccumulator:
+    kind = CrossAccumulator if isinstance(key, tuple) else HessianAccumulator
+    return kind(linear_shape(linear)[1], linear.weight.device)
 
 
 def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tuple[str, ...], ...]:
@@ -89,16 +115,25 @@ def discover_groups(block: nn.Module, index: int, batch: BlockInput) -> tuple[tu
 
 
 def lm_head_hessian(norm: nn.Module, head: nn.Module, batches, device: torch.device, ranks: Ranks = SINGLE,
-                    total: int | None = None) -> torch.Tensor:
+                    total: int | None = None, floats=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[in, in] float32 H of the lm_head's input, norm(last block's output), over `batches` (this
-    rank's share of `total`)."""
+    rank's share of `total`), and its cross term D with the float model's (`floats`: its last
+    hidden states per batch, or None: no D)."""
     def blank():
-        return {"head": HessianAccumulator(head.in_features, device)}
+        accs = {"head": HessianAccumulator(head.in_features, device)}
+        if floats is not None:
+            accs["cross"] = CrossAccumulator(head.in_features, device)
+        return accs
 
     def leaves():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             leaf = blank()
-            leaf["head"].add(norm(batch.hidden))
+            x = norm(batch.hidden)
+            leaf["head"].add(x)
+            if floats is not None:
+                leaf["cross"].add_pair(x, norm(floats[i].hidden))
             yield leaf
 
-    return reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank)["head"].take_hessian()
+    summed = reduce_hessians(ranks, leaves(), len(batches) if total is None else total, blank)
+    cross = summed["cross"].take_hessian() if floats is not None else None
+    return summed["head"].take_hessian(), cross

@@ -20,6 +20,7 @@ import traceback
 from . import methods
 from .errors import LayerwiseError, PeerError, RecipeError
 from .exporters import DEFAULT_FORMAT, EXPORTERS
+from .float_targets import TARGETS
 from .outputs import environment_failure
 
 log = logging.getLogger("layerwise")
@@ -101,6 +102,13 @@ def _add_compress(sub) -> None:
     c.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
     c.add_argument("--batch-size", type=positive, default=8, help="calibration windows per forward")
     c.add_argument("--no-staged", dest="staged", action="store_false", help="collect all Hessians of a block in one pass")
+    c.add_argument("--targets", choices=TARGETS, default="compressed",
+                   help="what each layer's outputs are fitted to: its own weights' on the compressed model's inputs "
+                        "(default), or the float model's outputs (GPTAQ-style; one more block forward, the float "
+                        "model's activations beside the compressed ones)")
+    c.add_argument("--float-alpha", type=float,
+                   help="with --targets float: the fraction of the step from each weight towards its float fit taken "
+                        "(default 0.25, GPTAQ's alpha; 1: the exact least-squares fit)")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     c.add_argument("--allow-non-finite", action="store_true",
                    help="accept NaN/Inf weights in the layers the recipe leaves alone")
@@ -355,7 +363,7 @@ def _compress_job(args, recipe=None, ranks=None, device: str | None = None):
         resume=args.resume, offload_activations=args.offload_activations, lazy=False if args.eager_load else None,
         trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
         allow_long_context=args.allow_long_context, fast_matmul=not args.exact_matmul, ranks=ranks or SINGLE,
-        inputs=(args.recipe,),
+        inputs=(args.recipe,), targets=args.targets, float_alpha=args.float_alpha,
     )
 
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from . import methods
 from .distributed import SINGLE, Ranks, portable, share_solved
+from .float_targets import DEFAULT_ALPHA, damp_of, float_targets
 from .formats import CompressedWeight
 from .hessian import relative_error, relative_error_of_rows, report_denominator
 from .linears import put_dense, weight_out_in
@@ -53,10 +54,12 @@ class Compressing:
     plan: {layer name: config} (`plan.plan_layers`). sensitivity: {layer name: [out, in]} for the
     methods that want caller-given sensitivities. stack: solve equal configs of one input group as
     one stacked matrix (same result). ranks: the runs of a group are dealt round-robin over the
-    ranks and every rank takes every solution, so weights and reports do not depend on the world size."""
+    ranks and every rank takes every solution, so weights and reports do not depend on the world size.
+    float_alpha: the fraction of the step towards the float fit taken for a group with a cross term."""
 
     def __init__(self, plan: dict[str, MethodConfig], sensitivity: dict[str, torch.Tensor] | None = None,
-                 stack: bool = True, ranks: Ranks = SINGLE):
+                 stack: bool = True, ranks: Ranks = SINGLE, float_alpha: float = DEFAULT_ALPHA):
+        self.float_alpha = float_alpha
         self.plan = plan
         self.sensitivity = sensitivity or {}
         self.stack = stack
@@ -77,21 +80,45 @@ class Compressing:
         names = set(names)
         return {r.name: r.to_dict() for r in self.reports if r.name in names}
 
-    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
+    def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None,
+                    cross: torch.Tensor | None = None) -> dict[str, CompressedWeight]:
         """Layers sharing one input (nn.Linear or Conv1D; hessian [in, in] float32, or None: data-free,
         the report's error is then in weight space), reported in their order.
+
+        cross: [in, in] float32 cross term D of `--targets float`: each layer with a Hessian method
+        is then solved and reported against its float target W* (`float_targets`) instead of W.
 
         When every run's method consumes the Hessian (`methods.Method.consumes_hessian`: its
         solutions carry `row_errors`), the last run factors H in its own buffer — one [in, in] less
         at the widest solve — and the reports' denominators tr(W H Wᵀ) are taken before."""
         trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
         runs = stack_runs(list(linears), self.plan, self.stack)
+        targets, notes = self._targets(runs, linears, hessian, cross)
         consume = hessian is not None and all(methods.method(self.plan[run[0]].method).consumes_hessian for run in runs)
-        scales = {n: report_denominator(weight_out_in(m), hessian) for n, m in linears.items()} if consume else {}
-        mine = {j: self._solve_run(run, linears, hessian, consume and j == len(runs) - 1)
+        scales = {n: report_denominator(targets[n], hessian) for n in linears} if consume else {}
+        mine = {j: self._solve_run(run, targets, hessian, consume and j == len(runs) - 1)
                 for j, run in enumerate(runs) if self.ranks.solves(j)}
         solved = self._gather(mine, len(runs))
-        return {name: self._record(name, linears[name], hessian, *solved[name], scales.get(name)) for name in linears}
+        return {name: self._record(name, linears[name], targets[name], hessian, *solved[name], scales.get(name),
+                                   notes.get(name, [])) for name in linears}
+
+    def _targets(self, runs, linears, hessian, cross) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+        """{name: the [out, in] weight each layer is fitted to}: its own, or with a cross term and a
+        Hessian method its float target W*; and the notes computing W* left, by name."""
+        targets = {n: weight_out_in(m) for n, m in linears.items()}
+        notes: dict[str, list[str]] = {}
+        if cross is None or hessian is None:
+            return targets, notes
+        for run in runs:
+            config = self.plan[run[0]]
+            if not config.needs_hessian:
+                continue
+            fitted, moved, retries = float_targets([targets[n] for n in run], hessian, cross, damp_of(config),
+                                                    self.float_alpha)
+            for name, target, distance in zip(run, fitted, moved):
+                targets[name] = target
+                notes[name] = retries + [f"float target (alpha {self.float_alpha:g}): |T - W| / |W| = {distance:.3g}"]
+        return targets, notes
 
     def _gather(self, mine: dict[int, dict], n_runs: int) -> dict[str, tuple[Solution, float]]:
         """Every run's {name: (Solution, seconds)}, this rank's and the others' (`distributed.share_solved`)."""
@@ -107,11 +134,12 @@ class Compressing:
                            for n, (cw, damping, notes, row_errors, sec) in result.items()})
         return solved
 
-    def _solve_run(self, run: list[str], linears, hessian, consume: bool = False) -> dict:
+    def _solve_run(self, run: list[str], targets: dict[str, torch.Tensor], hessian, consume: bool = False) -> dict:
         """{name: (Solution, seconds)}; a stacked run's solver time is shared out by rows.
-        consume: the solver may factor `hessian` in place (it is not used after)."""
+        targets: the [out, in] weight of each layer to fit. consume: the solver may factor `hessian`
+        in place (it is not used after)."""
         config = self.plan[run[0]]
-        weights = [weight_out_in(linears[n]) for n in run]  # [out, in]
+        weights = [targets[n] for n in run]  # [out, in]
         sensitivities = [self.sensitivity[n] for n in run] if methods.wants_sensitivities(config) else None
         t0 = time.perf_counter()
         solutions = methods.solve_group(config, weights, hessian, consume_hessian=consume, sensitivities=sensitivities)
@@ -119,10 +147,10 @@ class Compressing:
         rows = [w.shape[0] for w in weights]
         return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
 
-    def _record(self, name, linear, hessian, solution, seconds, scale=None) -> CompressedWeight:
+    def _record(self, name, linear, weight, hessian, solution, seconds, scale=None, notes=()) -> CompressedWeight:
         """Report the layer's solution and put its dense view into the model (later stages see it).
-        scale: the report's denominator tr(W H Wᵀ), taken before a solver consumed `hessian`."""
-        weight = weight_out_in(linear)  # [out, in]
+        weight: the [out, in] target it was fitted to. scale: the report's denominator tr(W H Wᵀ),
+        taken before a solver consumed `hessian`. notes: computing the target's, before the solver's."""
         cw = solution.compressed
         if hessian is not None and solution.row_errors is not None:
             scale = report_denominator(weight, hessian) if scale is None else scale
@@ -135,7 +163,7 @@ class Compressing:
             name=name, method=self.plan[name].method, rel_error=rel_error,
             error_space="output" if hessian is not None else "weight", seconds=seconds,
             bits_per_weight=cw.bits_per_weight(), damping=solution.damping, sparsity=1 - cw.kept / cw.numel,
-            notes=solution.notes,
+            notes=list(notes) + solution.notes,
         ))
         put_dense(linear, cw)
         return cw

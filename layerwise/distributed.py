@@ -242,11 +242,12 @@ class HessianTree:
     """One linear's Hessian over all `total` batches, fed this rank's per-batch partials in batch order
     (lockstep solving is handed them by hooks): each subtree inside this rank's share is summed with a
     `TreeSum`; `result()` broadcasts those sums and finishes the top of the same tree — the additions
-    of `reduce_hessians`, so lockstep and staged runs on any number of ranks give the same bits."""
+    of `reduce_hessians`, so lockstep and staged runs on any number of ranks give the same bits.
+    kind: the accumulator class (a `float_targets.CrossAccumulator` for a cross term)."""
 
-    def __init__(self, ranks: Ranks, total: int, in_features: int, device):
+    def __init__(self, ranks: Ranks, total: int, in_features: int, device, kind: type = HessianAccumulator):
         self.ranks, self.total = ranks, total
-        self.blank = lambda: HessianAccumulator(in_features, device)
+        self.blank = lambda: kind(in_features, device)
         self.spans = iter(cover(0, total, ranks.share(total)))
         self.sums: dict[Span, HessianAccumulator] = {}
         self.open: tuple[Span, TreeSum] | None = None

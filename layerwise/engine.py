@@ -31,18 +31,21 @@ from .capture import capture_block_inputs, run_block
 from .compressing import Compressing, LayerReport
 from .devices import resolve_device
 from .distributed import SINGLE, Ranks, check_batches
-from .dtypes import COMPUTE_DTYPE, kept_dtype
+from .dtypes import kept_dtype
 from .errors import RecipeError
+from .float_stream import FloatStream
+from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
 from .linears import is_compressible, linear_shape, put_dense
 from .lockstep import lockstep_block
 from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .memory import available_memory, give_back_large_frees, trim_heap
+from .placement import move_outside, onload, put_outside
 from .plan import embedding_config, left_out, plan_layers
 from .recipe import Recipe
 from .solvers import MethodConfig
-from .upcast import restore_linears, upcast_per_call
+from .upcast import restore_linears
 
 __all__ = [
     "BlockSink", "BlockWalker", "CompressionResult", "GroupSolver", "LayerReport", "LayerwiseCompressor",
@@ -82,7 +85,8 @@ class GroupSolver(Protocol):
     def solve_group(self, linears: dict[str, nn.Module], hessian: torch.Tensor | None) -> dict[str, CompressedWeight]:
         """linears: {full name: nn.Linear or Conv1D} sharing one input; hessian: [in, in] float32 of
         that input (None: no data streamed). Returns what to hand to the sink for them ({}: nothing);
-        the weights the solver leaves in the modules are what the next stages and blocks see."""
+        the weights the solver leaves in the modules are what the next stages and blocks see. With
+        float targets it is called with `cross=` too ([in, in] float32, `float_targets`)."""
 
     def reports_of(self, names: Iterable[str]) -> dict[str, dict]:
         """The manifest entries of the layers `names`, handed to the sink with their block."""
@@ -107,6 +111,7 @@ class _Walk:
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None
     batches: Activations | None = None
     kept: dict[str, CompressedWeight] = field(default_factory=dict)
+    floats: FloatStream | None = None  # the float model's block inputs (`--targets float`)
 
 
 class BlockWalker:
@@ -120,12 +125,15 @@ class BlockWalker:
     not with offload_dir); False: one forward per stage; "auto": lockstep when its extra activations
     fit (`_choose_lockstep`). ranks: this process's share of the batches under torch.distributed.
     fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
-    device (`matmul_precision`)."""
+    device (`matmul_precision`). float_targets: fit each layer to the float model's outputs
+    (`--targets float`, float_targets.py): the float model's block inputs are carried beside the
+    compressed ones (float_stream.py) and each group is handed its cross term too."""
 
     def __init__(self, model: nn.Module, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  lazy: LazyBlocks | None = None, offload_dir: str | Path | None = None, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE, fast_matmul: bool = True):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True, float_targets: bool = False):
         self.ranks = ranks
+        self.float_targets = float_targets
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.lockstep = lockstep if offload_dir is None else False
         self.model = model
@@ -161,12 +169,8 @@ class BlockWalker:
         if windows is None and streamed:
             raise RecipeError("this recipe needs calibration data (a method solves with a Hessian); pass windows")
         done = walk.sink.blocks_done if walk.sink is not None else 0
-        if self.family.embeddings in walk.solver.layers:
-            self._process_embedding(walk)
         try:
-            if streamed:
-                with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
-                    walk.batches = self._capture(windows)
+            self._start_streams(walk, windows, streamed)
             if self.lazy is not None:
                 self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, walk.batches)
@@ -179,13 +183,35 @@ class BlockWalker:
             if self.lazy is not None:
                 self.lazy.load_outside()
                 for name in set(walk.kept) & {self.family.embeddings}:  # read again as stored
-                    _put_outside(get_module(self.model, name), walk.kept[name])
+                    put_outside(get_module(self.model, name), walk.kept[name])
             if self.family.lm_head in walk.solver.layers and done <= len(self.blocks):
                 self._process_head(walk)
         finally:
             if walk.batches is not None:
                 walk.batches.close()
+            if walk.floats is not None:
+                walk.floats.close()
         return walk.kept
+
+    def _start_streams(self, walk: _Walk, windows, streamed: bool) -> None:
+        """Compress a token embedding first (the blocks calibrate on what the compressed model
+        computes), then catch the block-0 inputs; with float targets the float model's too, caught
+        before the embedding is compressed when it is."""
+        embedding = self.family.embeddings in walk.solver.layers
+        if self.float_targets and streamed and embedding:
+            caught = self._capture_on_device(windows)
+            walk.floats = FloatStream(caught, self.offload_dir, self.device)
+            caught.close()
+        if embedding:
+            self._process_embedding(walk)
+        if streamed:
+            walk.batches = self._capture_on_device(windows)
+            if self.float_targets and walk.floats is None:
+                walk.floats = FloatStream(walk.batches, self.offload_dir, self.device)
+
+    def _capture_on_device(self, windows) -> Activations:
+        with self._outside_on_device(head=False):  # only for the capture: float32 embeddings are big
+            return self._capture(windows)
 
     @contextlib.contextmanager
     def _outside_on_device(self, head: bool = True):
@@ -194,11 +220,11 @@ class BlockWalker:
         (an untied lm_head in float32 is as big as the embeddings)."""
         after = () if head else tuple(p + "." for p in (self.family.final_norm, self.family.lm_head) if p)
         skip = (self.family.blocks + ".",) + after
-        stored = _move_outside(self.model, skip, self.device)
+        stored = move_outside(self.model, skip, self.device)
         try:
             yield
         finally:
-            _move_outside(self.model, skip, torch.device("cpu"), stored)
+            move_outside(self.model, skip, torch.device("cpu"), stored)
 
     def _process_block(self, index: int, walk: _Walk, replay: bool) -> None:
         """Onload block `index`, solve it (or, `replay`, put back its written compressed weights), make
@@ -206,9 +232,11 @@ class BlockWalker:
         block = self.blocks[index]
         if self.lazy is not None:
             self.lazy.load(index, block)
-        keep_dtype, upcast = _onload(block, self.device)
+        keep_dtype, upcast = onload(block, self.device)
         outputs = None
         if replay:
+            if walk.floats is not None:  # the block still holds its float weights (read again by the lazy reader)
+                walk.floats.advance(block, index)
             compressed = walk.sink.read_block(index)
             for name, cw in compressed.items():
                 put_dense(get_module(self.model, name), cw)
@@ -286,32 +314,47 @@ class BlockWalker:
             return self._solve_block_lockstep(walk, index, block)
         groups = self.family.groups or discover_groups(block, index, walk.batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
+        if walk.floats is not None:  # before any stage changes the block: its float weights' view
+            walk.floats.record(block, index, [g[0] for g in self._groups_to_solve(walk, index, groups)])
         compressed = {}
         for stage in stages:
-            todo = [g for g in stage if any(self._name(index, n) in walk.solver.layers for n in g)]
+            todo = self._groups_to_solve(walk, index, stage)
             if not todo:
                 continue
+            crosses = {}
             hessians = collect_hessians(block, index, [g[0] for g in todo], walk.batches,
                                         stop_early=self.family.groups is not None, ranks=self.ranks,
-                                        total=self.total_batches, park_dir=self.offload_dir)
+                                        total=self.total_batches, park_dir=self.offload_dir, floats=walk.floats,
+                                        crosses=crosses)
             for group in todo:
-                compressed.update(self._solve_group(walk, index, block, group, hessians[group[0]]))
+                compressed.update(self._solve_group(walk, index, block, group, hessians.pop(group[0]),
+                                                    crosses.pop(group[0], None)))
+                if walk.floats is not None:
+                    walk.floats.drop(group[0])
         return compressed, None
 
+    def _groups_to_solve(self, walk: _Walk, index: int, groups) -> list:
+        return [g for g in groups if any(self._name(index, n) in walk.solver.layers for n in g)]
+
     def _solve_block_lockstep(self, walk: _Walk, index: int, block: nn.Module):
-        groups = {g[0]: g for g in self.family.groups if any(self._name(index, n) in walk.solver.layers for n in g)}
+        groups = {g[0]: g for g in self._groups_to_solve(walk, index, self.family.groups)}
         compressed = {}
+        if walk.floats is not None:
+            walk.floats.record(block, index, list(groups))
 
-        def solve(leader, hessian):
-            compressed.update(self._solve_group(walk, index, block, groups[leader], hessian))
+        def solve(leader, hessian, cross=None):
+            compressed.update(self._solve_group(walk, index, block, groups[leader], hessian, cross))
 
-        outputs = lockstep_block(block, index, walk.batches, list(groups), solve, self.ranks, self.total_batches)
+        outputs = lockstep_block(block, index, walk.batches, list(groups), solve, self.ranks, self.total_batches,
+                                 walk.floats)
         return compressed, outputs
 
-    def _solve_group(self, walk: _Walk, index, block, group, hessian) -> dict[str, CompressedWeight]:
-        """Hand the solver the layers of one input group that it solves."""
+    def _solve_group(self, walk: _Walk, index, block, group, hessian, cross=None) -> dict[str, CompressedWeight]:
+        """Hand the solver the layers of one input group that it solves (and their cross term, with float targets)."""
         linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in walk.solver.layers}
-        return walk.solver.solve_group(linears, hessian)
+        if cross is None:
+            return walk.solver.solve_group(linears, hessian)
+        return walk.solver.solve_group(linears, hessian, cross=cross)
 
     def _process_embedding(self, walk: _Walk) -> None:
         """The token embedding [vocab, hidden] as a layer of a data-free method, before the capture,
@@ -327,11 +370,12 @@ class BlockWalker:
         name = self.family.lm_head
         with self._outside_on_device():
             head = get_module(self.model, name)
-            hessian = None
+            hessian = cross = None
             if walk.batches is not None:
-                hessian = lm_head_hessian(get_module(self.model, self.family.final_norm), head, walk.batches,
-                                          self.device, self.ranks, self.total_batches)
-            compressed = walk.solver.solve_group({name: head}, hessian)
+                hessian, cross = lm_head_hessian(get_module(self.model, self.family.final_norm), head, walk.batches,
+                                                 self.device, self.ranks, self.total_batches,
+                                                 walk.floats.hidden if walk.floats is not None else None)
+            compressed = walk.solver.solve_group({name: head}, hessian, **({} if cross is None else {"cross": cross}))
         if walk.sink is not None:
             walk.sink.write_block(len(self.blocks), compressed, {}, walk.solver.reports_of([name]))
         else:
@@ -359,13 +403,21 @@ class LayerwiseCompressor:
     def __init__(self, model: nn.Module, recipe: Recipe, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
                  offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE, fast_matmul: bool = True):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True, targets: str = "compressed",
+                 float_alpha: float | None = None):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         stack: solve the layers of one input group with one config as one stacked matrix
         (stacking.py; same result). ranks: this process's share of the batches and layers under
-        torch.distributed (`distributed`). The other arguments: `BlockWalker`'s."""
-        self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul)
+        torch.distributed (`distributed`). targets: "compressed" (each layer fits its own weights'
+        outputs on the compressed model's inputs) or "float" (the float model's outputs, float_targets.py);
+        float_alpha: with "float", the fraction of the step from W to the float fit W* (None:
+        float_targets.DEFAULT_ALPHA). The other arguments: `BlockWalker`'s."""
+        check_targets(targets)
+        check_alpha(float_alpha, targets)
+        self.float_alpha = DEFAULT_ALPHA if float_alpha is None else float_alpha
+        self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul,
+                                  float_targets=targets == "float")
         self.model = model
         self.recipe = recipe
         self.sensitivity = sensitivity or {}
@@ -374,6 +426,9 @@ class LayerwiseCompressor:
         self.plan: dict[str, MethodConfig] = plan_layers(model, self.family, recipe.config_for, recipe.names_lm_head(),
                                                          self.sensitivity, embedding_config(recipe, self.family))
         self.left_out = left_out(model, self.family, self.plan)
+        if targets == "float" and not self.needs_data:
+            raise RecipeError("--targets float fits the float model's outputs on calibration data, but every method in "
+                              "the recipe is data-free; drop --targets float or use gptq, sparsegpt or skm")
 
     @property
     def family(self) -> Family:
@@ -402,47 +457,9 @@ class LayerwiseCompressor:
         """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
         per-layer report (and the weights, without a writer); see `BlockWalker.walk`."""
         start = time.perf_counter()
-        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks)
+        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks, self.float_alpha)
         kept = self.walker.walk(solver, windows, writer, on_block_output)
         outside = {name: cw for name, cw in kept.items() if name == self.family.embeddings}
         if writer is not None:
             kept = {}
         return CompressionResult(solver.reports, kept, time.perf_counter() - start, self.left_out, outside)
-
-
-def _put_outside(module: nn.Module, cw: CompressedWeight) -> None:
-    """A compressed weight outside the blocks back into its module after the lazy reader read it again."""
-    module.weight.data = cw.dequantize().to(kept_dtype(module.weight.dtype))
-
-
-def _onload(block: nn.Module, device: torch.device) -> tuple[torch.dtype, list[nn.Linear]]:
-    """Move `block` to `device` for float32 compute; returns the dtype to keep it in afterwards
-    (`dtypes.kept_dtype`) and its linears that compute in float32 from float16 storage (`upcast`),
-    to hand to `restore_linears` once the block is done."""
-    dtype = next(block.parameters()).dtype
-    kept = kept_dtype(dtype)
-    upcast = upcast_per_call(block) if kept == torch.float16 else []
-    narrow = {id(m.weight) for m in upcast}
-    block.to(device=device)
-    for tensor in list(block.parameters()) + list(block.buffers()):
-        if tensor.is_floating_point() and id(tensor) not in narrow:
-            tensor.data = tensor.data.to(COMPUTE_DTYPE)
-    return kept, upcast
-
-
-def _move_outside(
-    model: nn.Module, skip: tuple[str, ...], device: torch.device, dtypes: dict[str, torch.dtype] | None = None
-) -> dict[str, torch.dtype]:
-    """Move every parameter and buffer whose name starts with none of `skip` (the blocks' prefix, …)
-    to `device` (tied ones once), as float32, or back to the `dtypes` returned by the first call;
-    returns the dtypes found."""
-    found = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(skip):
-            continue
-        found[name] = tensor.dtype
-        dtype = COMPUTE_DTYPE if tensor.is_floating_point() else tensor.dtype
-        if dtypes is not None:
-            dtype = kept_dtype(dtypes.get(name, dtype))
-        tensor.data = tensor.data.to(device=device, dtype=dtype)
-    return found

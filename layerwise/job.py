@@ -18,6 +18,7 @@ from .checkpoint import CheckpointWriter, is_checkpoint
 from .devices import resolve_device
 from .distributed import SINGLE, Ranks
 from .errors import RecipeError
+from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
 from .loading import check_weights
 from .outputs import check_output
 from .recipe import Recipe
@@ -53,6 +54,8 @@ class CompressJob:
     allow_non_finite: bool = False
     allow_long_context: bool = False
     fast_matmul: bool = True  # False: --exact-matmul
+    targets: str = "compressed"  # --targets: fit the compressed model's own outputs, or the float model's (GPTAQ)
+    float_alpha: float | None = None  # --float-alpha (with targets "float"; None: float_targets.DEFAULT_ALPHA)
     ranks: Ranks = SINGLE  # this process's place under torchrun / accelerate launch
     inputs: tuple = ()  # further paths the run reads (the recipe file): --out may not touch them
     _validated: bool = field(default=False, init=False, repr=False, compare=False)
@@ -65,6 +68,12 @@ class CompressJob:
                 raise RecipeError(f"{flag} {value!r} must be a positive integer")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise RecipeError(f"--seed {self.seed!r} must be a non-negative integer")
+        check_targets(self.targets)
+        check_alpha(self.float_alpha, self.targets)
+        if self.targets == "float" and self.target is not None:
+            raise RecipeError("--targets float cannot be combined with --target-bits/--target-mb (the budget weighs its "
+                              "candidates on the compressed model's own outputs); compress the budget's recipe with "
+                              "--recipe CHECKPOINT --targets float instead")
 
     @property
     def read_paths(self) -> tuple:
@@ -78,6 +87,14 @@ class CompressJob:
         if self.target is not None or self.lazy is False:
             return True
         return self.lazy is None and is_checkpoint(self.model)
+
+    @property
+    def targets_entry(self) -> dict:
+        """What the manifest and the run record say about the targets: nothing for the default (earlier
+        checkpoints say nothing and mean "compressed"; default runs keep their golden bytes)."""
+        if self.targets == "compressed":
+            return {}
+        return {"targets": self.targets, "float_alpha": DEFAULT_ALPHA if self.float_alpha is None else self.float_alpha}
 
     def with_recipe(self, recipe: Recipe) -> CompressJob:
         """The same validated job compressing `recipe` (a budget's allocation)."""

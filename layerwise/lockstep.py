@@ -22,6 +22,8 @@ import torch.nn as nn
 from .capture import BlockInput, run_block
 from .distributed import SINGLE, HessianTree, Ranks
 from .errors import ModelError
+from .float_stream import FloatStream
+from .float_targets import CrossAccumulator
 from .hessian import HessianAccumulator
 from .linears import linear_shape
 
@@ -34,9 +36,10 @@ class _Batch(threading.Thread):
     """One batch's forward through the block, run as a coroutine: `step` lets it run until it
     pauses at the next group input (or finishes); `pause` is called from its hooks."""
 
-    def __init__(self, block: nn.Module, index: int, batch: BlockInput):
+    def __init__(self, block: nn.Module, index: int, batch: BlockInput, number: int = 0):
         super().__init__(daemon=True)
         self.block, self.index, self.batch = block, index, batch
+        self.number = number  # the batch's place in this rank's share (its float inputs, `FloatStream`)
         self.go, self.back = threading.Semaphore(0), threading.Semaphore(0)
         self.at: str | None = None  # the group it is paused at
         self.output: torch.Tensor | None = None
@@ -68,9 +71,11 @@ class _Batch(threading.Thread):
             raise self.error
 
 
-def _pause_hook(name: str, current: dict[int, _Batch], accs: dict[str, HessianTree], sizes: dict) -> Callable:
+def _pause_hook(name: str, current: dict[int, _Batch], accs: dict[str, HessianTree], sizes: dict,
+                floats: FloatStream | None, crosses: dict[str, HessianTree]) -> Callable:
     """The forward pre-hook of group leader `name`: add the calling batch's input to the group's
-    Hessian, then pause that batch until the group is solved."""
+    Hessian (and, with `floats`, its cross term with the float model's input), then pause that
+    batch until the group is solved."""
     def grab(module, inp):
         thread = current.get(threading.get_ident())
         if thread is None:  # a forward outside the lockstep run (none expected)
@@ -79,6 +84,10 @@ def _pause_hook(name: str, current: dict[int, _Batch], accs: dict[str, HessianTr
             partial = HessianAccumulator(*sizes[name])
             partial.add(inp[0])
             accs[name].push(partial)
+            if floats is not None:
+                partial = CrossAccumulator(*sizes[name])
+                partial.add_pair(inp[0], floats.input_of(thread.number, name))
+                crosses[name].push(partial)
             del partial  # this frame waits through the solve: it must not keep an [in, in] alive
         thread.pause(name)
     return grab
@@ -92,21 +101,26 @@ def lockstep_block(
     solve: Callable[[str, torch.Tensor], None],
     ranks: Ranks = SINGLE,
     total: int | None = None,
+    floats: FloatStream | None = None,
 ) -> list[torch.Tensor]:
     """Run `block` (block number `index`, whose captured arguments each batch holds) over `batches`,
     solving each group at its input: `leaders` are the first linear of every group to solve (its
     input is the group's input), in any order; `solve(leader, hessian)` compresses the group in
     place. Returns the block's outputs per batch (compressed).
     ranks, total: under torch.distributed `batches` is this rank's share of `total` batches; every
-    group's Hessian is then reduced across the ranks at its pause (`distributed.HessianTree`)."""
-    threads = [_Batch(block, index, b) for b in batches]
+    group's Hessian is then reduced across the ranks at its pause (`distributed.HessianTree`).
+    floats (`--targets float`): the float model's leader inputs per batch; `solve` is then called
+    as solve(leader, hessian, cross) with the group's cross term (`float_targets`)."""
+    threads = [_Batch(block, index, b, i) for i, b in enumerate(batches)]
     current: dict[int, _Batch] = {}
     sizes = {name: (linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device) for name in leaders}
     # one partial H per batch, summed along the fixed tree the staged path uses (same bits on any ranks)
     total = len(threads) if total is None else total
     accs = {name: HessianTree(ranks, total, *sizes[name]) for name in leaders}
-    handles = [block.get_submodule(name).register_forward_pre_hook(_pause_hook(name, current, accs, sizes))
-               for name in leaders]
+    crosses = {name: HessianTree(ranks, total, *sizes[name], CrossAccumulator)
+               for name in (leaders if floats is not None else ())}
+    handles = [block.get_submodule(name).register_forward_pre_hook(_pause_hook(name, current, accs, sizes, floats,
+                                                                               crosses)) for name in leaders]
     try:
         for t in threads:
             t.start()
@@ -121,7 +135,7 @@ def lockstep_block(
                     f"the batches of one block paused at {sorted(map(str, points | {name}))}: its linears do not "
                     "run once per forward, in the same order for every batch (use lockstep=False)"
                 )
-            solve(name, accs.pop(name).result().take_hessian())
+            _solve_at(name, accs, crosses, floats, solve)
             for t in threads:
                 t.step()
         if accs:
@@ -136,3 +150,14 @@ def lockstep_block(
                 t.go.release()
         for t in threads:
             t.join()
+
+
+def _solve_at(name: str, accs: dict[str, HessianTree], crosses: dict[str, HessianTree], floats: FloatStream | None,
+              solve: Callable) -> None:
+    """Every batch paused at group leader `name`: solve the group from its complete Hessian (and cross term)."""
+    hessian = accs.pop(name).result().take_hessian()
+    if floats is None:
+        solve(name, hessian)
+        return
+    solve(name, hessian, crosses.pop(name).result().take_hessian())
+    floats.drop(name)  # its float inputs are spent

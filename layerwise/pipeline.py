@@ -16,6 +16,7 @@ from .checkpoint import CheckpointWriter
 from .distributed import opened_on_main
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
+from .float_stream import bytes_per_token as float_stream_bytes
 from .dtypes import checkpoint_plain_dtype
 from .fingerprint import Inputs
 from .loading import check_finite, check_length, load_model, load_tokenizer, open_for_compress
@@ -64,7 +65,7 @@ def compress_to_checkpoint(job: CompressJob, model=None, tokenizer=None, windows
     offload_dir = job.out.parent / f".{job.out.name}.activations{suffix}" if job.offload_activations else None
     compressor = LayerwiseCompressor(model, job.recipe, device=job.device, batch_size=job.batch_size,
                                      staged=job.staged, lazy=blocks, offload_dir=offload_dir, ranks=job.ranks,
-                                     fast_matmul=job.fast_matmul)
+                                     fast_matmul=job.fast_matmul, targets=job.targets, float_alpha=job.float_alpha)
     _check_loaded(job, model, blocks, compressor, windows)
     windows, calib_info = _calibration(job, compressor, tokenizer, windows)
     # the source weights' hashing starts now, in the background, and is recorded as it finishes
@@ -96,7 +97,8 @@ def _check_loaded(job: CompressJob, model, blocks, compressor: LayerwiseCompress
         check_length(model.config, job.seqlen if windows is None else windows.shape[1], "--seqlen",
                      job.allow_long_context)
         if not job.offload_activations:  # the cached block inputs and outputs, float32, kept in memory between blocks
-            check_fits(2 * 4 * job.nsamples * job.seqlen * model.config.hidden_size,
+            per_token = 2 * 4 * model.config.hidden_size + _float_stream_bytes(job, compressor)
+            check_fits(per_token * job.nsamples * job.seqlen,
                        f"--nsamples {job.nsamples} x --seqlen {job.seqlen}",
                        "lower --nsamples or --seqlen, or pass --offload-activations")
 
@@ -119,7 +121,8 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
     # what decides the bytes of the checkpoint: a resumed run must repeat them exactly
     run_args = {"source_model": str(job.model), "recipe": job.recipe.to_dict(), "calibration": calib_info,
                 "seed": job.seed, "staged": job.staged, "batch_size": job.batch_size,
-                "device": str(compressor.device), "matmul": "bfloat16-units" if compressor.fast_matmul else "float32"}
+                "device": str(compressor.device), "matmul": "bfloat16-units" if compressor.fast_matmul else "float32",
+                "targets": job.targets, **job.targets_entry}
     with opened_on_main(job.ranks, lambda: CheckpointWriter(job.out, overwrite=job.overwrite, plain_dtype=plain_dtype,
                                                             resume=job.resume, run_args=run_args,
                                                             inputs=inputs)) as writer:
@@ -137,6 +140,7 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
             "staged": job.staged,
             "device": str(compressor.device),
             "matmul": run_args["matmul"],
+            **job.targets_entry,
             "compression_seconds": result.seconds,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
@@ -145,6 +149,14 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
             **(manifest_extra or {}),
         }
         return writer.commit(model.config, tokenizer, manifest), result, writer
+
+
+def _float_stream_bytes(job: CompressJob, compressor: LayerwiseCompressor) -> int:
+    """Bytes per calibration token the float model's stream adds (`--targets float`), else 0."""
+    if job.targets != "float":
+        return 0
+    family = compressor.family
+    return float_stream_bytes(compressor.walker.blocks[0], family.groups, compressor.model.config.hidden_size)
 
 
 def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,122 @@
+"""`--targets float` (GPTAQ-style asymmetric calibration): fit the float model's outputs.
+
+A layer sees X̃ (its inputs in the partially compressed model) where the float model saw X. The
+objective ||W X − Ŵ X̃||² splits exactly into ||(W* − Ŵ) X̃||² + const with the least-squares fit
+W* = W (X X̃ᵀ)(X̃ X̃ᵀ)⁻¹ of the float outputs on the compressed inputs, so every Hessian-weighted
+solver (GPTQ, SparseGPT, SKM) solves W* on H̃ = X̃ X̃ᵀ unchanged.
+
+In the row-major notation of `hessian.py` (x: [tokens, in]) W* = W + W D H̃⁻¹ with the cross
+term D = 2/N Σ (x_float − x̃)ᵀ x̃ (= C − H̃ for C = 2/N Σ x_floatᵀ x̃): the difference is
+accumulated directly, so D is exactly zero where both streams agree (block 0's first stage: W* = W
+bit for bit) and carries no cancellation of two large sums. H̃ is damped as the solvers damp it
+(dead columns' H_ii = 1, then `damp` · mean(diag H) on the diagonal); the damping then acts as the
+ridge term λ|W − Ŵ|², which keeps W* = W wherever X = X̃.
+
+The exact W* can overfit the calibration windows: it moves SmolLM2-135M's weights by 10–30 %
+(|W* − W| / |W|), more than 3-bit rounding does. GPTAQ weights its correction by α = 0.25, and so
+does the default here (`--float-alpha`): the target is W + α (W* − W). At 3-bit blocks of 32 on
+SmolLM2-135M α = 0.25 left 0.81 × the perplexity damage of α = 1 (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .errors import NumericalError, RecipeError
+from .hessian import HessianAccumulator, _all_finite, dead_columns
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("compressed", "float")  # --targets: what a layer's compressed outputs are fitted to
+DEFAULT_DAMP = 0.01  # for a method whose config has no `damp`
+DEFAULT_ALPHA = 0.25  # the fraction of the step from W to W* taken (GPTAQ's α; 1: the exact fit)
+
+
+class CrossAccumulator(HessianAccumulator):
+    """D = 2/N · Σ (x_float − x̃)ᵀ x̃ over N input rows, kept as the sum and N like the Hessian (the
+    same fixed-tree reductions, parking and broadcasts apply: `distributed.reduce_hessians`).
+    Not symmetric: the whole [in, in] product is computed and nothing is mirrored."""
+
+    def add(self, x: torch.Tensor) -> None:
+        raise TypeError("CrossAccumulator takes pairs: add_pair(x_compressed, x_float)")
+
+    def add_pair(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        """x: [..., in] the linear's input in the compressed model; x_float: the same rows in the float model."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        diff = x_float.detach().reshape(-1, x.shape[-1]).to(device=x.device, dtype=torch.float32) - x
+        if not _all_finite(diff):
+            raise NumericalError("non-finite activations in the float model's stream reached a linear layer; "
+                                 "the float model produces NaN/Inf on the calibration text")
+        self.sum.addmm_(diff.t(), x)
+        self.rows += x.shape[0]
+
+    def _hessian_in_(self, full: torch.Tensor) -> torch.Tensor:
+        if self.rows:
+            full.mul_(2.0 / self.rows)
+        return full
+
+
+def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: torch.Tensor,
+                  damp: float = DEFAULT_DAMP, alpha: float = 1.0) -> tuple[list[torch.Tensor], list[float], list[str]]:
+    """The targets W + α (W* − W) = W + α W D H_d⁻¹ of layers sharing one input (weights: [out_k, in]
+    each, hessian H̃ and cross D: [in, in] float32, neither modified) as float32 [out_k, in]; how far each
+    moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one Cholesky (on the CPU
+    for an MPS device, which has no float64); the targets come back on H̃'s device."""
+    work = torch.device("cpu") if hessian.device.type == "mps" else hessian.device
+    factor, notes = _damped_cholesky(hessian.to(work), damp)
+    cross64 = cross.to(device=work, dtype=torch.float64)
+    out, moved = [], []
+    for w in weights:
+        w64 = w.detach().to(device=work, dtype=torch.float64)
+        correction = torch.cholesky_solve((w64 @ cross64).t(), factor).t().mul_(alpha)  # α (W D) H_d⁻¹: [out, in]
+        norm = float(w64.norm())
+        moved.append(float(correction.norm()) / norm if norm > 0 else 0.0)
+        out.append((w64 + correction).to(device=hessian.device, dtype=torch.float32))
+    return out, moved, notes
+
+
+def _damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, list[str]]:
+    """Lower Cholesky factor (float64) of H_d = H + damp · mean(diag H) · I with dead columns' H_ii = 1
+    first (`hessian.prepare_hessian`'s damping); a failure retries at ten times the damping, noted."""
+    notes: list[str] = []
+    H = hessian.to(torch.float64)
+    dead = dead_columns(hessian)
+    H[dead, dead] = 1.0
+    diag = H.diagonal().clone()
+    mean = float(diag.mean())
+    fraction = damp
+    while True:
+        H.diagonal().copy_(diag + fraction * mean)
+        factor, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            return factor, notes
+        retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
+        if retry > 10:
+            raise NumericalError(f"Cholesky of the Hessian failed even at damping {fraction:g} while fitting the "
+                                 "float targets; the layer's inputs are degenerate (use more calibration text)")
+        note = f"float targets: Cholesky failed at damping {fraction:g}, retried at {retry:g}"
+        log.warning(note)
+        notes.append(note)
+        fraction = retry
+
+
+def check_targets(targets) -> None:
+    if targets not in TARGETS:
+        raise RecipeError(f"--targets {targets!r} is unknown; use one of {', '.join(TARGETS)}")
+
+
+def check_alpha(alpha, targets: str) -> None:
+    """--float-alpha: None (the default), or a fraction in (0, 1] with --targets float."""
+    if alpha is None:
+        return
+    if targets != "float":
+        raise RecipeError(f"--float-alpha {alpha!r} weighs the float targets' correction; it needs --targets float")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise RecipeError(f"--float-alpha {alpha!r} must be a fraction in (0, 1], e.g. {DEFAULT_ALPHA} (1: the exact fit)")
+
+
+def damp_of(config) -> float:
+    """The damping the config's solver uses (its `damp` field), else DEFAULT_DAMP."""
+    return float(getattr(config, "damp", DEFAULT_DAMP))
