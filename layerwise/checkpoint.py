@@ -226,12 +226,11 @@ class CheckpointWriter:
         except (OSError, ValueError):
             raise ModelError(f"--resume: {self.tmp_dir} has no readable {RUN}; pass --overwrite to start over") from None
         before, now = _flat(progress.get("arguments", {})), _flat(self.run_args)
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                raise ModelError(
-                    f"--resume: {key} was {before.get(key)!r} in the unfinished run and is {now.get(key)!r} now; "
-                    "rerun with the same arguments, or pass --overwrite to start over"
-                )
+        changed = [f"{key} was {before.get(key)!r} in the unfinished run and is {now.get(key)!r} now"
+                   for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+        if changed:  # every difference, so one rerun fixes them all
+            raise ModelError(f"--resume: {'; '.join(changed)}; rerun with the same arguments, or pass --overwrite "
+                             "to start over")
         if self.inputs is not None:
             check_same_inputs(progress.get("inputs"), self.inputs.record(wait=True))
         self.blocks, self.shards = kept_blocks(self.tmp_dir, progress)
