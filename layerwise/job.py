@@ -96,6 +96,12 @@ class CompressJob:
             return {}
         return {"targets": self.targets, "float_alpha": DEFAULT_ALPHA if self.float_alpha is None else self.float_alpha}
 
+    @property
+    def targets_record(self) -> str:
+        """The run record's one `targets` value, so that --resume names a change of either in one line."""
+        entry = self.targets_entry
+        return self.targets if not entry else f"{self.targets}, alpha {entry['float_alpha']:g}"
+
     def with_recipe(self, recipe: Recipe) -> CompressJob:
         """The same validated job compressing `recipe` (a budget's allocation)."""
         job = dataclasses.replace(self, recipe=recipe, target=None)

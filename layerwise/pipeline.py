@@ -122,7 +122,7 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
     run_args = {"source_model": str(job.model), "recipe": job.recipe.to_dict(), "calibration": calib_info,
                 "seed": job.seed, "staged": job.staged, "batch_size": job.batch_size,
                 "device": str(compressor.device), "matmul": "bfloat16-units" if compressor.fast_matmul else "float32",
-                "targets": job.targets, **job.targets_entry}
+                "targets": job.targets_record}
     with opened_on_main(job.ranks, lambda: CheckpointWriter(job.out, overwrite=job.overwrite, plain_dtype=plain_dtype,
                                                             resume=job.resume, run_args=run_args,
                                                             inputs=inputs)) as writer:

@@ -264,9 +264,9 @@ def test_killed_float_run_resumes_to_the_same_bytes_and_refuses_other_targets(tm
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     capsys.readouterr()
     assert main(cli_args(src, calib_text_file, "--out", str(out), "--resume")) == 2
-    assert "targets was 'float' in the unfinished run and is 'compressed' now" in capsys.readouterr().err
+    assert "targets was 'float, alpha 0.25' in the unfinished run and is 'compressed' now" in capsys.readouterr().err
     assert main(args + ["--out", str(out), "--resume", "--float-alpha", "1"]) == 2
-    assert "float_alpha was 0.25 in the unfinished run and is 1.0 now" in capsys.readouterr().err
+    assert "targets was 'float, alpha 0.25' in the unfinished run and is 'float, alpha 1' now" in capsys.readouterr().err
     assert main(args + ["--out", str(out), "--resume"]) == 0
     assert_same_checkpoint(out, tmp_path / "whole")
 
