@@ -20,14 +20,10 @@ SmolLM2-135M α = 0.25 left 0.81 × the perplexity damage of α = 1 (benchmarks/
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .errors import NumericalError, RecipeError
-from .hessian import HessianAccumulator, _all_finite, dead_columns
-
-log = logging.getLogger(__name__)
+from .hessian import HessianAccumulator, _all_finite, prepare_hessian
 
 TARGETS = ("compressed", "float")  # --targets: what a layer's compressed outputs are fitted to
 DEFAULT_DAMP = 0.01  # for a method whose config has no `damp`
@@ -62,44 +58,22 @@ def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: tor
                   damp: float = DEFAULT_DAMP, alpha: float = 1.0) -> tuple[list[torch.Tensor], list[float], list[str]]:
     """The targets W + α (W* − W) = W + α W D H_d⁻¹ of layers sharing one input (weights: [out_k, in]
     each, hessian H̃ and cross D: [in, in] float32, neither modified) as float32 [out_k, in]; how far each
-    moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one Cholesky (on the CPU
+    moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one factored H_d⁻¹ (on the CPU
     for an MPS device, which has no float64); the targets come back on H̃'s device."""
     work = torch.device("cpu") if hessian.device.type == "mps" else hessian.device
-    factor, notes = _damped_cholesky(hessian.to(work), damp)
+    # the solvers' damping and retries (`hessian.prepare_hessian`), in float64: H_d⁻¹ = Uᵀ U
+    prepared = prepare_hessian(hessian.to(device=work, dtype=torch.float64), damp)
+    factor = prepared.cholesky_of_inverse
+    notes = [f"float targets: {note}" for note in prepared.notes]
     cross64 = cross.to(device=work, dtype=torch.float64)
     out, moved = [], []
     for w in weights:
         w64 = w.detach().to(device=work, dtype=torch.float64)
-        correction = torch.cholesky_solve((w64 @ cross64).t(), factor).t().mul_(alpha)  # α (W D) H_d⁻¹: [out, in]
+        correction = ((w64 @ cross64) @ factor.t() @ factor).mul_(alpha)  # α (W D) H_d⁻¹: [out, in]
         norm = float(w64.norm())
         moved.append(float(correction.norm()) / norm if norm > 0 else 0.0)
         out.append((w64 + correction).to(device=hessian.device, dtype=torch.float32))
     return out, moved, notes
-
-
-def _damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, list[str]]:
-    """Lower Cholesky factor (float64) of H_d = H + damp · mean(diag H) · I with dead columns' H_ii = 1
-    first (`hessian.prepare_hessian`'s damping); a failure retries at ten times the damping, noted."""
-    notes: list[str] = []
-    H = hessian.to(torch.float64)
-    dead = dead_columns(hessian)
-    H[dead, dead] = 1.0
-    diag = H.diagonal().clone()
-    mean = float(diag.mean())
-    fraction = damp
-    while True:
-        H.diagonal().copy_(diag + fraction * mean)
-        factor, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            return factor, notes
-        retry = fraction * 10 if fraction > 0 else 0.01  # ten times no damping is still none
-        if retry > 10:
-            raise NumericalError(f"Cholesky of the Hessian failed even at damping {fraction:g} while fitting the "
-                                 "float targets; the layer's inputs are degenerate (use more calibration text)")
-        note = f"float targets: Cholesky failed at damping {fraction:g}, retried at {retry:g}"
-        log.warning(note)
-        notes.append(note)
-        fraction = retry
 
 
 def check_targets(targets) -> None:
