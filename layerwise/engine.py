@@ -352,9 +352,7 @@ class BlockWalker:
     def _solve_group(self, walk: _Walk, index, block, group, hessian, cross=None) -> dict[str, CompressedWeight]:
         """Hand the solver the layers of one input group that it solves (and their cross term, with float targets)."""
         linears = {name: block.get_submodule(rel) for rel in group if (name := self._name(index, rel)) in walk.solver.layers}
-        if cross is None:
-            return walk.solver.solve_group(linears, hessian)
-        return walk.solver.solve_group(linears, hessian, cross=cross)
+        return _hand(walk.solver, linears, hessian, cross)
 
     def _process_embedding(self, walk: _Walk) -> None:
         """The token embedding [vocab, hidden] as a layer of a data-free method, before the capture,
@@ -375,7 +373,7 @@ class BlockWalker:
                 hessian, cross = lm_head_hessian(get_module(self.model, self.family.final_norm), head, walk.batches,
                                                  self.device, self.ranks, self.total_batches,
                                                  walk.floats.hidden if walk.floats is not None else None)
-            compressed = walk.solver.solve_group({name: head}, hessian, **({} if cross is None else {"cross": cross}))
+            compressed = _hand(walk.solver, {name: head}, hessian, cross)
         if walk.sink is not None:
             walk.sink.write_block(len(self.blocks), compressed, {}, walk.solver.reports_of([name]))
         else:
@@ -394,6 +392,13 @@ class BlockWalker:
 
     def _name(self, index: int, rel: str) -> str:
         return f"{self.family.blocks}.{index}.{rel}"
+
+
+def _hand(solver: GroupSolver, linears: dict[str, nn.Module], hessian, cross) -> dict[str, CompressedWeight]:
+    """solver.solve_group, with `cross=` only under float targets (solvers without them take no such argument)."""
+    if cross is None:
+        return solver.solve_group(linears, hessian)
+    return solver.solve_group(linears, hessian, cross=cross)
 
 
 class LayerwiseCompressor:
