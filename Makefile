@@ -28,6 +28,7 @@ demo: install
 	@cat $(DEMO_OUT)/*.safetensors | wc -c | awk '{printf "compressed weights %.2f MB (embeddings and lm_head stay float16)\n", $$1/1e6}'
 
 # two workers: most tests are Python-bound conversions and small tensors, so each core gets one
+# (tests/conftest.py gives each worker, and what it starts, one core's share of GEMM threads)
 test: install
 	$(VENV)/bin/pytest -q -n 2
 

@@ -11,6 +11,30 @@ import torch
 
 from layerwise.models import DEMO_MODEL_DIR
 
+
+def _one_share_of_the_cores_per_worker() -> None:
+    """Under pytest-xdist, each worker (and every process it starts) gets its share of the cores:
+    two workers of two GEMM threads each on two cores spin against each other (the suite took 1.5 ×
+    as long). Set before any test runs, so every test sees one thread count."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_one_share_of_the_cores_per_worker()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with `slow` tests first, so that the workers share the long tests out early instead of
+    one finishing a 30-second test while the other has run out of work. Files stay whole (their
+    module fixtures are built once)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REFERENCE_MODEL = SHARED / "models" / "wt2-llama-4l"

@@ -33,7 +33,7 @@ def kib(field):  # this process's resident set (VmRSS) or its high-water mark (V
 
 out, big, compress = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1"
 torch.manual_seed(0)
-small = AutoModelForCausalLM.from_config(LlamaConfig(**{**big, "hidden_size": 64, "intermediate_size": 128,
+small = AutoModelForCausalLM.from_config(LlamaConfig(**{**big, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
                                                         "vocab_size": 256}), dtype=torch.float16)
 export_mlpackage(small, out / "warm.mlpackage", context=16)  # imports and coremltools' first-use work
 model = AutoModelForCausalLM.from_config(LlamaConfig(**big), dtype=torch.float16).eval()
