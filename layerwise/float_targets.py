@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .errors import NumericalError, RecipeError
-from .hessian import HessianAccumulator, _all_finite, prepare_hessian
+from .hessian import HessianAccumulator, prepare_hessian, sums_stay_finite
 
 TARGETS = ("compressed", "float")  # --targets: what a layer's compressed outputs are fitted to
 DEFAULT_DAMP = 0.01  # for a method whose config has no `damp`
@@ -42,11 +42,11 @@ class CrossAccumulator(HessianAccumulator):
         """x: [..., in] the linear's input in the compressed model; x_float: the same rows in the float model."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         diff = x_float.detach().reshape(-1, x.shape[-1]).to(device=x.device, dtype=torch.float32) - x
-        if not _all_finite(diff):
-            raise NumericalError("non-finite activations in the float model's stream reached a linear layer; "
-                                 "the float model produces NaN/Inf on the calibration text")
         self.sum.addmm_(diff.t(), x)
         self.rows += x.shape[0]
+        if not sums_stay_finite(self.sum):  # x itself is checked by the Hessian's accumulator
+            raise NumericalError("non-finite activations in the float model's stream reached a linear layer; "
+                                 "the float model produces NaN/Inf on the calibration text")
 
     def _hessian_in_(self, full: torch.Tensor) -> torch.Tensor:
         if self.rows:
@@ -66,10 +66,15 @@ def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: tor
     factor = prepared.cholesky_of_inverse
     notes = [f"float targets: {note}" for note in prepared.notes]
     cross64 = cross.to(device=work, dtype=torch.float64)
+    stacked = torch.cat([w.detach().to(device=work, dtype=torch.float64) for w in weights])  # [Σ out, in]
+    if stacked.shape[0] > stacked.shape[1]:  # (D H_d⁻¹) first: [in, in] products, then one [Σ out, in] one
+        corrections = stacked @ ((cross64 @ factor.t()) @ factor)
+    else:  # three [Σ out, in] products (a wide input, e.g. down_proj's)
+        corrections = ((stacked @ cross64) @ factor.t()) @ factor
+    corrections.mul_(alpha)  # α W D H_d⁻¹
+    rows = [w.shape[0] for w in weights]
     out, moved = [], []
-    for w in weights:
-        w64 = w.detach().to(device=work, dtype=torch.float64)
-        correction = ((w64 @ cross64) @ factor.t() @ factor).mul_(alpha)  # α (W D) H_d⁻¹: [out, in]
+    for w64, correction in zip(stacked.split(rows), corrections.split(rows)):
         norm = float(w64.norm())
         moved.append(float(correction.norm()) / norm if norm > 0 else 0.0)
         out.append((w64 + correction).to(device=hessian.device, dtype=torch.float32))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerwise.engine import LayerwiseCompressor
-from layerwise.errors import RecipeError
+from layerwise.errors import NumericalError, RecipeError
 from layerwise.float_targets import CrossAccumulator, float_targets
 from layerwise.hessian import HessianAccumulator
 from layerwise.recipe import Recipe, recipe_from_dict
@@ -38,6 +38,20 @@ def sums(X, Xq):
         h.add(Xq[rows].float())
         d.add_pair(Xq[rows].float(), X[rows].float())
     return h.take_hessian(), d.take_hessian()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "overflow"])
+def test_a_non_finite_float_stream_is_an_error(bad):
+    """A bad value anywhere in the float inputs (a later batch, a column whose compressed input is
+    zero) stops the sum: the check reads only the cross term's diagonal."""
+    d = CrossAccumulator(6)
+    d.add_pair(torch.ones(4, 6), torch.ones(4, 6))
+    x, x_float = torch.ones(300, 6), torch.ones(300, 6)
+    x[:, 4] = 0  # Inf · 0 is NaN, still on the diagonal
+    x_float[217, 4 if bad != 1e30 else 2] = bad
+    x[217, 2] = 1e10 if bad == 1e30 else 1.0  # 1e30 · 1e10 overflows float32
+    with pytest.raises(NumericalError, match="non-finite"):
+        d.add_pair(x, x_float)
 
 
 def objective(W, X, What, Xq) -> float:
