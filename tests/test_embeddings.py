@@ -78,15 +78,18 @@ def test_embedding_rule_round_trips(models, calib_text_file, tmp_path, kind, rul
     check_decompressed(out, tmp_path / "dense", expected, calib_text_file)
 
 
-def test_embeddings_flag_is_rtn_per_row(models, calib_text_file, tmp_path):
+@pytest.mark.parametrize("bits, sym, clip", [(8, True, False), (4, False, True)])
+def test_embeddings_flag_is_rtn_per_block_of_32(models, calib_text_file, tmp_path, bits, sym, clip):
     out = tmp_path / "ck"
-    assert compress(models["qwen2"], out, calib_text_file, "--method", "rtn", "--bits", "4", "--embeddings", "8") == 0
+    assert compress(models["qwen2"], out, calib_text_file, "--method", "rtn", "--bits", "4", "--embeddings",
+                    str(bits)) == 0
     manifest = json.loads((out / "layerwise.json").read_text())
     assert manifest["recipe"]["rules"][0] == {"match": "embed_tokens", "config": {
-        **manifest["recipe"]["rules"][0]["config"], "method": "rtn", "bits": 8, "block_size": None, "sym": False}}
+        **manifest["recipe"]["rules"][0]["config"], "method": "rtn", "bits": bits, "block_size": 32, "sym": sym,
+        "mse_clip": clip}}
     _, compressed = read_tensors(out)
     cw = compressed[EMBED]
-    assert cw.scheme == "affine" and cw.bits == 8 and tuple(cw.scale.shape) == (4096, 1)
+    assert cw.scheme == "affine" and cw.bits == bits and tuple(cw.scale.shape) == (4096, 64 // 32)
     check_checkpoint(out, tied=True)
 
 

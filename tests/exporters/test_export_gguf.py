@@ -61,6 +61,20 @@ def test_gguf_grid_decodes_bit_for_bit(flags, kind, tiny_dirs, calib_text_file, 
         assert np.array_equal(w, loaded.compressed[layer].dequantize().float().numpy()), layer
 
 
+@pytest.mark.parametrize("bits, kind", [("8", "Q8_0"), ("4", "Q4_1")])
+def test_embeddings_flag_travels_exactly(bits, kind, tiny_dirs, calib_text_file, tmp_path, capsys):
+    """`--embeddings 8|4` is GGUF's own layout (symmetric / asymmetric blocks of 32): on the gguf lattice the
+    token table is written in that type and decodes to the checkpoint's bits."""
+    ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--method", "rtn", "--bits", "4", "--sym",
+                  "--block-size", "32", "--grid", "gguf", "--embeddings", bits)
+    summary = export(ck, tmp_path / "m.gguf", capsys)
+    assert "bit for bit" in summary
+    loaded = load_compressed(ck, dtype=None)
+    found, w = decoded(tmp_path / "m.gguf", loaded)["model.embed_tokens"]
+    assert found == kind
+    assert np.array_equal(w, loaded.compressed["model.embed_tokens"].dequantize().float().numpy())
+
+
 @pytest.mark.slow
 def test_gptq_gguf_grid_and_conversions_in_one_line(tiny_dirs, calib_text_file, tmp_path, capsys):
     recipe = tmp_path / "mixed.json"

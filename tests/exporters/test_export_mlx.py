@@ -35,7 +35,7 @@ def mlx_weights(model, loaded) -> dict[str, np.ndarray]:
     out = {}
     for name in loaded.compressed:
         m = module(model, name)
-        if isinstance(m, nn.QuantizedLinear):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
         else:
             w = m.weight
@@ -63,6 +63,24 @@ def test_gptq_mlx_grid_decodes_bit_for_bit_and_logits_match(tiny_dirs, calib_tex
     loaded = load_compressed(ck, dtype=None)
     decoded = mlx_weights(model, loaded)
     assert all(isinstance(module(model, n), nn.QuantizedLinear) for n in loaded.compressed)
+    for name, cw in loaded.compressed.items():
+        assert bits_equal(decoded[name], cw.dequantize()), name
+    ids = [1, 200, 37, 999, 4000, 12, 512, 7]
+    theirs = np.array(model(mx.array([ids])).astype(mx.float32))[0]
+    ours = our_logits(ck, ids)
+    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
+
+
+def test_embeddings_flag_travels_exactly(tiny_dirs, calib_text_file, tmp_path, capsys):
+    """`--embeddings 8 --grid mlx`: the tied token table is an MLX QuantizedEmbedding (groups of 32) whose
+    decoded values are the checkpoint's, and mlx-lm's logits (through the tied head) match ours."""
+    ck = compress(tiny_dirs["qwen2"], tmp_path / "ck", calib_text_file, "--method", "rtn", "--bits", "4",
+                  "--block-size", "32", "--grid", "mlx", "--embeddings", "8")
+    assert "bit for bit" in export(ck, tmp_path / "mlx", capsys)
+    model, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    loaded = load_compressed(ck, dtype=None)
+    assert isinstance(module(model, "model.embed_tokens"), nn.QuantizedEmbedding)
+    decoded = mlx_weights(model, loaded)
     for name, cw in loaded.compressed.items():
         assert bits_equal(decoded[name], cw.dequantize()), name
     ids = [1, 200, 37, 999, 4000, 12, 512, 7]
