@@ -34,6 +34,7 @@ from .distributed import SINGLE, Ranks, check_batches
 from .dtypes import kept_dtype
 from .errors import RecipeError
 from .float_stream import FloatStream
+from .float_stream import bytes_per_token as float_stream_bytes
 from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
@@ -175,7 +176,7 @@ class BlockWalker:
                 self.lazy.release_outside()  # read again for the lm_head and the checkpoint
             self._log_memory_estimate(windows, walk.batches)
             if walk.batches is not None:
-                self._choose_lockstep(walk.batches)
+                self._choose_lockstep(walk.batches, walk.floats is not None)
             todo = range(len(self.blocks)) if streamed else range(min(done, len(self.blocks)), len(self.blocks))
             desc = "compressing blocks" if streamed else "compressing blocks (data-free)"
             for index in tqdm(todo, desc=desc, unit="block", disable=None if self.ranks.main else True):
@@ -289,18 +290,22 @@ class BlockWalker:
             where, hessian_bytes / 1e6,
         )
 
-    def _choose_lockstep(self, batches: Activations) -> None:
+    def _choose_lockstep(self, batches: Activations, float_targets: bool) -> None:
         """"auto": lockstep when its extra memory fits comfortably. Every batch then waits inside the
         block at once, each holding about its widest linear input (the MLP intermediate) and two
-        hidden-wide tensors per token in float32, on top of the widest group's solve. Allowed: a
-        quarter of the memory available now. Otherwise the staged path, which gives the same bytes
-        with one forward per stage (about 2.6 block forwards instead of one: issue 15's speed)."""
+        hidden-wide tensors per token in float32, on top of the widest group's solve; with float
+        targets the float model's inputs of the block's group leaders are held beside them (the
+        float stream's own block inputs are already in memory). Allowed: a quarter of the memory
+        available now. Otherwise the staged path, which gives the same bytes with one forward per
+        stage (about 2.6 block forwards instead of one: issue 15's speed)."""
         if self.lockstep != "auto":
             return
         block = self.blocks[0]
         widths = [linear_shape(m)[1] for m in block.modules() if is_compressible(m)]
         hidden = batches.hidden_width()
         extra = 4 * batches.tokens() * (max(widths, default=hidden) + 2 * hidden)
+        if float_targets:
+            extra += batches.tokens() * (float_stream_bytes(block, self.family.groups, hidden) - 4 * hidden)
         have = available_memory()
         self.lockstep = have is None or 4 * extra <= have
         log.info("lockstep solving %s: every batch paused inside a block holds about %.0f MB%s",

@@ -87,3 +87,14 @@ def test_offloaded_run_parks_tree_sums_and_gives_the_same_weights(tmp_path, monk
     for i in outs_kept:
         assert torch.equal(outs_kept[i], outs_parked[i])
     assert not [p for p in (tmp_path / "acts").iterdir() if p.suffix == ".hessian"]
+
+
+def test_lockstep_auto_counts_the_float_models_group_inputs(caplog, monkeypatch):
+    """With float targets the leaders' float inputs (64 + 64 + 64 + 128 floats per token here) wait
+    beside the paused batches: 2 windows fit lockstep's 100 kB without them and not with them."""
+    import layerwise.engine
+
+    monkeypatch.setattr(layerwise.engine, "available_memory", lambda: 400_000)
+    for targets, expect in (("compressed", True), ("float", False)):
+        compressor, _, _, _ = compress(build_tiny_model("llama"), ids(2), targets=targets)
+        assert compressor.lockstep is expect, targets
