@@ -108,7 +108,7 @@ def _add_compress(sub) -> None:
                         "model's activations beside the compressed ones)")
     c.add_argument("--float-alpha", type=float,
                    help="with --targets float: the fraction of the step from each weight towards its float fit taken "
-                        "(default 0.25, GPTAQ's alpha; 1: the exact least-squares fit)")
+                        "(default 0.4; GPTAQ uses 0.25; 1: the exact least-squares fit)")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     c.add_argument("--allow-non-finite", action="store_true",
                    help="accept NaN/Inf weights in the layers the recipe leaves alone")

@@ -167,14 +167,14 @@ def test_block_zero_first_stage_is_plain_gptq_and_the_rest_differs():
                                                      ours.compressed[n].to_tensors().values()))}
     assert same == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     notes = {r.name: r.notes for r in ours.layers}
-    assert notes["model.layers.0.self_attn.q_proj"] == ["float target (alpha 0.25): |T - W| / |W| = 0"]
-    assert notes["model.layers.1.mlp.down_proj"][0].startswith("float target (alpha 0.25): |T - W| / |W| = ")
+    assert notes["model.layers.0.self_attn.q_proj"] == ["float target (alpha 0.4): |T - W| / |W| = 0"]
+    assert notes["model.layers.1.mlp.down_proj"][0].startswith("float target (alpha 0.4): |T - W| / |W| = ")
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=2, block_size=32), GPTQConfig(bits=3, block_size=32),
                                     SparseGPTConfig(sparsity=0.5)], ids=["gptq2", "gptq3", "sparsegpt50"])
 def test_float_targets_lower_the_final_output_error_on_the_calibration_data(config):
-    """The exact fit (alpha 1) most, the default alpha 0.25 less (it trades calibration fit for
+    """The exact fit (alpha 1) most, the default alpha 0.4 less (it trades calibration fit for
     generalization: on SmolLM2's held-out text it was the better one)."""
     reference = build_tiny_model("llama", dtype=torch.float32, num_hidden_layers=3)
     ids = windows()
@@ -253,7 +253,7 @@ def test_the_manifest_names_float_targets_only(tiny_dirs, calib_text_file, tmp_p
         assert main(["-q", *cli_args(tiny_dirs["llama"], calib_text_file, "--targets", targets,
                                      "--out", str(tmp_path / targets))]) == 0
     manifest = json.loads((tmp_path / "float" / "layerwise.json").read_text())
-    assert manifest["targets"] == "float" and manifest["float_alpha"] == 0.25
+    assert manifest["targets"] == "float" and manifest["float_alpha"] == 0.4
     assert not {"targets", "float_alpha"} & set(json.loads((tmp_path / "compressed" / "layerwise.json").read_text()))
 
 
@@ -278,9 +278,9 @@ def test_killed_float_run_resumes_to_the_same_bytes_and_refuses_other_targets(tm
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     capsys.readouterr()
     assert main(cli_args(src, calib_text_file, "--out", str(out), "--resume")) == 2
-    assert "targets was 'float, alpha 0.25' in the unfinished run and is 'compressed' now" in capsys.readouterr().err
+    assert "targets was 'float, alpha 0.4' in the unfinished run and is 'compressed' now" in capsys.readouterr().err
     assert main(args + ["--out", str(out), "--resume", "--float-alpha", "1"]) == 2
-    assert "targets was 'float, alpha 0.25' in the unfinished run and is 'float, alpha 1' now" in capsys.readouterr().err
+    assert "targets was 'float, alpha 0.4' in the unfinished run and is 'float, alpha 1' now" in capsys.readouterr().err
     assert main(args + ["--out", str(out), "--resume"]) == 0
     assert_same_checkpoint(out, tmp_path / "whole")
 
@@ -328,4 +328,4 @@ def test_a_compressed_embedding_leaves_the_float_stream_on_the_float_embedding()
     recipe = Recipe.single(GPTQConfig(bits=3, block_size=32)).with_embeddings(RTNConfig(bits=8))
     _, ours = compressed_model(recipe, "float")
     note = next(r for r in ours.layers if r.name == "model.layers.0.self_attn.q_proj").notes[0]
-    assert note.startswith("float target (alpha 0.25): |T - W| / |W| = ") and float(note.rsplit("= ", 1)[1]) > 0
+    assert note.startswith("float target (alpha 0.4): |T - W| / |W| = ") and float(note.rsplit("= ", 1)[1]) > 0
