@@ -327,12 +327,13 @@ def _compress_recipe(args):
     from .recipe import Recipe, load_recipe, method_config
 
     if args.recipe:
-        return _with_embeddings(load_recipe(args.recipe), args.embeddings, args.grid)
-    if args.target_bits is None and args.target_mb is None:
-        return _with_embeddings(Recipe.single(method_config(method_config_from_flags(args), "command line")),
-                                args.embeddings, args.grid)
-    return _with_embeddings(menu_recipe(method_config_from_flags(argparse.Namespace(
-        **{**vars(args), "method": args.method or DEFAULT_BUDGET_METHOD}))), args.embeddings, args.grid)
+        recipe = load_recipe(args.recipe)
+    elif args.target_bits is None and args.target_mb is None:
+        recipe = Recipe.single(method_config(method_config_from_flags(args), "command line"))
+    else:
+        recipe = menu_recipe(method_config_from_flags(argparse.Namespace(
+            **{**vars(args), "method": args.method or DEFAULT_BUDGET_METHOD})))
+    return _with_embeddings(recipe, args.embeddings, args.grid)
 
 
 # `--embeddings BITS`: round to nearest per block of 32 token-row values (one outlier no longer sets

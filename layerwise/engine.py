@@ -33,8 +33,7 @@ from .devices import resolve_device
 from .distributed import SINGLE, Ranks, check_batches
 from .dtypes import kept_dtype
 from .errors import RecipeError
-from .float_stream import FloatStream
-from .float_stream import bytes_per_token as float_stream_bytes
+from .float_stream import FloatStream, leader_bytes_per_token
 from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
@@ -305,7 +304,7 @@ class BlockWalker:
         hidden = batches.hidden_width()
         extra = 4 * batches.tokens() * (max(widths, default=hidden) + 2 * hidden)
         if float_targets:
-            extra += batches.tokens() * (float_stream_bytes(block, self.family.groups, hidden) - 4 * hidden)
+            extra += batches.tokens() * leader_bytes_per_token(block, self.family.groups)
         have = available_memory()
         self.lockstep = have is None or 4 * extra <= have
         log.info("lockstep solving %s: every batch paused inside a block holds about %.0f MB%s",

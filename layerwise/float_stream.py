@@ -100,9 +100,15 @@ class FloatStream:
 
 def bytes_per_token(block: nn.Module, groups, hidden: int) -> int:
     """float32 bytes per calibration token the float stream holds at most: X (`hidden` wide) and one
-    block's group leaders' inputs (`groups`: the family's, or None: every compressible linear's input)."""
+    block's group leaders' inputs (`leader_bytes_per_token`)."""
+    return 4 * hidden + leader_bytes_per_token(block, groups)
+
+
+def leader_bytes_per_token(block: nn.Module, groups) -> int:
+    """float32 bytes per calibration token of one block's group leaders' inputs in the float model,
+    held until their groups are solved (`groups`: the family's, or None: every compressible linear's input)."""
     if groups is not None:
         widths = [linear_shape(block.get_submodule(g[0]))[1] for g in groups]
     else:
         widths = [linear_shape(m)[1] for m in block.modules() if is_compressible(m)]
-    return 4 * (hidden + sum(widths))
+    return 4 * sum(widths)

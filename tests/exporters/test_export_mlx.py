@@ -53,6 +53,13 @@ def our_logits(checkpoint, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
+def assert_logits_match(model, checkpoint, ids=(1, 200, 37, 999, 4000, 12, 512, 7)) -> None:
+    """mlx-lm's float32 logits of `ids` within float16 tolerance of our decompressed model's."""
+    theirs = np.array(model(mx.array([list(ids)])).astype(mx.float32))[0]
+    ours = our_logits(checkpoint, list(ids))
+    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
+
+
 @pytest.mark.slow
 def test_gptq_mlx_grid_decodes_bit_for_bit_and_logits_match(tiny_dirs, calib_text_file, tmp_path, capsys):
     ck = compress(tiny_dirs["llama"], tmp_path / "ck", calib_text_file, "--method", "gptq", "--bits", "4",
@@ -65,10 +72,7 @@ def test_gptq_mlx_grid_decodes_bit_for_bit_and_logits_match(tiny_dirs, calib_tex
     assert all(isinstance(module(model, n), nn.QuantizedLinear) for n in loaded.compressed)
     for name, cw in loaded.compressed.items():
         assert bits_equal(decoded[name], cw.dequantize()), name
-    ids = [1, 200, 37, 999, 4000, 12, 512, 7]
-    theirs = np.array(model(mx.array([ids])).astype(mx.float32))[0]
-    ours = our_logits(ck, ids)
-    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
+    assert_logits_match(model, ck)
 
 
 def test_embeddings_flag_travels_exactly(tiny_dirs, calib_text_file, tmp_path, capsys):
@@ -83,10 +87,7 @@ def test_embeddings_flag_travels_exactly(tiny_dirs, calib_text_file, tmp_path, c
     decoded = mlx_weights(model, loaded)
     for name, cw in loaded.compressed.items():
         assert bits_equal(decoded[name], cw.dequantize()), name
-    ids = [1, 200, 37, 999, 4000, 12, 512, 7]
-    theirs = np.array(model(mx.array([ids])).astype(mx.float32))[0]
-    ours = our_logits(ck, ids)
-    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
+    assert_logits_match(model, ck)
 
 
 def test_default_grid_reports_the_largest_difference_mlx_decodes(tiny_dirs, tmp_path, capsys, calib_text_file):
@@ -175,10 +176,7 @@ def test_other_families_load_and_match(kind, tmp_path, capsys, calib_text_file):
                   "--grid", "mlx")
     assert "bit for bit" in export(ck, tmp_path / "mlx", capsys)
     mlx_model, _ = mlx_lm.load(str(tmp_path / "mlx"))
-    ids = [1, 200, 37, 999, 4000, 12, 512, 7]
-    theirs = np.array(mlx_model(mx.array([ids])).astype(mx.float32))[0]
-    ours = our_logits(ck, ids)
-    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, np.abs(ours).max())
+    assert_logits_match(mlx_model, ck)
 
 
 def test_price_is_within_one_percent_of_the_weights(tiny_dirs, calib_text_file, tmp_path, capsys):
