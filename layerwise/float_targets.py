@@ -59,26 +59,28 @@ def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: tor
                   damp: float = DEFAULT_DAMP, alpha: float = 1.0) -> tuple[list[torch.Tensor], list[float], list[str]]:
     """The targets W + α (W* − W) = W + α W D H_d⁻¹ of layers sharing one input (weights: [out_k, in]
     each, hessian H̃ and cross D: [in, in] float32, neither modified) as float32 [out_k, in]; how far each
-    moved (|W* − W| / |W|); and notes (a retried factorization). Float64, one factored H_d⁻¹ (on the CPU
-    for an MPS device, which has no float64); the targets come back on H̃'s device."""
+    moved (|W* − W| / |W|); and notes (a retried factorization). H_d⁻¹ is factored in float64 (on the
+    CPU for an MPS device, which has no float64); the products with it run in float32 on H̃'s device,
+    which holds the correction to ~1e-6 of its size (float64 products took a twentieth of a
+    `--targets float` run on a CPU)."""
     work = torch.device("cpu") if hessian.device.type == "mps" else hessian.device
     # the solvers' damping and retries (`hessian.prepare_hessian`), in float64: H_d⁻¹ = Uᵀ U
     prepared = prepare_hessian(hessian.to(device=work, dtype=torch.float64), damp)
-    factor = prepared.cholesky_of_inverse
     notes = [f"float targets: {note}" for note in prepared.notes]
-    cross64 = cross.to(device=work, dtype=torch.float64)
-    stacked = torch.cat([w.detach().to(device=work, dtype=torch.float64) for w in weights])  # [Σ out, in]
+    factor = prepared.cholesky_of_inverse.to(device=hessian.device, dtype=torch.float32)
+    del prepared
+    stacked = torch.cat([w.detach().to(device=hessian.device, dtype=torch.float32) for w in weights])  # [Σ out, in]
     if stacked.shape[0] > stacked.shape[1]:  # (D H_d⁻¹) first: [in, in] products, then one [Σ out, in] one
-        corrections = stacked @ ((cross64 @ factor.t()) @ factor)
+        corrections = stacked @ ((cross @ factor.t()) @ factor)
     else:  # three [Σ out, in] products (a wide input, e.g. down_proj's)
-        corrections = ((stacked @ cross64) @ factor.t()) @ factor
+        corrections = ((stacked @ cross) @ factor.t()) @ factor
     corrections.mul_(alpha)  # α W D H_d⁻¹
     rows = [w.shape[0] for w in weights]
     out, moved = [], []
-    for w64, correction in zip(stacked.split(rows), corrections.split(rows)):
-        norm = float(w64.norm())
+    for w, correction in zip(stacked.split(rows), corrections.split(rows)):
+        norm = float(w.norm())
         moved.append(float(correction.norm()) / norm if norm > 0 else 0.0)
-        out.append((w64 + correction).to(device=hessian.device, dtype=torch.float32))
+        out.append(w + correction)
     return out, moved, notes
 
 
