@@ -178,9 +178,11 @@ def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:
 
 def evaluate_perplexity(model_or_path, data: str, seqlen: int = 256, batch_size: int = 8, device: str = "cpu",
                         dtype: str = "float32", tokenizer=None, token_ids: torch.Tensor | None = None,
-                        trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False) -> dict:
+                        trust_remote_code: bool = False, verify: bool = True, allow_long_context: bool = False,
+                        fast_matmul: bool = True) -> dict:
     """Perplexity of a HF model, a checkpoint directory, or an in-memory model on `data`; windows
-    begin with the tokenizer's BOS when it adds one by default (`calib_data.bos_token_id`)."""
+    begin with the tokenizer's BOS when it adds one by default (`calib_data.bos_token_id`).
+    fast_matmul: `evaluate.perplexity`'s (False: --exact-matmul)."""
     path = str(model_or_path) if isinstance(model_or_path, (str, Path)) else None
     if tokenizer is None and path is not None:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -194,4 +196,5 @@ def evaluate_perplexity(model_or_path, data: str, seqlen: int = 256, batch_size:
     else:
         model = model_or_path
     check_length(model.config, seqlen, "--seqlen", allow_long_context)
-    return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, device=device, bos=bos)
+    return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, device=device, bos=bos,
+                      fast_matmul=fast_matmul)

@@ -57,3 +57,22 @@ def test_the_engine_runs_in_the_mode_it_chose_and_restores_the_setting():
         assert seen and set(seen) == {expected}
         assert torch.get_float32_matmul_precision() == "highest"
         seen.clear()
+
+
+def test_perplexity_runs_in_the_mode_it_chose_and_gives_the_float32_number():
+    """ppl's products go through bfloat16 units where accurate (the 262k-token output head of Gemma 3
+    is most of its work); the perplexity stays the plain float32 one to float32 accuracy."""
+    from layerwise.evaluate import perplexity
+
+    model = build_tiny_model("llama", dtype=torch.float32)
+    ids = torch.randint(4, 4096, (4 * 64,), generator=torch.Generator().manual_seed(3))
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, i: seen.append(torch.get_float32_matmul_precision()))
+    fast, exact = (perplexity(model, ids, seqlen=64, fast_matmul=f) for f in (True, False))
+    hook.remove()
+    accurate = mp.fast_matmul_is_accurate(CPU)
+    assert fast["matmul"] == ("bfloat16-units" if accurate else "float32") and exact["matmul"] == "float32"
+    assert seen == ["medium" if accurate else "highest", "highest"]
+    assert abs(fast["nll"] - exact["nll"]) <= 1e-6 * exact["nll"]
+    assert torch.get_float32_matmul_precision() == "highest"
