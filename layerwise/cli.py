@@ -18,7 +18,7 @@ import sys
 import traceback
 
 from . import methods
-from .errors import LayerwiseError, PeerError, RecipeError
+from .errors import DataError, LayerwiseError, PeerError, RecipeError
 from .exporters import DEFAULT_FORMAT, EXPORTERS
 from .float_targets import TARGETS
 from .outputs import environment_failure
@@ -170,7 +170,7 @@ def _add_bench(sub) -> None:
 
     b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
     b.add_argument("model")
-    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 (or its halves smollm2-gptq, smollm2-sparse-palettize) | quick")
+    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 (or its halves smollm2-gptq, smollm2-sparse-palettize) | gemma3 | quick")
     b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
     b.add_argument("--calib", default=BUNDLED_CALIBRATION)
     b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
@@ -184,6 +184,9 @@ def _add_bench(sub) -> None:
                    "work on a shared machine disturbs least; the table then shows them next to wall seconds)")
     b.add_argument("--results", default="RESULTS.md", help="Markdown file whose grid section is replaced (default: ./RESULTS.md)")
     b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
+    b.add_argument("--resume", action="store_true",
+                   help="keep the rows the grid's JSON in --out-dir already holds for the same recipe and arguments; "
+                        "run only the others (a long grid across several sittings)")
 
 
 def _add_generate_and_families(sub) -> None:
@@ -456,11 +459,25 @@ def cmd_bench(args) -> int:
         update_results(results, grid, section)
         return section
 
+    measured = _measured_rows(out_dir / f"bench-{grid}.json") if args.resume else None
     rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
                     args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat,
-                    eval_tokens=args.eval_tokens, threads=args.threads)
+                    eval_tokens=args.eval_tokens, threads=args.threads, measured=measured)
     print(publish(rows, True))
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _measured_rows(path) -> list[dict]:
+    """The rows an earlier `bench` run of this grid wrote (none yet: an empty list)."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"--resume cannot read {path} ({e}); move it away or run without --resume") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"--resume: {path} is not a bench results list; move it away or run without --resume")
+    return rows
 
 
 def cmd_generate(args) -> int:

@@ -90,3 +90,37 @@ def test_bench_results_default_to_the_working_directory():
     from layerwise.cli import build_parser
 
     assert build_parser().parse_args(["bench", "MODEL"]).results == "RESULTS.md"
+
+
+def test_bench_resume_keeps_rows_measured_with_the_same_arguments(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """A long grid (Gemma 3's whole-test-set rows) runs across sittings: --resume takes every row
+    the grid's JSON holds for the same recipe and arguments and runs only the rest; a failed row or
+    other arguments run again."""
+    import layerwise.bench.rows as rows_module
+
+    calls = []
+
+    def fake_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens=None, threads=None):
+        calls.append((cfg or {}).get("method", "float16"))
+        if cfg is not None and cfg["method"] == "gptq" and len(calls) <= 3:
+            return {"method": "gptq", "settings": "s", "peer": False, "error": "RuntimeError: killed"}
+        return {"method": "float16" if cfg is None else cfg["method"], "settings": "s", "peer": False,
+                "ppl": 10.0 + len(calls), "bits_per_weight": 16.0 if cfg is None else 4.625}
+
+    monkeypatch.setattr(rows_module, "run_row", fake_row)
+    results = tmp_path / "R.md"
+    argv = ["-q", "bench", str(tiny_dirs["llama"]), "--quick", "--nsamples", "4", "--results", str(results)]
+    assert main(argv) == 1  # the gptq row failed
+    assert calls == ["float16", "rtn", "gptq"]
+    first = json.loads((tmp_path / "bench-quick.json").read_text())
+    assert main([*argv, "--resume"]) == 0
+    assert calls[3:] == ["gptq"]  # only the failed row again
+    second = json.loads((tmp_path / "bench-quick.json").read_text())
+    assert second[:2] == first[:2] and second[2]["ppl"] == 14.0 and second[2]["delta_ppl"] == 14.0 - 11.0
+    assert main([*argv, "--resume"]) == 0 and len(calls) == 4  # nothing left to run
+    assert main([*argv[:-4], "--nsamples", "8", "--results", str(results), "--resume"]) == 0
+    assert calls[4:] == ["float16", "rtn", "gptq"]  # other arguments: other measurements
+    (tmp_path / "bench-quick.json").write_text("{not json")
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "--resume cannot read" in capsys.readouterr().err

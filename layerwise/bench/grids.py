@@ -87,6 +87,22 @@ GRIDS["smollm2-gptq"] = [None, *GRIDS["smollm2"][1:7], *GRIDS["smollm2"][14:16]]
 GRIDS["smollm2-sparse-palettize"] = [None, *GRIDS["smollm2"][7:14], *GRIDS["smollm2"][16:]]
 
 
+def _gemma3_rows():
+    """Gemma 3 270M (issue 24): float16, then every quantization row with the coremltools peers at its
+    setting right after it, the most telling pairs first (a grid cut short, or resumed across
+    sittings with `bench --resume`, still answers them). Its weights mostly lie on 5-bit grids
+    (../shared/models/gemma3-270m/make.py): 4 bits and below only."""
+    def pair(peer, *more):
+        return [dict(PEERS[peer]["ours"]), _peer(peer), *(_peer(m) for m in more)]
+
+    return ([None]
+            + pair("ct-gptq-3bit-block32") + pair("ct-gptq-4bit-block32") + pair("ct-sparsegpt-50")
+            + pair("ct-skm-3bit-g16", "ct-ptp-3bit-g16") + pair("ct-skm-4bit-g16", "ct-ptp-4bit-g16"))
+
+
+GRIDS["gemma3"] = _gemma3_rows()
+
+
 def settings_label(cfg: dict | None) -> str:
     if cfg is None:
         return "float16"

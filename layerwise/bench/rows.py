@@ -7,8 +7,10 @@ denominator, same process), then evaluate perplexity. A failing row keeps its er
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import tempfile
@@ -109,15 +111,23 @@ def _measure(cfg, model_path, calib, eval_text, nsamples, seqlen, seed, device, 
 
 def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, nsamples=128, seqlen=256, seed=0,
              device="cpu", progress=print, on_row=None, repeat: int = 1, eval_tokens: int | None = None,
-             threads: int | None = None) -> list[dict]:
+             threads: int | None = None, measured: list[dict] | None = None) -> list[dict]:
     """Run every row (`repeat` times, each in a fresh process); `on_row(results so far)` after each
-    row, so a long grid leaves partial results."""
+    row, so a long grid leaves partial results. measured: rows an earlier run of this grid wrote
+    (its JSON): a row measured with the same recipe and arguments is taken from there, not run again."""
     results = []
+    earlier = {r["key"]: r for r in measured or () if "key" in r and not r.get("error")}
     for i, cfg in enumerate(rows, 1):
-        progress(f"[{i}/{len(rows)}] {settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}")
-        runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens, threads)
-                for _ in range(repeat)]
-        results.append(median_of_runs(runs))
+        key = row_key(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens, threads, repeat)
+        label = f"{settings_label(cfg) if cfg else 'float16'} {cfg['method'] if cfg else ''}"
+        if key in earlier:
+            progress(f"[{i}/{len(rows)}] {label}: measured by an earlier run")
+            results.append(earlier[key])
+        else:
+            progress(f"[{i}/{len(rows)}] {label}")
+            runs = [run_row(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens, threads)
+                    for _ in range(repeat)]
+            results.append({**median_of_runs(runs), "key": key})
         base = next((r["ppl"] for r in results if r["method"] == "float16" and "ppl" in r), None)
         for r in results:
             if base is not None and "ppl" in r:
@@ -125,6 +135,20 @@ def run_grid(rows: list[dict | None], model: str, calib: str, eval_text: str, ns
         if on_row is not None:
             on_row(results, done=i == len(rows))
     return results
+
+
+def row_key(cfg, model, calib, eval_text, nsamples, seqlen, seed, device, eval_tokens, threads, repeat) -> str:
+    """What makes two measurements of a row the same (`bench --resume`): its recipe and every argument
+    (paths as RESULTS.md shows them: the key is committed with the grid's JSON)."""
+    from .results import display_path
+
+    def where(path) -> str:
+        full = os.path.abspath(os.path.expanduser(str(path)))
+        return display_path(full) if os.path.exists(full) else str(path)
+
+    return json.dumps({"row": cfg, "model": where(model), "calib": where(calib), "eval": where(eval_text),
+                       "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "device": str(device),
+                       "eval_tokens": eval_tokens, "threads": threads, "repeat": repeat}, sort_keys=True)
 
 
 TIMED = ("compress_s", "forward_s", "time_vs_forward", "compress_cpu_s", "forward_cpu_s", "cpu_vs_forward")
