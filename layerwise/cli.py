@@ -18,7 +18,8 @@ import sys
 import traceback
 
 from . import methods
-from .errors import DataError, LayerwiseError, PeerError, RecipeError
+from .bench.command import add_bench, cmd_bench
+from .errors import LayerwiseError, PeerError, RecipeError
 from .exporters import DEFAULT_FORMAT, EXPORTERS
 from .float_targets import TARGETS
 from .outputs import environment_failure
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_ppl_decompress_inspect(sub)
     _add_export(sub)
-    _add_bench(sub)
+    add_bench(sub, positive, non_negative)
     _add_generate_and_families(sub)
     return p
 
@@ -109,6 +110,10 @@ def _add_compress(sub) -> None:
     c.add_argument("--float-alpha", type=float,
                    help="with --targets float: the fraction of the step from each weight towards its float fit taken "
                         "(default 0.4; GPTAQ uses 0.25; 1: the exact least-squares fit)")
+    c.add_argument("--magr", action="store_true",
+                   help="MagR: before each GPTQ / SparseGPT-with-bits layer is solved, shrink its weight range without "
+                        "changing its outputs on the calibration data (helps low-bit per-channel grids; ~200 "
+                        "[out, in] x [in, in] products per layer)")
     c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     c.add_argument("--allow-non-finite", action="store_true",
                    help="accept NaN/Inf weights in the layers the recipe leaves alone")
@@ -163,30 +168,6 @@ def _add_export(sub) -> None:
     e.add_argument("--last-logits-only", action="store_true", help="return logits of the last position only")
     e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _loading_flags(e)
-
-
-def _add_bench(sub) -> None:
-    from layerwise.calib_data import BUNDLED_CALIBRATION
-
-    b = sub.add_parser("bench", help="a grid of recipes: ppl, size, time, memory; writes RESULTS.md, CSV, JSON, PNG")
-    b.add_argument("model")
-    b.add_argument("--grid", default="spine", help="spine | spine-extra | sparse | palettize | peers | smollm2 (or its halves smollm2-gptq, smollm2-sparse-palettize) | gemma3 | quick")
-    b.add_argument("--quick", action="store_true", help="the small smoke-test grid (same as --grid quick)")
-    b.add_argument("--calib", default=BUNDLED_CALIBRATION)
-    b.add_argument("--eval", dest="eval_text", default="wikitext2", help="evaluation text: wikitext2 | c4 | PATH")
-    b.add_argument("--nsamples", type=positive, default=128)
-    b.add_argument("--seqlen", type=positive, default=256)
-    b.add_argument("--seed", type=non_negative, default=0)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--repeat", type=positive, default=1, help="runs per row; times reported as medians")
-    b.add_argument("--eval-tokens", type=positive, help="evaluate on the first N tokens of the evaluation text only (slow machines)")
-    b.add_argument("--threads", type=positive, help="torch threads of every row's process (1: CPU seconds that other "
-                   "work on a shared machine disturbs least; the table then shows them next to wall seconds)")
-    b.add_argument("--results", default="RESULTS.md", help="Markdown file whose grid section is replaced (default: ./RESULTS.md)")
-    b.add_argument("--out-dir", help="where CSV/JSON/PNG go (default: next to --results)")
-    b.add_argument("--resume", action="store_true",
-                   help="keep the rows the grid's JSON in --out-dir already holds for the same recipe and arguments; "
-                        "run only the others (a long grid across several sittings)")
 
 
 def _add_generate_and_families(sub) -> None:
@@ -380,7 +361,7 @@ def _compress_job(args, recipe=None, ranks=None, device: str | None = None):
         resume=args.resume, offload_activations=args.offload_activations, lazy=False if args.eager_load else None,
         trust_remote_code=args.trust_remote_code, allow_non_finite=args.allow_non_finite,
         allow_long_context=args.allow_long_context, fast_matmul=not args.exact_matmul, ranks=ranks or SINGLE,
-        inputs=(args.recipe,), targets=args.targets, float_alpha=args.float_alpha,
+        inputs=(args.recipe,), targets=args.targets, float_alpha=args.float_alpha, magr=args.magr,
     )
 
 
@@ -427,57 +408,6 @@ def cmd_export(args) -> int:
     else:
         print(f"{done}; functions {', '.join(report['functions'])}; compressed ops {report['compressed']}")
     return 0
-
-
-def cmd_bench(args) -> int:
-    from pathlib import Path
-
-    from .bench.grids import GRIDS
-    from .bench.plots import require_matplotlib
-    from .bench.results import display_path, render_section, update_results, write_outputs
-    from .bench.rows import run_grid
-
-    grid = "quick" if args.quick else args.grid
-    if grid not in GRIDS:
-        raise RecipeError(f"--grid {grid!r} is unknown; use one of {sorted(GRIDS)}")
-    if args.eval_tokens is not None and args.eval_tokens < args.seqlen:
-        raise RecipeError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
-    require_matplotlib()  # before the first row, not after an hour of them
-    results = Path(args.results)
-    out_dir = Path(args.out_dir) if args.out_dir else results.parent
-    words = [display_path(word) for word in sys.argv]  # the shell expanded ~: no machine paths in RESULTS.md
-    command = "layerwise " + " ".join(words[1:]) if sys.argv[0].endswith("layerwise") else " ".join(["python", *words])
-    total = len(GRIDS[grid])
-
-    def publish(rows, done):
-        paths = write_outputs(rows, out_dir, f"bench-{grid}")
-        evaluated = args.eval_text + (f" (first {args.eval_tokens} tokens)" if args.eval_tokens else "")
-        section = render_section(grid, rows, command, args.model, args.calib, evaluated, args.nsamples,
-                                 args.seqlen, args.seed, paths["png"])
-        if not done:
-            section += f"\n\n(partial: {len(rows)} of {total} rows so far)"
-        update_results(results, grid, section)
-        return section
-
-    measured = _measured_rows(out_dir / f"bench-{grid}.json") if args.resume else None
-    rows = run_grid(GRIDS[grid], args.model, args.calib, args.eval_text, args.nsamples, args.seqlen, args.seed,
-                    args.device, progress=lambda m: log.info("%s", m), on_row=publish, repeat=args.repeat,
-                    eval_tokens=args.eval_tokens, threads=args.threads, measured=measured)
-    print(publish(rows, True))
-    return 1 if any(r.get("error") for r in rows) else 0
-
-
-def _measured_rows(path) -> list[dict]:
-    """The rows an earlier `bench` run of this grid wrote (none yet: an empty list)."""
-    if not path.exists():
-        return []
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"--resume cannot read {path} ({e}); move it away or run without --resume") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"--resume: {path} is not a bench results list; move it away or run without --resume")
-    return rows
 
 
 def cmd_generate(args) -> int:

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from . import methods
+from . import magr, methods
 from .distributed import SINGLE, Ranks, portable, share_solved
 from .float_targets import DEFAULT_ALPHA, damp_of, float_targets
 from .formats import CompressedWeight
@@ -55,11 +55,14 @@ class Compressing:
     methods that want caller-given sensitivities. stack: solve equal configs of one input group as
     one stacked matrix (same result). ranks: the runs of a group are dealt round-robin over the
     ranks and every rank takes every solution, so weights and reports do not depend on the world size.
-    float_alpha: the fraction of the step towards the float fit taken for a group with a cross term."""
+    float_alpha: the fraction of the step towards the float fit taken for a group with a cross term.
+    magr: shrink each grid-quantized layer's weight range first (`magr.py`); it is still reported
+    against its own target."""
 
     def __init__(self, plan: dict[str, MethodConfig], sensitivity: dict[str, torch.Tensor] | None = None,
-                 stack: bool = True, ranks: Ranks = SINGLE, float_alpha: float = DEFAULT_ALPHA):
+                 stack: bool = True, ranks: Ranks = SINGLE, float_alpha: float = DEFAULT_ALPHA, magr: bool = False):
         self.float_alpha = float_alpha
+        self.magr = magr
         self.plan = plan
         self.sensitivity = sensitivity or {}
         self.stack = stack
@@ -94,13 +97,17 @@ class Compressing:
         trim_heap()  # the forwards' freed temporaries, kept by malloc in its arenas, before the widest work
         runs = stack_runs(list(linears), self.plan, self.stack)
         targets, notes = self._targets(runs, linears, hessian, cross)
-        consume = hessian is not None and all(methods.method(self.plan[run[0]].method).consumes_hessian for run in runs)
+        solve_on = self._reduced(runs, targets, hessian, notes) if self.magr else targets
+        # the solver's own row errors are against what it solved: with MagR the report is against the target
+        consume = (hessian is not None and solve_on is targets
+                   and all(methods.method(self.plan[run[0]].method).consumes_hessian for run in runs))
         scales = {n: report_denominator(targets[n], hessian) for n in linears} if consume else {}
-        mine = {j: self._solve_run(run, targets, hessian, consume and j == len(runs) - 1)
+        mine = {j: self._solve_run(run, solve_on, hessian, consume and j == len(runs) - 1)
                 for j, run in enumerate(runs) if self.ranks.solves(j)}
         solved = self._gather(mine, len(runs))
         return {name: self._record(name, linears[name], targets[name], hessian, *solved[name], scales.get(name),
-                                   notes.get(name, [])) for name in linears}
+                                   notes.get(name, []), solve_on[name] is targets[name])
+                for name in linears}
 
     def _targets(self, runs, linears, hessian, cross) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         """{name: the [out, in] weight each layer is fitted to}: its own, or with a cross term and a
@@ -119,6 +126,23 @@ class Compressing:
                 targets[name] = target
                 notes[name] = retries + [f"float target (alpha {self.float_alpha:g}): |T - W| / |W| = {distance:.3g}"]
         return targets, notes
+
+    def _reduced(self, runs, targets, hessian, notes) -> dict[str, torch.Tensor]:
+        """The weights the solver is handed under MagR: each grid-quantized layer's target with its
+        range reduced (`magr.reduce_magnitude`), the others' targets as they are."""
+        solve_on = dict(targets)
+        if hessian is None:
+            return solve_on
+        for run in runs:
+            config = self.plan[run[0]]
+            if not magr.applies_to(config):
+                continue
+            for name in run:
+                before = targets[name]
+                solve_on[name] = magr.reduce_magnitude(before, hessian, config.block_size)
+                notes.setdefault(name, []).append(
+                    f"magr: max |W| {float(before.abs().max()):.4g} -> {float(solve_on[name].abs().max()):.4g}")
+        return solve_on
 
     def _gather(self, mine: dict[int, dict], n_runs: int) -> dict[str, tuple[Solution, float]]:
         """Every run's {name: (Solution, seconds)}, this rank's and the others' (`distributed.share_solved`)."""
@@ -147,12 +171,15 @@ class Compressing:
         rows = [w.shape[0] for w in weights]
         return {n: (s, seconds * r / sum(rows)) for n, s, r in zip(run, solutions, rows)}
 
-    def _record(self, name, linear, weight, hessian, solution, seconds, scale=None, notes=()) -> CompressedWeight:
+    def _record(self, name, linear, weight, hessian, solution, seconds, scale=None, notes=(),
+                solved_the_target: bool = True) -> CompressedWeight:
         """Report the layer's solution and put its dense view into the model (later stages see it).
         weight: the [out, in] target it was fitted to. scale: the report's denominator tr(W H Wᵀ),
-        taken before a solver consumed `hessian`. notes: computing the target's, before the solver's."""
+        taken before a solver consumed `hessian`. notes: computing the target's, before the solver's.
+        solved_the_target: False when the solver was handed another weight (MagR's): its row errors
+        do not measure the error against `weight`."""
         cw = solution.compressed
-        if hessian is not None and solution.row_errors is not None:
+        if hessian is not None and solution.row_errors is not None and solved_the_target:
             scale = report_denominator(weight, hessian) if scale is None else scale
             rel_error = relative_error_of_rows(solution.row_errors, scale)
         else:

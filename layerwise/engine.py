@@ -35,6 +35,7 @@ from .dtypes import kept_dtype
 from .errors import RecipeError
 from .float_stream import FloatStream, leader_bytes_per_token
 from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
+from .magr import applies_to
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
 from .linears import is_compressible, linear_shape, put_dense
@@ -413,7 +414,7 @@ class LayerwiseCompressor:
                  sensitivity: dict[str, torch.Tensor] | None = None, lazy: LazyBlocks | None = None,
                  offload_dir: str | Path | None = None, stack: bool = True, lockstep: bool | str = "auto",
                  ranks: Ranks = SINGLE, fast_matmul: bool = True, targets: str = "compressed",
-                 float_alpha: float | None = None):
+                 float_alpha: float | None = None, magr: bool = False):
         """sensitivity: {layer name: [out, in]} for recipes with `sensitivity: fisher` (skm), e.g.
         from `layerwise.sensitivity.fisher_sensitivity(model, loss_fn, data)`.
         stack: solve the layers of one input group with one config as one stacked matrix
@@ -421,7 +422,8 @@ class LayerwiseCompressor:
         torch.distributed (`distributed`). targets: "compressed" (each layer fits its own weights'
         outputs on the compressed model's inputs) or "float" (the float model's outputs, float_targets.py);
         float_alpha: with "float", the fraction of the step from W to the float fit W* (None:
-        float_targets.DEFAULT_ALPHA). The other arguments: `BlockWalker`'s."""
+        float_targets.DEFAULT_ALPHA). magr: shrink each grid-quantized layer's weight range before
+        it is solved (`magr.py`). The other arguments: `BlockWalker`'s."""
         check_targets(targets)
         check_alpha(float_alpha, targets)
         self.float_alpha = DEFAULT_ALPHA if float_alpha is None else float_alpha
@@ -435,6 +437,10 @@ class LayerwiseCompressor:
         self.plan: dict[str, MethodConfig] = plan_layers(model, self.family, recipe.config_for, recipe.names_lm_head(),
                                                          self.sensitivity, embedding_config(recipe, self.family))
         self.left_out = left_out(model, self.family, self.plan)
+        self.magr = magr
+        if magr and not any(applies_to(config) for config in self.plan.values()):
+            raise RecipeError("--magr shrinks the range of integer grids solved with a Hessian, and no layer of the "
+                              "recipe has one; drop --magr or use gptq, or sparsegpt with bits")
         if targets == "float" and not self.needs_data:
             raise RecipeError("--targets float fits the float model's outputs on calibration data, but every method in "
                               "the recipe is data-free; drop --targets float or use gptq, sparsegpt or skm")
@@ -466,7 +472,7 @@ class LayerwiseCompressor:
         """windows: [N, L] token ids (unused, may be None, for a data-free recipe). Returns the
         per-layer report (and the weights, without a writer); see `BlockWalker.walk`."""
         start = time.perf_counter()
-        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks, self.float_alpha)
+        solver = Compressing(self.plan, self.sensitivity, self.stack, self.ranks, self.float_alpha, self.magr)
         kept = self.walker.walk(solver, windows, writer, on_block_output)
         outside = {name: cw for name, cw in kept.items() if name == self.family.embeddings}
         if writer is not None:

@@ -56,6 +56,7 @@ class CompressJob:
     fast_matmul: bool = True  # False: --exact-matmul
     targets: str = "compressed"  # --targets: fit the compressed model's own outputs, or the float model's (GPTAQ)
     float_alpha: float | None = None  # --float-alpha (with targets "float"; None: float_targets.DEFAULT_ALPHA)
+    magr: bool = False  # --magr: shrink each grid-quantized layer's weight range first (magr.py)
     ranks: Ranks = SINGLE  # this process's place under torchrun / accelerate launch
     inputs: tuple = ()  # further paths the run reads (the recipe file): --out may not touch them
     _validated: bool = field(default=False, init=False, repr=False, compare=False)
@@ -74,6 +75,9 @@ class CompressJob:
             raise RecipeError("--targets float cannot be combined with --target-bits/--target-mb (the budget weighs its "
                               "candidates on the compressed model's own outputs); compress the budget's recipe with "
                               "--recipe CHECKPOINT --targets float instead")
+        if self.magr and self.target is not None:
+            raise RecipeError("--magr cannot be combined with --target-bits/--target-mb (the budget measures its "
+                              "candidates without it); compress the budget's recipe with --recipe CHECKPOINT --magr instead")
 
     @property
     def read_paths(self) -> tuple:
@@ -92,15 +96,18 @@ class CompressJob:
     def targets_entry(self) -> dict:
         """What the manifest and the run record say about the targets: nothing for the default (earlier
         checkpoints say nothing and mean "compressed"; default runs keep their golden bytes)."""
+        entry = {"magr": True} if self.magr else {}
         if self.targets == "compressed":
-            return {}
-        return {"targets": self.targets, "float_alpha": DEFAULT_ALPHA if self.float_alpha is None else self.float_alpha}
+            return entry
+        return {"targets": self.targets, "float_alpha": DEFAULT_ALPHA if self.float_alpha is None else self.float_alpha,
+                **entry}
 
     @property
     def targets_record(self) -> str:
         """The run record's one `targets` value, so that --resume names a change of either in one line."""
         entry = self.targets_entry
-        return self.targets if not entry else f"{self.targets}, alpha {entry['float_alpha']:g}"
+        record = self.targets if "float_alpha" not in entry else f"{self.targets}, alpha {entry['float_alpha']:g}"
+        return record + (", magr" if self.magr else "")
 
     def with_recipe(self, recipe: Recipe) -> CompressJob:
         """The same validated job compressing `recipe` (a budget's allocation)."""

@@ -65,7 +65,8 @@ def compress_to_checkpoint(job: CompressJob, model=None, tokenizer=None, windows
     offload_dir = job.out.parent / f".{job.out.name}.activations{suffix}" if job.offload_activations else None
     compressor = LayerwiseCompressor(model, job.recipe, device=job.device, batch_size=job.batch_size,
                                      staged=job.staged, lazy=blocks, offload_dir=offload_dir, ranks=job.ranks,
-                                     fast_matmul=job.fast_matmul, targets=job.targets, float_alpha=job.float_alpha)
+                                     fast_matmul=job.fast_matmul, targets=job.targets, float_alpha=job.float_alpha,
+                                     magr=job.magr)
     _check_loaded(job, model, blocks, compressor, windows)
     windows, calib_info = _calibration(job, compressor, tokenizer, windows)
     # the source weights' hashing starts now, in the background, and is recorded as it finishes
