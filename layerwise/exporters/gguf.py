@@ -22,7 +22,8 @@ from .tally import Tally, check_family, largest_difference
 log = logging.getLogger(__name__)
 
 # model_type → (gguf-py architecture, whether q/k rows take Llama's rope permutation)
-FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
+FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
+            "phi3": ("PHI3", False)}  # phi3: fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are
 HEADER_BYTES_PER_TOKEN = 32  # tokenizer metadata per vocabulary entry (string, type, merge), measured
 
 
@@ -143,8 +144,9 @@ def _metadata(writer, config, options: ExportOptions) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
+    rotary = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    writer.add_rope_dimension_count(int(head_dim * rotary))  # Phi-4-mini rotates 3/4 of each head
     if rope.get("rope_type", "default") != "default":  # llama.cpp takes these as extra tensors, not written here
         raise ModelError(f"--format gguf does not write {rope['rope_type']!r} rope scaling yet")
     window = getattr(config, "sliding_window", None)
