@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 # model_type → (gguf-py architecture, whether q/k rows take Llama's rope permutation)
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
-            "phi3": ("PHI3", False)}  # phi3: fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are
+            "phi3": ("PHI3", False),  # fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are
+            "gemma3_text": ("GEMMA3", False)}
+NORM_SHIFT = {"gemma3_text": 1.0}  # llama.cpp multiplies by the norm weight, Gemma by (1 + weight)
+GEMMA3_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer global, the others sliding, local rope base 10000
 HEADER_BYTES_PER_TOKEN = 32  # tokenizer metadata per vocabulary entry (string, type, merge), measured
 
 
@@ -69,9 +72,11 @@ class GGUF:
             path = scratch / out.name
             writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
             _metadata(writer, loaded.model.config, options)
+            if model_type == "gemma3_text":
+                _gemma3_metadata(writer, loaded.model.config)
             _vocabulary(writer, options.source, loaded.model.config.vocab_size)
             tally = _tensors(writer, loaded, gguf.get_tensor_name_map(arch, loaded.model.config.num_hidden_layers),
-                             FAMILIES[model_type][1])
+                             FAMILIES[model_type][1], NORM_SHIFT.get(model_type, 0.0))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -92,8 +97,9 @@ class GGUF:
         return weights + HEADER_BYTES_PER_TOKEN * model.config.vocab_size + directory + provenance_bytes(budgeted)
 
 
-def _tensors(writer, loaded, names, permute: bool) -> Tally:
-    """Every tensor of the model into `writer` under llama.cpp's name; the tally of the compressed ones."""
+def _tensors(writer, loaded, names, permute: bool, norm_shift: float = 0.0) -> Tally:
+    """Every tensor of the model into `writer` under llama.cpp's name; the tally of the compressed ones.
+    norm_shift: added to every norm weight (float32, as convert_hf_to_gguf does for Gemma)."""
     config = loaded.model.config
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
@@ -111,6 +117,8 @@ def _tensors(writer, loaded, names, permute: bool) -> Tally:
         cw = loaded.compressed.get(layer) if key.endswith(".weight") else None
         if cw is None:
             values = tensor if order is None else tensor[order]
+            if norm_shift and key.endswith("norm.weight"):
+                values = values.to(torch.float32) + norm_shift
             writer.add_tensor(name, values.to(torch.float32 if values.dim() == 1 else torch.float16).numpy())
         else:
             _compressed(writer, name, layer, cw if order is None else permuted(cw, order), tally)
@@ -145,18 +153,40 @@ def _metadata(writer, config, options: ExportOptions) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # rope per layer type (Gemma 3): the global layers' (the local: 10000)
     rotary = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     writer.add_rope_dimension_count(int(head_dim * rotary))  # Phi-4-mini rotates 3/4 of each head
     if rope.get("rope_type", "default") != "default":  # llama.cpp takes these as extra tensors, not written here
         raise ModelError(f"--format gguf does not write {rope['rope_type']!r} rope scaling yet")
     window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings:
+    if window and window < config.max_position_embeddings and config.model_type not in NORM_SHIFT:  # Gemma 3 keeps it
         log.warning("gguf: llama.cpp attends to the whole context; the model's sliding window of %d is not kept", window)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     for key, value in options.metadata.items():
         writer.add_string(key, value if isinstance(value, str) else str(value))
+
+
+def _gemma3_metadata(writer, config) -> None:
+    """What llama.cpp reads of Gemma 3 beyond the common keys; what it fixes itself must match."""
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    pattern = ["full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention" for i in range(layers)]
+    rope = getattr(config, "rope_parameters", None) or {}
+    local = (rope.get("sliding_attention") or {}).get("rope_theta", 10000.0)
+    problems = [f"layer_types {list(config.layer_types)} (llama.cpp: every {GEMMA3_PATTERN}th layer global)"
+                if list(getattr(config, "layer_types", pattern)) != pattern else None,
+                f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp scales by head_dim {head_dim})"
+                if config.query_pre_attn_scalar != head_dim else None,
+                f"local rope base {local} (llama.cpp: 10000)" if local != 10000.0 else None,
+                "attention soft-capping" if getattr(config, "attn_logit_softcapping", None) else None]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ModelError(f"--format gguf: llama.cpp's Gemma 3 cannot hold this model's {problems[0]}")
+    writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _vocabulary(writer, source: str, vocab_size: int) -> None:
@@ -168,8 +198,10 @@ def _vocabulary(writer, source: str, vocab_size: int) -> None:
 
     tokenizer = load_tokenizer(source)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.model).__name__ != "BPE":
-        raise ModelError("--format gguf writes byte-level BPE tokenizers only; this model's is not one")
+    if backend is None or type(backend.model).__name__ != "BPE" or getattr(backend.model, "byte_fallback", False):
+        raise ModelError("--format gguf writes byte-level BPE tokenizers only (GPT-2 style, as SmolLM2's, Qwen's, "
+                         "Llama 3's); this model's is not one (SentencePiece-style ones, as Llama 2's and Gemma's, "
+                         "are not written yet)")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids)
     tokens, types = [], []

@@ -198,3 +198,58 @@ def test_price_is_within_one_percent_of_the_file(tiny_dirs, calib_text_file, tmp
     price = GGUF().fixed_bytes(loaded.model, list(loaded.compressed))
     price += sum(GGUF().layer_bytes(cw) for cw in loaded.compressed.values())
     assert abs(price / (tmp_path / "m.gguf").stat().st_size - 1) < 0.01
+
+
+# llama.cpp's Gemma 3 fixes what the config may vary: every 6th layer global, attention scaled by head_dim
+GEMMA3_AS_LLAMA_CPP = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                           query_pre_attn_scalar=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compressed", [False, True], ids=["float16", "gptq-4bit"])
+def test_llama_cpp_runs_gemma3_past_its_sliding_window(compressed, calib_text_file, tmp_path, capsys):
+    """(1 + w) norms shifted, the window and the two rope bases kept: the float16 export is llama.cpp's
+    float16 rounding away from HF (~0.006; 3.8 past the 16-token window if the window were dropped),
+    the GPTQ one its 8-bit activations away."""
+    from conftest import save_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("llama_cpp")
+    model = save_tiny_model(tmp_path / "g3", "gemma3_text", **GEMMA3_AS_LLAMA_CPP)
+    source = compress(model, tmp_path / "ck", calib_text_file, "--method", "gptq", "--bits", "4", "--block-size",
+                      "32", "--grid", "gguf") if compressed else model
+    export(source, tmp_path / "m.gguf", capsys)
+    llm = llama_cpp_model(tmp_path / "m.gguf")
+    ids = [2] + torch.randint(4, 4000, (39,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        reference = (load_compressed(source, dtype=torch.float32).model if compressed else
+                     AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
+        ours = reference(torch.tensor([ids])).logits[0].numpy()
+    tolerance = 5e-2 * max(1.0, np.abs(ours).max()) if compressed else 2e-2
+    assert np.abs(theirs - ours)[17:].max() < tolerance and np.abs(theirs - ours).max() < tolerance
+
+
+def test_gemma3_layouts_llama_cpp_cannot_hold_are_refused_in_one_line(tmp_path, capsys):
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "g3", "gemma3_text")  # layers [sliding, full]; query_pre_attn_scalar 24
+    assert main(["-q", "export", str(model), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llama.cpp's Gemma 3 cannot hold this model's layer_types" in err[0]
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_not_written_wrong(tmp_path, capsys):
+    """A byte-fallback BPE (Llama 2's, Gemma's) written as llama.cpp's GPT-2 BPE would split text wrongly."""
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "llama", "llama")
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["model"]["byte_fallback"] = True
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main(["-q", "export", str(model), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "writes byte-level BPE tokenizers only" in err[0]
+    assert not (tmp_path / "m.gguf").exists()
