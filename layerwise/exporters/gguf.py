@@ -15,6 +15,7 @@ from ..errors import ModelError
 from ..formats import CompressedWeight
 from ..outputs import publish, scratch_directory
 from .gguf_blocks import block_bytes, gguf_decoded, gguf_type, pack_rows
+from .gguf_vocab import write_vocabulary
 from .headers import gguf_tensor_info_bytes, provenance_bytes
 from .protocol import ExportOptions
 from .tally import Tally, check_family, largest_difference
@@ -74,7 +75,7 @@ class GGUF:
             _metadata(writer, loaded.model.config, options)
             if model_type == "gemma3_text":
                 _gemma3_metadata(writer, loaded.model.config)
-            _vocabulary(writer, options.source, loaded.model.config.vocab_size)
+            write_vocabulary(writer, options.source, loaded.model.config.vocab_size)
             tally = _tensors(writer, loaded, gguf.get_tensor_name_map(arch, loaded.model.config.num_hidden_layers),
                              FAMILIES[model_type][1], NORM_SHIFT.get(model_type, 0.0))
             writer.write_header_to_file()
@@ -187,42 +188,3 @@ def _gemma3_metadata(writer, config) -> None:
     writer.add_sliding_window(config.sliding_window)
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
-
-
-def _vocabulary(writer, source: str, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's "gpt2" model: tokens by id, their types, merges
-    and special ids (gguf-py's SpecialVocab reads the latter two from the tokenizer files)."""
-    import gguf
-
-    from ..loading import load_tokenizer
-
-    tokenizer = load_tokenizer(source)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.model).__name__ != "BPE" or getattr(backend.model, "byte_fallback", False):
-        raise ModelError("--format gguf writes byte-level BPE tokenizers only (GPT-2 style, as SmolLM2's, Qwen's, "
-                         "Llama 3's); this model's is not one (SentencePiece-style ones, as Llama 2's and Gemma's, "
-                         "are not written yet)")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    special = set(tokenizer.all_special_ids)
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        types.append(gguf.TokenType.CONTROL if i in special else
-                     gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(backend))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(source, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
-
-
-def _pre_tokenizer(backend) -> str:
-    """llama.cpp's name of the split before BPE: GPT-2's regex when the tokenizer uses it, else its
-    generic one (text may then split differently from Hugging Face's; token ids are unaffected)."""
-    import json
-
-    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    log.warning("gguf: the tokenizer's pre-tokenizer is not GPT-2's; llama.cpp will split text with its default rule")
-    return "default"

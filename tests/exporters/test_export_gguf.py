@@ -241,8 +241,9 @@ def test_gemma3_layouts_llama_cpp_cannot_hold_are_refused_in_one_line(tmp_path, 
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_a_sentencepiece_style_tokenizer_is_refused_not_written_wrong(tmp_path, capsys):
-    """A byte-fallback BPE (Llama 2's, Gemma's) written as llama.cpp's GPT-2 BPE would split text wrongly."""
+def test_a_tokenizer_of_neither_style_is_refused_not_written_wrong(tmp_path, capsys):
+    """Byte fallback without "▁" spaces is neither GPT-2's byte-level BPE nor SentencePiece's: written as
+    either, llama.cpp would split text wrongly."""
     from conftest import save_tiny_model
 
     model = save_tiny_model(tmp_path / "llama", "llama")
@@ -251,5 +252,5 @@ def test_a_sentencepiece_style_tokenizer_is_refused_not_written_wrong(tmp_path, 
     (model / "tokenizer.json").write_text(json.dumps(tokenizer))
     assert main(["-q", "export", str(model), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "writes byte-level BPE tokenizers only" in err[0]
+    assert len(err) == 1 and "this model's is neither" in err[0]
     assert not (tmp_path / "m.gguf").exists()
