@@ -149,18 +149,20 @@ def gguf_types(path: Path) -> str:
 
 
 def eval_tokens(model: str, text: str, windows: int | None) -> np.ndarray:
-    """[N, 256] int64: the first `windows` non-overlapping windows of the text under MODEL's tokenizer
-    (which must add no BOS: then every window is text, as `layerwise ppl` cuts it)."""
-    from layerwise.calib_data import bos_token_id, load_text, tokenize_text
+    """[N, 256] int64: the first `windows` non-overlapping windows of the text under MODEL's tokenizer,
+    cut as `layerwise ppl` cuts them: 256 tokens of text, or BOS + 255 when the tokenizer adds a BOS
+    (Gemma). Every runtime scores positions 2..256 of a window: all of its text tokens after the first
+    (with BOS: all of them, BOS never scored)."""
+    from layerwise.calib_data import bos_token_id, load_text, tokenize_text, with_bos
     from layerwise.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    if bos_token_id(tokenizer) is not None:
-        raise SystemExit("this benchmark cuts windows without BOS; MODEL's tokenizer adds one")
-    ids = tokenize_text(tokenizer, load_text(text, "evaluation")).numpy()
-    total = len(ids) // SEQLEN
+    bos = bos_token_id(tokenizer)
+    ids = tokenize_text(tokenizer, load_text(text, "evaluation"))
+    width = SEQLEN - (bos is not None)
+    total = len(ids) // width
     n = total if windows is None else min(windows, total)
-    return ids[: n * SEQLEN].reshape(n, SEQLEN), total
+    return with_bos(ids[: n * width].reshape(n, width), bos).numpy(), total, bos
 
 
 def nll_torch(path: Path | str, windows: np.ndarray):
@@ -301,7 +303,8 @@ def acceptance(nlls: dict, sizes: dict) -> list[str]:
     return out
 
 
-def section(command: str, args, body: str, checks: list[str], total: int, common: int, compress_s) -> str:
+def section(command: str, args, body: str, checks: list[str], total: int, common: int, compress_s,
+            bos: int | None = None) -> str:
     from layerwise.bench.measure import machine
     from layerwise.bench.results import display_path
     from importlib.metadata import version
@@ -319,7 +322,9 @@ def section(command: str, args, body: str, checks: list[str], total: int, common
         "Both quantize the tied embedding table by default, which our checkpoint keeps float16, so each also "
         "appears with the embeddings float16: the equal-size comparison.",
         "",
-        f"Perplexity on `{display_path(args.eval_text)}` under the model's tokenizer (no BOS): the first windows of "
+        f"Perplexity on `{display_path(args.eval_text)}` under the model's tokenizer "
+        f"({'each window its BOS and 255 tokens of text, BOS never scored' if bos is not None else 'no BOS'}): "
+        "the first windows of "
         f"its {total} non-overlapping {SEQLEN}-token windows, the same token ids for every row, exp of the mean NLL "
         "of tokens 2..256 of each window. torch scores the float16 model and our checkpoint (`layerwise ppl`'s "
         "code, float32); MLX scores its directories with `mlx_lm.load` in float32 (mlx's CPU float16 kernels "
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
     model, work = os.path.expanduser(args.model), Path(os.path.expanduser(args.work))
     work.mkdir(parents=True, exist_ok=True)
     paths = build(model, work, args.nsamples, args.calib, args.reuse or args.table_only)
-    windows, total = eval_tokens(model, args.eval_text, args.windows)
+    windows, total, bos = eval_tokens(model, args.eval_text, args.windows)
     rows = row_specs(model, paths)
     nlls = {}
     for key, _, runtime, path, _ in rows:
@@ -357,7 +362,7 @@ def main(argv=None) -> int:
     checks = acceptance(nlls, {key: size for key, *_, size in rows})
     words = ["python", *(display_path(w) for w in sys.argv)]
     command = " ".join(words)
-    text = section(command, args, body, checks, total, common, paths.get("compress_s"))
+    text = section(command, args, body, checks, total, common, paths.get("compress_s"), bos)
     print(text)
     update_results(Path(args.results), section_name(args.name), text)
     return 0
