@@ -137,11 +137,11 @@ class Compressing:
             config = self.plan[run[0]]
             if not magr.applies_to(config):
                 continue
-            for name in run:
-                before = targets[name]
-                solve_on[name] = magr.reduce_magnitude(before, hessian, config.block_size)
+            reduced = magr.reduce_magnitudes([targets[name] for name in run], hessian, config.block_size)
+            for name, after in zip(run, reduced):
+                solve_on[name] = after
                 notes.setdefault(name, []).append(
-                    f"magr: max |W| {float(before.abs().max()):.4g} -> {float(solve_on[name].abs().max()):.4g}")
+                    f"magr: max |W| {float(targets[name].abs().max()):.4g} -> {float(after.abs().max()):.4g}")
         return solve_on
 
     def _gather(self, mine: dict[int, dict], n_runs: int) -> dict[str, tuple[Solution, float]]:

@@ -35,10 +35,10 @@ from .dtypes import kept_dtype
 from .errors import RecipeError
 from .float_stream import FloatStream, leader_bytes_per_token
 from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
-from .magr import applies_to
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
 from .linears import is_compressible, linear_shape, put_dense
+from .magr import applies_to
 from .lockstep import lockstep_block
 from .matmul_precision import fast_matmul_is_accurate, matmul_precision
 from .memory import available_memory, give_back_large_frees, trim_heap

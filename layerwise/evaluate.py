@@ -23,7 +23,7 @@ from layerwise.calib_data import with_bos
 from layerwise.models.families import Family, get_module, resolve_family
 
 from .errors import DataError, NumericalError
-from .matmul_precision import fast_matmul_is_accurate, matmul_precision
+from .matmul_precision import fast_float32_matmul, fast_matmul_is_accurate
 from .memory import check_fits
 
 LOGITS_BUDGET = 512 * 2**20  # bytes of float32 logits one forward may return (models of no declared family)
@@ -53,7 +53,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 256, batch_size: in
     model.eval()
     fast = fast_matmul and fast_matmul_is_accurate(torch.device(device))
     total_nll, total_tokens = 0.0, 0
-    with matmul_precision("medium") if fast else contextlib.nullcontext():
+    with fast_float32_matmul(torch.device(device), fast):
         for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False, disable=None):
             ids = windows[start : start + batch_size].to(device)
             total_nll += _window_nll(model, family, ids)

@@ -68,15 +68,25 @@ def reduce_magnitude(weight: torch.Tensor, hessian: torch.Tensor, block_size: in
     """Ŵ for `weight` [out, in] on `hessian` [in, in] (neither modified), float32: the magnitude of
     every row (block_size None) or every block of `block_size` inputs of a row, reduced at the cost
     α of the output error. alpha / iterations: None for MagR's per-channel or per-block values."""
-    per_block = block_size is not None and block_size < weight.shape[1]
-    alpha = alpha if alpha is not None else (ALPHA_PER_BLOCK if per_block else ALPHA_PER_CHANNEL)
-    iterations = iterations if iterations is not None else (ITERATIONS_PER_BLOCK if per_block else ITERATIONS_PER_CHANNEL)
+    return reduce_magnitudes([weight], hessian, block_size, alpha, iterations)[0]
+
+
+def reduce_magnitudes(weights: list[torch.Tensor], hessian: torch.Tensor, block_size: int | None = None,
+                      alpha: float | None = None, iterations: int | None = None) -> list[torch.Tensor]:
+    """`reduce_magnitude` of each of the layers sharing one input, with H scaled once for all."""
     H = hessian.to(torch.float32)
     largest = float(torch.linalg.eigvalsh(H.double()).max())
     if not largest > 0:  # no input ever reached the layer: nothing to keep, nothing to shrink against
-        return weight.to(torch.float32).clone()
+        return [w.to(torch.float32).clone() for w in weights]
     H = H / largest
-    W = weight.to(torch.float32)
+    return [_descend(w.to(torch.float32), H, block_size, alpha, iterations) for w in weights]
+
+
+def _descend(W: torch.Tensor, H: torch.Tensor, block_size, alpha, iterations) -> torch.Tensor:
+    """The proximal gradient iterations on H scaled to λ_max 1."""
+    per_block = block_size is not None and block_size < W.shape[1]
+    alpha = alpha if alpha is not None else (ALPHA_PER_BLOCK if per_block else ALPHA_PER_CHANNEL)
+    iterations = iterations if iterations is not None else (ITERATIONS_PER_BLOCK if per_block else ITERATIONS_PER_CHANNEL)
     out, inp = W.shape
     group = block_size if per_block else inp
     padded = -(-inp // group) * group  # a last partial block: zeros neither count in ‖·‖_∞ nor move

@@ -27,6 +27,7 @@ FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWE
             "phi3": ("PHI3", False),  # fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are
             "gemma3_text": ("GEMMA3", False)}
 NORM_SHIFT = {"gemma3_text": 1.0}  # llama.cpp multiplies by the norm weight, Gemma by (1 + weight)
+KEEPS_WINDOW = {"gemma3_text"}  # families whose sliding window llama.cpp applies (`_gemma3_metadata` writes it)
 GEMMA3_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer global, the others sliding, local rope base 10000
 HEADER_BYTES_PER_TOKEN = 32  # tokenizer metadata per vocabulary entry (string, type, merge), measured
 
@@ -160,7 +161,7 @@ def _metadata(writer, config, options: ExportOptions) -> None:
     if rope.get("rope_type", "default") != "default":  # llama.cpp takes these as extra tensors, not written here
         raise ModelError(f"--format gguf does not write {rope['rope_type']!r} rope scaling yet")
     window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings and config.model_type not in NORM_SHIFT:  # Gemma 3 keeps it
+    if window and window < config.max_position_embeddings and config.model_type not in KEEPS_WINDOW:
         log.warning("gguf: llama.cpp attends to the whole context; the model's sliding window of %d is not kept", window)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)

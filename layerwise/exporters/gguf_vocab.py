@@ -24,8 +24,9 @@ def write_vocabulary(writer, source: str, vocab_size: int) -> None:
     tokenizer = load_tokenizer(source)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
-    sentencepiece = bool(spec.get("model", {}).get("byte_fallback")) and _spaces_as_metaspace(spec)
-    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel" and not spec["model"].get("byte_fallback")
+    fallback = bool(spec.get("model", {}).get("byte_fallback"))
+    sentencepiece = fallback and _spaces_as_metaspace(spec)
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel" and not fallback
     if spec.get("model", {}).get("type") != "BPE" or not (sentencepiece or byte_level):
         raise ModelError("--format gguf writes BPE tokenizers, byte-level (GPT-2 style: SmolLM2's, Qwen's, Llama "
                          "3's) or SentencePiece-style (byte fallback, '▁' for spaces: Llama 2's, Gemma's); this "
@@ -74,21 +75,21 @@ def _scores(model: dict, tokens: list[str]) -> list[float]:
     return [-float(made[t]) if t in made else floor for t in tokens]
 
 
+def _steps(part) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer (a Sequence's, or itself; none: [])."""
+    part = part or {}
+    return part.get("normalizers") or part.get("pretokenizers") or ([part] if part else [])
+
+
 def _spaces_as_metaspace(spec: dict) -> bool:
     """Whether spaces become "▁" (a normalizer's Replace, or a Metaspace pre-tokenizer)."""
-    def steps(part):
-        part = part or {}
-        return part.get("normalizers") or part.get("pretokenizers") or [part]
-    replaced = any(s.get("type") == "Replace" and s.get("content") == "\u2581" for s in steps(spec.get("normalizer")))
-    return replaced or any(s.get("type") == "Metaspace" for s in steps(spec.get("pre_tokenizer")))
+    replaced = any(s.get("type") == "Replace" and s.get("content") == "\u2581" for s in _steps(spec.get("normalizer")))
+    return replaced or any(s.get("type") == "Metaspace" for s in _steps(spec.get("pre_tokenizer")))
 
 
 def _prepends_space(normalizer) -> bool:
     """Whether the tokenizer puts "▁" before the text (Llama 2's Prepend; Gemma's does not)."""
-    if not normalizer:
-        return False
-    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
-    return any(step.get("type") == "Prepend" for step in steps)
+    return any(step.get("type") == "Prepend" for step in _steps(normalizer))
 
 
 def _pre_tokenizer(spec: dict) -> str:
