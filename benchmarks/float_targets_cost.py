@@ -1,9 +1,9 @@
 """What `--targets float` costs: the same `layerwise compress` with compressed and with float targets, back to back.
 
-Each run is a fresh process calling `layerwise.cli.main`; the runs alternate (compressed, float, then
-float, compressed, ...) so that drift on a shared machine falls on both sides. Reported: the median
-wall and CPU seconds (all threads of the process, `time.process_time`) of each side and their ratios.
-CPU is the steadier figure on a busy machine.
+Each run is a fresh process calling `layerwise.cli.main`; the runs alternate (compressed, float,
+float-all, then float-all, float, compressed, ...) so that drift on a shared machine falls on every
+side. Reported: the median wall and CPU seconds (all threads of the process, `time.process_time`) of
+each side and their ratios to compressed's. CPU is the steadier figure on a busy machine.
 
     python benchmarks/float_targets_cost.py ~/.cache/smollm2-135m --method gptq --bits 3 --block-size 32
 """
@@ -27,7 +27,7 @@ code = main(sys.argv[1:])
 print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
 """
 
-SIDES = ("compressed", "float")
+SIDES = ("compressed", "float", "float-all")
 
 
 def run_once(targets: str, model: str, out: Path, extra: list[str]) -> dict:
@@ -54,10 +54,7 @@ def main() -> None:
                 cpu[side].append(result["cpu"])
                 print(f"{side:>10}: {result['seconds']:.1f} s wall, {result['cpu']:.1f} s CPU", flush=True)
     medians = {side: (statistics.median(wall[side]), statistics.median(cpu[side])) for side in SIDES}
-    (w0, c0), (w1, c1) = medians["compressed"], medians["float"]
-    print(f"median compressed {w0:.1f} s wall / {c0:.1f} s CPU; float {w1:.1f} s wall / {c1:.1f} s CPU; "
-          f"float / compressed: wall {w1 / w0:.2f} x, CPU {c1 / c0:.2f} x")
-
-
-if __name__ == "__main__":
-    main()
+    w0, c0 = medians["compressed"]
+    for side in SIDES:
+        w, c = medians[side]
+        print(f"median {side}: {w:.1f} s wall / {c:.1f} s CPU; / compressed: wall {w / w0:.2f} x, CPU {c / c0:.2f} x")

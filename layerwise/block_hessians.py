@@ -36,7 +36,7 @@ def collect_hessians(
     linear runs once per forward, which the declared families guarantee.
 
     floats (`--targets float`): the float model's inputs of the named linears per batch; each
-    linear's cross term D (`float_targets.CrossAccumulator`) is then summed along the same tree
+    linear whose inputs it holds has its cross term D (`float_targets.CrossAccumulator`) is then summed along the same tree
     and put into `crosses` by name.
     """
     linears = {name: block.get_submodule(name) for name in names}
@@ -51,7 +51,7 @@ def collect_hessians(
         if name not in current:  # made here, not before the forward: an 8192-wide H is 268 MB, not
             current[name] = _blank_for(linears[name])  # to be resident beside the forward's temporaries
         current[name].add(x)
-        if floats is not None:
+        if floats is not None and floats.holds(name):
             if (name, CROSS) not in current:
                 current[(name, CROSS)] = _blank_for(linears[name], (name, CROSS))
             current[(name, CROSS)].add_pair(x, floats.input_of(at[0], name))
@@ -84,7 +84,7 @@ CROSS = "cross"  # the second half of a cross term's key: (linear name, CROSS)
 
 
 def _keys(names: list[str], floats) -> list:
-    return list(names) + ([(name, CROSS) for name in names] if floats is not None else [])
+    return list(names) + [(name, CROSS) for name in names if floats is not None and floats.holds(name)]
 
 
 def _name_of(key) -> str:

@@ -106,7 +106,8 @@ def _add_compress(sub) -> None:
     c.add_argument("--targets", choices=TARGETS, default="compressed",
                    help="what each layer's outputs are fitted to: its own weights' on the compressed model's inputs "
                         "(default), or the float model's outputs (GPTAQ-style; one more block forward, the float "
-                        "model's activations beside the compressed ones)")
+                        "model's activations beside the compressed ones): 'float' for every group but the MLP's "
+                        "down_proj (a block's widest input, the costliest to fit), 'float-all' for every group")
     c.add_argument("--float-alpha", type=float,
                    help="with --targets float: the fraction of the step from each weight towards its float fit taken "
                         "(default 0.4; GPTAQ uses 0.25; 1: the exact least-squares fit)")

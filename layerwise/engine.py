@@ -34,7 +34,7 @@ from .distributed import SINGLE, Ranks, check_batches
 from .dtypes import kept_dtype
 from .errors import RecipeError
 from .float_stream import FloatStream, leader_bytes_per_token
-from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
+from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets, fitted_leaders, is_float
 from .formats import CompressedWeight
 from .lazy import LazyBlocks
 from .linears import is_compressible, linear_shape, put_dense
@@ -128,13 +128,16 @@ class BlockWalker:
     fast_matmul: float32 products through bfloat16 units where that keeps float32 accuracy on the
     device (`matmul_precision`). float_targets: fit each layer to the float model's outputs
     (`--targets float`, float_targets.py): the float model's block inputs are carried beside the
-    compressed ones (float_stream.py) and each group is handed its cross term too."""
+    compressed ones (float_stream.py) and each fitted group is handed its cross term too (all of
+    them with `fit_every`, else all but a block's widest input: `float_targets.fitted_leaders`)."""
 
     def __init__(self, model: nn.Module, device: str = "auto", batch_size: int = 8, staged: bool = True,
                  lazy: LazyBlocks | None = None, offload_dir: str | Path | None = None, lockstep: bool | str = "auto",
-                 ranks: Ranks = SINGLE, fast_matmul: bool = True, float_targets: bool = False):
+                 ranks: Ranks = SINGLE, fast_matmul: bool = True, float_targets: bool = False,
+                 fit_every: bool = False):
         self.ranks = ranks
         self.float_targets = float_targets
+        self.fit_every = fit_every
         self.total_batches = 0  # calibration batches over all ranks (this rank holds its share)
         self.lockstep = lockstep if offload_dir is None else False
         self.model = model
@@ -305,7 +308,7 @@ class BlockWalker:
         hidden = batches.hidden_width()
         extra = 4 * batches.tokens() * (max(widths, default=hidden) + 2 * hidden)
         if float_targets:
-            extra += batches.tokens() * leader_bytes_per_token(block, self.family.groups)
+            extra += batches.tokens() * leader_bytes_per_token(block, self.family.groups, self.fit_every)
         have = available_memory()
         self.lockstep = have is None or 4 * extra <= have
         log.info("lockstep solving %s: every batch paused inside a block holds about %.0f MB%s",
@@ -320,7 +323,7 @@ class BlockWalker:
         groups = self.family.groups or discover_groups(block, index, walk.batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         if walk.floats is not None:  # before any stage changes the block: its float weights' view
-            walk.floats.record(block, index, [g[0] for g in self._groups_to_solve(walk, index, groups)])
+            walk.floats.record(block, index, self._fitted(block, [g[0] for g in self._groups_to_solve(walk, index, groups)]))
         compressed = {}
         for stage in stages:
             todo = self._groups_to_solve(walk, index, stage)
@@ -338,6 +341,10 @@ class BlockWalker:
                     walk.floats.drop(group[0])
         return compressed, None
 
+    def _fitted(self, block: nn.Module, leaders: list[str]) -> list[str]:
+        """The leaders whose groups are fitted to float targets (`float_targets.fitted_leaders`)."""
+        return fitted_leaders(block, leaders, self.fit_every)
+
     def _groups_to_solve(self, walk: _Walk, index: int, groups) -> list:
         return [g for g in groups if any(self._name(index, n) in walk.solver.layers for n in g)]
 
@@ -345,7 +352,7 @@ class BlockWalker:
         groups = {g[0]: g for g in self._groups_to_solve(walk, index, self.family.groups)}
         compressed = {}
         if walk.floats is not None:
-            walk.floats.record(block, index, list(groups))
+            walk.floats.record(block, index, self._fitted(block, list(groups)))
 
         def solve(leader, hessian, cross=None):
             compressed.update(self._solve_group(walk, index, block, groups[leader], hessian, cross))
@@ -428,7 +435,7 @@ class LayerwiseCompressor:
         check_alpha(float_alpha, targets)
         self.float_alpha = DEFAULT_ALPHA if float_alpha is None else float_alpha
         self.walker = BlockWalker(model, device, batch_size, staged, lazy, offload_dir, lockstep, ranks, fast_matmul,
-                                  float_targets=targets == "float")
+                                  float_targets=is_float(targets), fit_every=targets == "float-all")
         self.model = model
         self.recipe = recipe
         self.sensitivity = sensitivity or {}
@@ -441,7 +448,7 @@ class LayerwiseCompressor:
         if magr and not any(applies_to(config) for config in self.plan.values()):
             raise RecipeError("--magr shrinks the range of integer grids solved with a Hessian, and no layer of the "
                               "recipe has one; drop --magr or use gptq, or sparsegpt with bits")
-        if targets == "float" and not self.needs_data:
+        if is_float(targets) and not self.needs_data:
             raise RecipeError("--targets float fits the float model's outputs on calibration data, but every method in "
                               "the recipe is data-free; drop --targets float or use gptq, sparsegpt or skm")
 

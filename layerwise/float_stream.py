@@ -2,12 +2,14 @@
 
 The walker streams X̃ (what the compressed blocks make) through the blocks; with float targets it
 also carries X, the uncompressed model's hidden states. Each block, while it still holds its float
-weights, runs once on X: the inputs of its group leaders are kept per batch (the float inputs the
-cross term pairs with X̃'s, `float_targets.CrossAccumulator`) and its outputs are the next block's X.
+weights, runs once on X: the inputs of the group leaders fitted to float targets are kept per batch
+(the float inputs the cross term pairs with X̃'s, `float_targets.CrossAccumulator`; which leaders:
+`float_targets.fitted_leaders`) and its outputs are the next block's X.
 A replayed block (`--resume`) is read again with its float weights (lazy loading) and only advances X.
 
 Memory: X is a second set of block inputs, and the leaders' inputs of one block are kept for every
-batch until their stage is solved (the widest, an MLP's down_proj, is intermediate-wide); both are
+batch until their stage is solved (an MLP's intermediate-wide down_proj input only with
+`--targets float-all`); both are
 memory-mapped files under the offload directory with `--offload-activations`.
 """
 
@@ -23,6 +25,7 @@ import torch.nn as nn
 from .activations import Activations
 from .capture import BlockInput, run_block
 from .errors import ModelError
+from .float_targets import fitted_leaders
 from .linears import is_compressible, linear_shape
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ class FloatStream:
         return self.directory / "float" / name if self.directory is not None else None
 
     def record(self, block: nn.Module, index: int, leaders: list[str]) -> None:
-        """Run the float `block` (number `index`) on X: keep each leader's input per batch, then X ← its outputs."""
+        """Run the float `block` (number `index`) on X: keep each leader's input per batch (the leaders
+        fitted to float targets), then X ← its outputs."""
         self.drop_inputs()
         self.inputs = {name: Activations(self._folder(f"in-{k}"), self.device) for k, name in enumerate(leaders)}
         seen: dict[str, torch.Tensor] = {}
@@ -79,6 +83,10 @@ class FloatStream:
         self.drop_inputs()
         self.hidden.advance(lambda batch: run_block(block, batch, index))
 
+    def holds(self, leader: str) -> bool:
+        """Whether `leader`'s group in the recorded block is fitted to float targets (its inputs are kept)."""
+        return leader in self.inputs
+
     def input_of(self, batch: int, leader: str) -> torch.Tensor:
         """The float input [B, L, in] of `leader` in batch number `batch` (of this rank's share)."""
         return self.inputs[leader][batch].hidden
@@ -98,17 +106,18 @@ class FloatStream:
         self.hidden.close()
 
 
-def bytes_per_token(block: nn.Module, groups, hidden: int) -> int:
+def bytes_per_token(block: nn.Module, groups, hidden: int, every: bool) -> int:
     """float32 bytes per calibration token the float stream holds at most: X (`hidden` wide) and one
-    block's group leaders' inputs (`leader_bytes_per_token`)."""
-    return 4 * hidden + leader_bytes_per_token(block, groups)
+    block's fitted group leaders' inputs (`leader_bytes_per_token`)."""
+    return 4 * hidden + leader_bytes_per_token(block, groups, every)
 
 
-def leader_bytes_per_token(block: nn.Module, groups) -> int:
-    """float32 bytes per calibration token of one block's group leaders' inputs in the float model,
-    held until their groups are solved (`groups`: the family's, or None: every compressible linear's input)."""
+def leader_bytes_per_token(block: nn.Module, groups, every: bool) -> int:
+    """float32 bytes per calibration token of one block's fitted group leaders' inputs in the float
+    model, held until their groups are solved (`groups`: the family's, or None: every compressible
+    linear's input; every: --targets float-all, `fitted_leaders`)."""
     if groups is not None:
-        widths = [linear_shape(block.get_submodule(g[0]))[1] for g in groups]
+        leaders = [g[0] for g in groups]
     else:
-        widths = [linear_shape(m)[1] for m in block.modules() if is_compressible(m)]
-    return 4 * sum(widths)
+        leaders = [name for name, m in block.named_modules() if is_compressible(m)]
+    return 4 * sum(linear_shape(block.get_submodule(name))[1] for name in fitted_leaders(block, leaders, every))

@@ -17,6 +17,12 @@ The exact W* can overfit the calibration windows: it moves SmolLM2-135M's weight
 target here is W + α (W* − W) with α = 0.4 by default (`--float-alpha`): on SmolLM2-135M it left
 less perplexity damage than 0.15, 0.25 and 1 at 2- and 3-bit blocks of 32 and 4-bit per channel
 (benchmarks/RESULTS.md).
+
+Which groups: `--targets float` fits every group but a block's widest input (an MLP's down_proj,
+`fitted_leaders`): its cross term is a full [in, in] product per token at the intermediate width,
+the largest single cost of the float targets (on SmolLM2-135M 70 % of the cross products), and its
+float input the largest the stream holds; leaving it on its own weights cost little on SmolLM2-135M
+(RESULTS). `--targets float-all` fits every group.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import torch
 
 from .errors import NumericalError, RecipeError
 from .hessian import HessianAccumulator, prepare_hessian, sums_stay_finite
+from .linears import linear_shape
 
-TARGETS = ("compressed", "float")  # --targets: what a layer's compressed outputs are fitted to
+TARGETS = ("compressed", "float", "float-all")  # --targets: what a layer's compressed outputs are fitted to
 DEFAULT_DAMP = 0.01  # for a method whose config has no `damp`
 DEFAULT_ALPHA = 0.4  # the fraction of the step from W to W* taken (GPTAQ's α is 0.25; 1: the exact fit)
 
@@ -84,6 +91,22 @@ def float_targets(weights: list[torch.Tensor], hessian: torch.Tensor, cross: tor
     return out, moved, notes
 
 
+def is_float(targets: str) -> bool:
+    """Whether --targets `targets` fits the float model's outputs (on some groups)."""
+    return targets != "compressed"
+
+
+def fitted_leaders(block, leaders: list[str], every: bool) -> list[str]:
+    """The group leaders (of `block`) whose groups are fitted to float targets: all with `every`
+    (float-all), else all but the leader whose input is wider than every other leader's (an MLP's
+    down_proj; a block whose widest input is shared keeps them all)."""
+    widths = {name: linear_shape(block.get_submodule(name))[1] for name in leaders}
+    ordered = sorted(widths.values())
+    if every or len(ordered) < 2 or ordered[-1] == ordered[-2]:
+        return list(leaders)
+    return [name for name in leaders if widths[name] < ordered[-1]]
+
+
 def check_targets(targets) -> None:
     if targets not in TARGETS:
         raise RecipeError(f"--targets {targets!r} is unknown; use one of {', '.join(TARGETS)}")
@@ -93,7 +116,7 @@ def check_alpha(alpha, targets: str) -> None:
     """--float-alpha: None (the default), or a fraction in (0, 1] with --targets float."""
     if alpha is None:
         return
-    if targets != "float":
+    if not is_float(targets):
         raise RecipeError(f"--float-alpha {alpha!r} weighs the float targets' correction; it needs --targets float")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
         raise RecipeError(f"--float-alpha {alpha!r} must be a fraction in (0, 1], e.g. {DEFAULT_ALPHA} (1: the exact fit)")

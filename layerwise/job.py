@@ -18,7 +18,7 @@ from .checkpoint import CheckpointWriter, is_checkpoint
 from .devices import resolve_device
 from .distributed import SINGLE, Ranks
 from .errors import RecipeError
-from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets
+from .float_targets import DEFAULT_ALPHA, check_alpha, check_targets, is_float
 from .loading import check_weights
 from .outputs import check_output
 from .recipe import Recipe
@@ -71,7 +71,7 @@ class CompressJob:
             raise RecipeError(f"--seed {self.seed!r} must be a non-negative integer")
         check_targets(self.targets)
         check_alpha(self.float_alpha, self.targets)
-        if self.targets == "float" and self.target is not None:
+        if is_float(self.targets) and self.target is not None:
             raise RecipeError("--targets float cannot be combined with --target-bits/--target-mb (the budget weighs its "
                               "candidates on the compressed model's own outputs); compress the budget's recipe with "
                               "--recipe CHECKPOINT --targets float instead")

@@ -84,7 +84,7 @@ def _pause_hook(name: str, current: dict[int, _Batch], accs: dict[str, HessianTr
             partial = HessianAccumulator(*sizes[name])
             partial.add(inp[0])
             accs[name].push(partial)
-            if floats is not None:
+            if name in crosses:
                 partial = CrossAccumulator(*sizes[name])
                 partial.add_pair(inp[0], floats.input_of(thread.number, name))
                 crosses[name].push(partial)
@@ -110,7 +110,8 @@ def lockstep_block(
     ranks, total: under torch.distributed `batches` is this rank's share of `total` batches; every
     group's Hessian is then reduced across the ranks at its pause (`distributed.HessianTree`).
     floats (`--targets float`): the float model's leader inputs per batch; `solve` is then called
-    as solve(leader, hessian, cross) with the group's cross term (`float_targets`)."""
+    as solve(leader, hessian, cross) with the group's cross term (`float_targets`) for each leader
+    whose inputs it holds."""
     threads = [_Batch(block, index, b, i) for i, b in enumerate(batches)]
     current: dict[int, _Batch] = {}
     sizes = {name: (linear_shape(block.get_submodule(name))[1], block.get_submodule(name).weight.device) for name in leaders}
@@ -118,7 +119,7 @@ def lockstep_block(
     total = len(threads) if total is None else total
     accs = {name: HessianTree(ranks, total, *sizes[name]) for name in leaders}
     crosses = {name: HessianTree(ranks, total, *sizes[name], CrossAccumulator)
-               for name in (leaders if floats is not None else ())}
+               for name in leaders if floats is not None and floats.holds(name)}
     handles = [block.get_submodule(name).register_forward_pre_hook(_pause_hook(name, current, accs, sizes, floats,
                                                                                crosses)) for name in leaders]
     try:
@@ -156,7 +157,7 @@ def _solve_at(name: str, accs: dict[str, HessianTree], crosses: dict[str, Hessia
               solve: Callable) -> None:
     """Every batch paused at group leader `name`: solve the group from its complete Hessian (and cross term)."""
     hessian = accs.pop(name).result().take_hessian()
-    if floats is None:
+    if name not in crosses:  # compressed targets, or a group the float targets leave out
         solve(name, hessian)
         return
     solve(name, hessian, crosses.pop(name).result().take_hessian())

@@ -17,6 +17,7 @@ from .distributed import opened_on_main
 from .engine import CompressionResult, LayerwiseCompressor
 from .evaluate import perplexity
 from .float_stream import bytes_per_token as float_stream_bytes
+from .float_targets import is_float
 from .dtypes import checkpoint_plain_dtype
 from .fingerprint import Inputs
 from .loading import check_finite, check_length, load_model, load_tokenizer, open_for_compress
@@ -154,10 +155,11 @@ def _write(job: CompressJob, model, tokenizer, compressor: LayerwiseCompressor, 
 
 def _float_stream_bytes(job: CompressJob, compressor: LayerwiseCompressor) -> int:
     """Bytes per calibration token the float model's stream adds (`--targets float`), else 0."""
-    if job.targets != "float":
+    if not is_float(job.targets):
         return 0
     family = compressor.family
-    return float_stream_bytes(compressor.walker.blocks[0], family.groups, compressor.model.config.hidden_size)
+    return float_stream_bytes(compressor.walker.blocks[0], family.groups, compressor.model.config.hidden_size,
+                              job.targets == "float-all")
 
 
 def _outside_tensors(model, compressor) -> dict[str, torch.Tensor]:

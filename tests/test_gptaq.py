@@ -11,7 +11,7 @@ import torch
 
 from layerwise.engine import LayerwiseCompressor
 from layerwise.errors import NumericalError, RecipeError
-from layerwise.float_targets import CrossAccumulator, float_targets
+from layerwise.float_targets import CrossAccumulator, fitted_leaders, float_targets
 from layerwise.hessian import HessianAccumulator
 from layerwise.recipe import Recipe, recipe_from_dict
 from layerwise.solvers import GPTQConfig, RTNConfig, SparseGPTConfig, gptq
@@ -168,7 +168,31 @@ def test_block_zero_first_stage_is_plain_gptq_and_the_rest_differs():
     assert same == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     notes = {r.name: r.notes for r in ours.layers}
     assert notes["model.layers.0.self_attn.q_proj"] == ["float target (alpha 0.4): |T - W| / |W| = 0"]
-    assert notes["model.layers.1.mlp.down_proj"][0].startswith("float target (alpha 0.4): |T - W| / |W| = ")
+    assert notes["model.layers.1.mlp.up_proj"][0].startswith("float target (alpha 0.4): |T - W| / |W| = ")
+    assert not any(n.startswith("float target") for n in notes["model.layers.1.mlp.down_proj"])
+
+
+def test_float_all_fits_down_proj_too_and_float_leaves_it_on_its_own_weights():
+    """'float' leaves the block's widest input (down_proj: intermediate 128 > hidden 64) fitted to its
+    own weights; 'float-all' fits it too. Every other group is fitted identically in both."""
+    recipe = Recipe.single(GPTQConfig(bits=3, block_size=32))
+    _, some = compressed_model(recipe, "float", layers=1)
+    _, every = compressed_model(recipe, "float-all", layers=1)
+    notes = {r.name: r.notes for r in every.layers}
+    assert notes["model.layers.0.mlp.down_proj"][0].startswith("float target (alpha 0.4): |T - W| / |W| = ")
+    for name, cw in some.compressed.items():  # one block: down_proj is solved last, nothing after it differs
+        same = all(torch.equal(a, b) for a, b in zip(cw.to_tensors().values(), every.compressed[name].to_tensors().values()))
+        assert same == (name != "model.layers.0.mlp.down_proj"), name
+
+
+def test_fitted_leaders_leave_out_only_a_strictly_widest_input():
+    model = build_tiny_model("llama", dtype=torch.float32, num_hidden_layers=1)
+    block = model.model.layers[0]
+    leaders = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert fitted_leaders(block, leaders, every=False) == leaders[:3]
+    assert fitted_leaders(block, leaders, every=True) == leaders
+    assert fitted_leaders(block, leaders[:3], every=False) == leaders[:3]  # all 64 wide: a tie keeps them all
+    assert fitted_leaders(block, ["mlp.down_proj"], every=False) == ["mlp.down_proj"]
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=2, block_size=32), GPTQConfig(bits=3, block_size=32),
@@ -187,12 +211,13 @@ def test_float_targets_lower_the_final_output_error_on_the_calibration_data(conf
     assert errors["float", 1.0] < errors["float", None] < errors["compressed", None], errors
 
 
-def test_every_scheduling_path_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("targets", ["float", "float-all"])
+def test_every_scheduling_path_gives_the_same_weights(tmp_path, targets):
     """Lockstep (one forward per block), staged (one per stage) and offloaded activations (the float
     stream's files too) solve the same Hessians and cross terms in the same order."""
     recipe = Recipe.single(GPTQConfig(bits=3, block_size=32))
     runs = [dict(lockstep=True), dict(lockstep=False), dict(offload_dir=tmp_path / "acts")]
-    results = [compressed_model(recipe, "float", **kw)[1].compressed for kw in runs]
+    results = [compressed_model(recipe, targets, **kw)[1].compressed for kw in runs]
     for other in results[1:]:
         for name, cw in results[0].items():
             assert all(torch.equal(a, b) for a, b in zip(cw.to_tensors().values(), other[name].to_tensors().values()))
