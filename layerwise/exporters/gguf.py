@@ -15,6 +15,7 @@ from ..errors import ModelError
 from ..formats import CompressedWeight
 from ..outputs import publish, scratch_directory
 from .gguf_blocks import block_bytes, gguf_decoded, gguf_type, pack_rows
+from .gguf_rope import write_rope
 from .gguf_vocab import write_vocabulary
 from .headers import gguf_tensor_info_bytes, provenance_bytes
 from .protocol import ExportOptions
@@ -27,7 +28,7 @@ FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWE
             "phi3": ("PHI3", False),  # fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are
             "gemma3_text": ("GEMMA3", False)}
 NORM_SHIFT = {"gemma3_text": 1.0}  # llama.cpp multiplies by the norm weight, Gemma by (1 + weight)
-KEEPS_WINDOW = {"gemma3_text"}  # families whose sliding window llama.cpp applies (`_gemma3_metadata` writes it)
+KEEPS_WINDOW = {"gemma3_text"}  # families whose sliding window llama.cpp applies (it ignores Phi-3's)
 GEMMA3_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer global, the others sliding, local rope base 10000
 HEADER_BYTES_PER_TOKEN = 32  # tokenizer metadata per vocabulary entry (string, type, merge), measured
 
@@ -154,16 +155,12 @@ def _metadata(writer, config, options: ExportOptions) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope = rope.get("full_attention", rope)  # rope per layer type (Gemma 3): the global layers' (the local: 10000)
-    rotary = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
-    writer.add_rope_dimension_count(int(head_dim * rotary))  # Phi-4-mini rotates 3/4 of each head
-    if rope.get("rope_type", "default") != "default":  # llama.cpp takes these as extra tensors, not written here
-        raise ModelError(f"--format gguf does not write {rope['rope_type']!r} rope scaling yet")
+    write_rope(writer, config, head_dim)
     window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings and config.model_type not in KEEPS_WINDOW:
+    if window and config.model_type in KEEPS_WINDOW:
+        writer.add_sliding_window(window)
+    elif window and window < config.max_position_embeddings:
         log.warning("gguf: llama.cpp attends to the whole context; the model's sliding window of %d is not kept", window)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     for key, value in options.metadata.items():
@@ -186,6 +183,5 @@ def _gemma3_metadata(writer, config) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ModelError(f"--format gguf: llama.cpp's Gemma 3 cannot hold this model's {problems[0]}")
-    writer.add_sliding_window(config.sliding_window)
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(config.final_logit_softcapping)

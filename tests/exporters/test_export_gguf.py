@@ -126,15 +126,16 @@ def test_refuses_a_family_llama_cpp_is_not_given(tmp_path, capsys):
     assert "does not support model_type 'granite'" in capsys.readouterr().err
 
 
-def test_phi3_longrope_is_refused_in_one_line(tmp_path, capsys):
-    """llama.cpp takes longrope's factors as extra tensors, which the exporter does not write yet."""
-    from conftest import FAMILY_VARIANTS, save_tiny_model
+def test_other_rope_scalings_are_refused_in_one_line(tmp_path, capsys):
+    from conftest import save_tiny_model
 
-    kind, overrides = FAMILY_VARIANTS["phi3_longrope"]
-    model = save_tiny_model(tmp_path / "phi3", kind, **overrides)
+    model = save_tiny_model(tmp_path / "llama", "llama", rope_parameters=dict(rope_type="yarn", rope_theta=10000.0,
+                                                                              factor=4.0,
+                                                                              original_max_position_embeddings=64))
+    capsys.readouterr()
     assert main(["-q", "export", str(model), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not write 'longrope' rope scaling yet" in err[0]
+    assert len(err) == 1 and "does not write 'yarn' rope scaling (it writes llama3, longrope)" in err[0]
     assert not (tmp_path / "m.gguf").exists()
 
 
@@ -198,6 +199,40 @@ def test_price_is_within_one_percent_of_the_file(tiny_dirs, calib_text_file, tmp
     price = GGUF().fixed_bytes(loaded.model, list(loaded.compressed))
     price += sum(GGUF().layer_bytes(cw) for cw in loaded.compressed.values())
     assert abs(price / (tmp_path / "m.gguf").stat().st_size - 1) < 0.01
+
+
+LONGROPE_256 = dict(
+    sliding_window=None, max_position_embeddings=1024, original_max_position_embeddings=256, rope_parameters=dict(
+    rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, original_max_position_embeddings=256,
+    short_factor=[1.0, 1.1, 1.2, 1.3], long_factor=[2.0, 2.5, 3.0, 3.5]))  # short factors up to 256 tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, overrides, n_ctx, length", [
+    ("llama3_rope", {}, 64, 48),
+    ("phi3_longrope", {"sliding_window": None}, 64, 48),  # 48 tokens > the original 32: long factors
+    ("phi3_longrope", LONGROPE_256, 256, 30),  # 30 tokens, a 256-token context, the original 256: short factors
+], ids=["llama3", "longrope-long", "longrope-short"])
+def test_llama_cpp_follows_rope_scaling(variant, overrides, n_ctx, length, calib_text_file, tmp_path, capsys):
+    """Llama 3's rope_freqs and LongRoPE's two factor sets with its attention factor (with the plain
+    rope either is off by > 1). llama.cpp takes the long factors when its context (padded to 256) is
+    longer than the original one, HF when the sequence is: both sides of the switch are checked.
+    (llama.cpp ignores Phi-3's sliding window: the export warns, and the test drops it.)"""
+    from conftest import FAMILY_VARIANTS, save_tiny_model
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    kind, base = FAMILY_VARIANTS[variant]
+    model = save_tiny_model(tmp_path / kind, kind, **{**base, **overrides})
+    ck = compress(model, tmp_path / "ck", calib_text_file, "--method", "gptq", "--bits", "4",
+                  "--block-size", "32", "--grid", "gguf")
+    export(ck, tmp_path / "m.gguf", capsys)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=n_ctx, logits_all=True, verbose=False)
+    ids = [1] + torch.randint(4, 4000, (length - 1,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = load_compressed(ck, dtype=torch.float32).model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 5e-2 * max(1.0, np.abs(ours).max())
 
 
 # llama.cpp's Gemma 3 fixes what the config may vary: every 6th layer global, attention scaled by head_dim
