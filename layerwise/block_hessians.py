@@ -35,9 +35,9 @@ def collect_hessians(
     (the q/k/v stage costs one norm, the o stage stops before o_proj, …). Only safe when each
     linear runs once per forward, which the declared families guarantee.
 
-    floats (`--targets float`): the float model's inputs of the named linears per batch; each
-    linear whose inputs it holds has its cross term D (`float_targets.CrossAccumulator`) is then summed along the same tree
-    and put into `crosses` by name.
+    floats (`--targets float`): the float model's inputs of (some of) the named linears per batch;
+    the cross term D (`float_targets.CrossAccumulator`) of each linear whose inputs it holds is then
+    summed along the same tree and put into `crosses` by name.
     """
     linears = {name: block.get_submodule(name) for name in names}
     pending: set[str] = set()

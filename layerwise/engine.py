@@ -323,7 +323,7 @@ class BlockWalker:
         groups = self.family.groups or discover_groups(block, index, walk.batches[0])
         stages = [[g] for g in groups] if self.staged else [list(groups)]
         if walk.floats is not None:  # before any stage changes the block: its float weights' view
-            walk.floats.record(block, index, self._fitted(block, [g[0] for g in self._groups_to_solve(walk, index, groups)]))
+            walk.floats.record(block, index, self._fitted(block, groups, self._groups_to_solve(walk, index, groups)))
         compressed = {}
         for stage in stages:
             todo = self._groups_to_solve(walk, index, stage)
@@ -341,9 +341,11 @@ class BlockWalker:
                     walk.floats.drop(group[0])
         return compressed, None
 
-    def _fitted(self, block: nn.Module, leaders: list[str]) -> list[str]:
-        """The leaders whose groups are fitted to float targets (`float_targets.fitted_leaders`)."""
-        return fitted_leaders(block, leaders, self.fit_every)
+    def _fitted(self, block: nn.Module, groups, solving) -> list[str]:
+        """The leaders of the groups `solving` (some of the block's `groups`) fitted to float targets:
+        `float_targets.fitted_leaders` of all the block's groups, whatever the recipe solves."""
+        fitted = set(fitted_leaders(block, [g[0] for g in groups], self.fit_every))
+        return [g[0] for g in solving if g[0] in fitted]
 
     def _groups_to_solve(self, walk: _Walk, index: int, groups) -> list:
         return [g for g in groups if any(self._name(index, n) in walk.solver.layers for n in g)]
@@ -352,7 +354,7 @@ class BlockWalker:
         groups = {g[0]: g for g in self._groups_to_solve(walk, index, self.family.groups)}
         compressed = {}
         if walk.floats is not None:
-            walk.floats.record(block, index, self._fitted(block, list(groups)))
+            walk.floats.record(block, index, self._fitted(block, self.family.groups, list(groups.values())))
 
         def solve(leader, hessian, cross=None):
             compressed.update(self._solve_group(walk, index, block, groups[leader], hessian, cross))

@@ -195,6 +195,20 @@ def test_fitted_leaders_leave_out_only_a_strictly_widest_input():
     assert fitted_leaders(block, ["mlp.down_proj"], every=False) == ["mlp.down_proj"]
 
 
+def test_down_proj_is_left_out_whatever_the_recipe_solves():
+    """The widest input is the block's, not the recipe's: a recipe solving only the MLP (or only
+    down_proj) still leaves down_proj on its own weights under 'float'."""
+    for match in (r"mlp\.", r"mlp\.down_proj"):
+        recipe = recipe_from_dict({"rules": [{"match": match, "config": {"method": "gptq", "bits": 3, "block_size": 32}},
+                                             {"match": ".*", "config": None}]})
+        for lockstep in (True, False):
+            _, result = compressed_model(recipe, "float", lockstep=lockstep)
+            notes = {r.name: r.notes for r in result.layers}
+            assert not any(n.startswith("float target") for n in notes["model.layers.1.mlp.down_proj"]), match
+            if match == r"mlp\.":
+                assert notes["model.layers.1.mlp.up_proj"][0].startswith("float target"), match
+
+
 @pytest.mark.parametrize("config", [GPTQConfig(bits=2, block_size=32), GPTQConfig(bits=3, block_size=32),
                                     SparseGPTConfig(sparsity=0.5)], ids=["gptq2", "gptq3", "sparsegpt50"])
 def test_float_targets_lower_the_final_output_error_on_the_calibration_data(config):
